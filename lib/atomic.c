@@ -5,6 +5,7 @@
 #include <libgen.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>  // fchmod
 #include <unistd.h>
 
 int atomic_open(AtomicFile *a, const char *path, Err *err)

@@ -1,4 +1,4 @@
-// defines: Record, RecSegment, RecReader, RecWriter and their functions
+// defines: Record, RecSegment, RecReader, rec_read, rec_write, rec_encode, rec_to_json, RecJsonParser, RecStats
 // The record stream shared by alp-fmt, tok, pack and lora-gen. The byte-exact
 // specification is man/recs.5; this header is its C face.
 //
@@ -57,11 +57,15 @@ typedef struct {
 } Record;
 
 // Reader: streaming, holds one record at a time. Pointers in a Record it hands out
-// stay valid until the next rec_read or rec_reader_close.
+// stay valid until the next rec_read or rec_reader_close. Token ids are decoded into an
+// aligned array of the reader's (in the stream they sit at any alignment).
 typedef struct RecReader RecReader;
+// name is used in messages (NULL: "<stdin>"); it is copied.
 RecReader *rec_reader_open(FILE *f, const char *name, Err *err);
 // Returns 1 with a record, 0 at a clean end of stream, -1 on error; the message names
-// the stream, the byte offset and the record index ("name: byte 48: record 2: ...").
+// the stream, the byte offset (of the record, or of the bad field) and the record's
+// index from 0 ("name: byte 48: record 2: ..."). Every checksum and rule of recs(5) is
+// checked. After an error every later call fails the same way (the position is lost).
 int rec_read(RecReader *r, Record *rec, Err *err);
 uint64_t rec_reader_offset(const RecReader *r);   // bytes consumed so far
 uint64_t rec_reader_index(const RecReader *r);    // records read so far
@@ -74,5 +78,26 @@ int rec_write(FILE *f, const Record *rec, Err *err);
 // Encode into a caller buffer: returns the record's size; when buf is NULL or cap
 // too small nothing is written (call once to size, once to fill). -1 on invalid record.
 long rec_encode(const Record *rec, unsigned char *buf, size_t cap, Err *err);
+
+// The JSONL face of a record (recs dump / recs load; the keys are in man/recs.1):
+//   {"kind":"text","origin":"a.json","index":12,"segments":[{"trained":false,"text":"..."},
+//    {"trained":true,"eos":true,"text":"..."}]}
+//   {"kind":"tokens","origin":"a.json","index":12,"fingerprint":"<16 hex>","segments":[{"trained":true,"ids":[1,2]}]}
+// Bytes that are not UTF-8 are spelled "text_hex" / "origin_hex" (lowercase hex), so the
+// round trip is lossless. rec_to_json writes one line (with its newline).
+int rec_to_json(FILE *f, const Record *rec, Err *err);
+// Parses one JSON object of that form. The Record's pointers stay valid until the next
+// call with the same parser or its free. Unknown keys are errors (a typo loses nothing).
+typedef struct RecJsonParser RecJsonParser;
+RecJsonParser *rec_json_parser_new(void);
+int rec_from_json(RecJsonParser *p, const char *json, size_t len, Record *rec, Err *err);
+void rec_json_parser_free(RecJsonParser *p);
+
+// Counts over records, per kind. Text is counted in bytes, tokens in ids.
+typedef struct {
+    uint64_t text_records, text_segments, text_bytes, trained_text_bytes, eos_segments;
+    uint64_t token_records, token_segments, tokens, trained_tokens;
+} RecStats;
+void rec_stats_add(RecStats *s, const Record *rec);
 
 #endif
