@@ -1,0 +1,387 @@
+// The CPU twins of the CUDA kernels (lib/cpu_ops.c) against PyTorch / transformers goldens
+// written by tests/golden/make_ops_goldens.py into tests/fixtures/ops/ (float64 references of
+// float32 inputs, so the tolerance is float32 rounding). RoPE's inverse frequencies come from
+// model.h's rope_inv_freq and are checked against transformers' for default, linear and llama3.
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_ops.h"
+#include "model.h"
+#include "tap.h"
+#ifdef HAVE_CUDA
+// the launchers' headers are plain C; their argument checks run before any CUDA call, so they
+// are tested here, on machines without a GPU too (tests/gpu/ tests the kernels themselves)
+#include "../../kernels/adamw.cuh"
+#include "../../kernels/cross_entropy.cuh"
+#include "../../kernels/embedding.cuh"
+#include "../../kernels/rmsnorm.cuh"
+#include "../../kernels/rope.cuh"
+#include "../../kernels/swiglu.cuh"
+#endif
+
+#define OPS_DIR "tests/fixtures/ops"
+
+typedef struct {
+    char name[32];
+    int is_int;      // 0 float32, 1 int32
+    uint32_t count;
+    void *data;
+} GoldenTensor;
+
+typedef struct {
+    GoldenTensor t[16];
+    int n;
+} Golden;
+
+static uint32_t read_u32(FILE *f, int *bad)
+{
+    unsigned char b[4];
+    if (fread(b, 1, 4, f) != 4) {
+        *bad = 1;
+        return 0;
+    }
+    return b[0] | b[1] << 8 | b[2] << 16 | (uint32_t)b[3] << 24;
+}
+
+// Reads OPS_DIR/<op>.bin (format in make_ops_goldens.py); 0 on success.
+static int golden_load(Golden *g, const char *op)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s.bin", OPS_DIR, op);
+    memset(g, 0, sizeof *g);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return -1;
+    int bad = 0, c;
+    while (!bad && (c = fgetc(f)) != EOF) {
+        ungetc(c, f);
+        if (g->n == 16)
+            break;
+        GoldenTensor *t = &g->t[g->n];
+        uint32_t len = read_u32(f, &bad);
+        if (bad || len >= sizeof t->name || fread(t->name, 1, len, f) != len)
+            break;
+        t->is_int = (int)read_u32(f, &bad);
+        t->count = read_u32(f, &bad);
+        if (bad || t->count > (1u << 24) || !(t->data = malloc((size_t)t->count * 4 + 4)) ||
+            fread(t->data, 4, t->count, f) != t->count)
+            break;
+        g->n++;
+    }
+    int complete = feof(f) && !ferror(f);
+    fclose(f);
+    return complete ? 0 : -1;
+}
+
+static void golden_free(Golden *g)
+{
+    for (int i = 0; i < g->n; i++)
+        free(g->t[i].data);
+}
+
+// The named tensor, which must hold exactly `count` elements; NULL (and a failed test) otherwise.
+static void *tensor(Golden *g, const char *name, uint32_t count)
+{
+    for (int i = 0; i < g->n; i++)
+        if (!strcmp(g->t[i].name, name)) {
+            if (g->t[i].count != count) {
+                ok(0, "golden tensor %s has %u elements, expected %u", name, g->t[i].count, count);
+                return NULL;
+            }
+            return g->t[i].data;
+        }
+    ok(0, "golden tensor %s is missing", name);
+    return NULL;
+}
+
+// max |got - want| / (max |want| + tiny): a relative error, robust to single small entries.
+static double rel_err(const float *got, const float *want, size_t n)
+{
+    double max_diff = 0, max_ref = 1e-30;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - want[i]);
+        if (!(d <= max_diff))  // also catches NaN
+            max_diff = d;
+        if (fabs(want[i]) > max_ref)
+            max_ref = fabs(want[i]);
+    }
+    return max_diff / max_ref;
+}
+
+static void check_close(const char *what, const float *got, const float *want, size_t n, double tol)
+{
+    double e = rel_err(got, want, n);
+    if (!ok(e <= tol, "%s matches PyTorch (relative error %.2e <= %.0e)", what, e, tol))
+        printf("#   first values: got %g want %g\n", got[0], want[0]);
+}
+
+static void test_embedding(void)
+{
+    Golden g;
+    if (golden_load(&g, "embedding") < 0) {
+        ok(0, "read %s/embedding.bin", OPS_DIR);
+        return;
+    }
+    int V = 11, C = 7, T = 9;
+    const float *table = tensor(&g, "table", V * C), *want = tensor(&g, "out", T * C);
+    const int32_t *ids = tensor(&g, "ids", T);
+    if (table && want && ids) {
+        float out[9 * 7];
+        cpu_embedding_forward(out, ids, table, T, C);
+        check_close("embedding forward", out, want, T * C, 0);
+    }
+    golden_free(&g);
+}
+
+static void test_rmsnorm(void)
+{
+    Golden g;
+    if (golden_load(&g, "rmsnorm") < 0) {
+        ok(0, "read %s/rmsnorm.bin", OPS_DIR);
+        return;
+    }
+    enum { T = 5, C = 13 };
+    const float *x = tensor(&g, "x", T * C), *w = tensor(&g, "weight", C), *dout = tensor(&g, "dout", T * C);
+    const float *want = tensor(&g, "out", T * C), *want_dx = tensor(&g, "dx", T * C),
+                *want_dw = tensor(&g, "dweight", C);
+    if (x && w && dout && want && want_dx && want_dw) {
+        float out[T * C], rstd[T], dx[T * C], dw[C];
+        cpu_rmsnorm_forward(out, rstd, x, w, T, C, 1e-5f);
+        check_close("rmsnorm forward", out, want, T * C, 1e-6);
+        // dweight accumulates: start from 1 and subtract it again
+        for (int i = 0; i < C; i++)
+            dw[i] = 1.0f;
+        cpu_rmsnorm_backward(dx, dw, dout, x, w, rstd, T, C);
+        for (int i = 0; i < C; i++)
+            dw[i] -= 1.0f;
+        check_close("rmsnorm backward dx", dx, want_dx, T * C, 1e-5);
+        check_close("rmsnorm backward dweight (accumulated)", dw, want_dw, C, 1e-5);
+        cpu_rmsnorm_backward(dx, NULL, dout, x, w, rstd, T, C);
+        check_close("rmsnorm backward without dweight", dx, want_dx, T * C, 1e-5);
+    }
+    golden_free(&g);
+}
+
+static void test_rope(const char *op)
+{
+    Golden g;
+    if (golden_load(&g, op) < 0) {
+        ok(0, "read %s/%s.bin", OPS_DIR, op);
+        return;
+    }
+    const int32_t *dims = tensor(&g, "dims", 3);
+    const float *theta = tensor(&g, "theta", 1), *scaling = tensor(&g, "scaling", 5);
+    if (!dims || !theta || !scaling) {
+        golden_free(&g);
+        return;
+    }
+    int T = dims[0], H = dims[1], D = dims[2];
+    size_t n = (size_t)T * H * D;
+    const float *inv_freq = tensor(&g, "inv_freq", D / 2), *x = tensor(&g, "x", n), *dout = tensor(&g, "dout", n),
+                *want = tensor(&g, "out", n), *want_dx = tensor(&g, "dx", n);
+    const int32_t *pos = tensor(&g, "pos", T);
+    if (inv_freq && x && dout && want && want_dx && pos) {
+        ModelConfig c;
+        memset(&c, 0, sizeof c);
+        c.head_dim = D;
+        c.rope_theta = theta[0];
+        c.rope_type = scaling[0] == 2 ? ROPE_LLAMA3 : scaling[0] == 1 ? ROPE_LINEAR : ROPE_DEFAULT;
+        c.rope_factor = scaling[0] ? scaling[1] : 1;
+        c.rope_low_freq_factor = scaling[2];
+        c.rope_high_freq_factor = scaling[3];
+        c.rope_original_max_pos = (int)scaling[4];
+        c.max_seq_len = 8192;
+        float *ours = malloc(D / 2 * sizeof(float)), *out = malloc(n * sizeof(float)),
+              *dx = malloc(n * sizeof(float));
+        rope_inv_freq(&c, ours);
+        check_close(op, ours, inv_freq, D / 2, 1e-6);
+        cpu_rope_forward(out, x, pos, inv_freq, T, H, D);
+        check_close("rope forward", out, want, n, 2e-6);
+        cpu_rope_backward(dx, dout, pos, inv_freq, T, H, D);
+        check_close("rope backward", dx, want_dx, n, 2e-6);
+        memcpy(out, x, n * sizeof(float));
+        cpu_rope_forward(out, out, pos, inv_freq, T, H, D);
+        check_close("rope forward in place", out, want, n, 2e-6);
+        free(ours);
+        free(out);
+        free(dx);
+    }
+    golden_free(&g);
+}
+
+static void test_swiglu(void)
+{
+    Golden g;
+    if (golden_load(&g, "swiglu") < 0) {
+        ok(0, "read %s/swiglu.bin", OPS_DIR);
+        return;
+    }
+    enum { N = 37 };
+    const float *gate = tensor(&g, "gate", N), *up = tensor(&g, "up", N), *dout = tensor(&g, "dout", N),
+                *want = tensor(&g, "out", N), *want_dg = tensor(&g, "dgate", N), *want_du = tensor(&g, "dup", N);
+    if (gate && up && dout && want && want_dg && want_du) {
+        float out[N], dg[N], du[N];
+        cpu_swiglu_forward(out, gate, up, N);
+        check_close("swiglu forward", out, want, N, 1e-6);
+        cpu_swiglu_backward(dg, du, dout, gate, up, N);
+        check_close("swiglu backward dgate", dg, want_dg, N, 1e-6);
+        check_close("swiglu backward dup", du, want_du, N, 1e-6);
+    }
+    golden_free(&g);
+}
+
+static void test_cross_entropy(void)
+{
+    Golden g;
+    if (golden_load(&g, "cross_entropy") < 0) {
+        ok(0, "read %s/cross_entropy.bin", OPS_DIR);
+        return;
+    }
+    const int32_t *dims = tensor(&g, "dims", 3);
+    if (!dims) {
+        golden_free(&g);
+        return;
+    }
+    int T = dims[0], C = dims[1], V = dims[2];
+    const float *h = tensor(&g, "hidden", T * C), *w = tensor(&g, "weight", V * C),
+                *want = tensor(&g, "losses", T), *want_dh = tensor(&g, "dhidden", T * C);
+    const int32_t *targets = tensor(&g, "targets", T);
+    if (h && w && want && want_dh && targets) {
+        float *losses = malloc(T * sizeof(float)), *dh = malloc((size_t)T * C * sizeof(float));
+        int expect_trained = 0;
+        for (int t = 0; t < T; t++)
+            expect_trained += targets[t] >= 0;
+        // chunk sizes: one token-wide, not dividing V, exactly V, larger than V
+        int chunks[] = {1, 16, V, V + 5};
+        for (int i = 0; i < 4; i++) {
+            int trained = cpu_fused_cross_entropy(losses, dh, h, w, targets, T, C, V, chunks[i],
+                                                  1.0f / expect_trained);
+            is_int(trained, expect_trained, "cross-entropy counts trained positions (chunk %d)", chunks[i]);
+            char what[64];
+            snprintf(what, sizeof what, "cross-entropy losses (chunk %d)", chunks[i]);
+            check_close(what, losses, want, T, 2e-6);
+            snprintf(what, sizeof what, "cross-entropy dhidden (chunk %d)", chunks[i]);
+            check_close(what, dh, want_dh, (size_t)T * C, 1e-5);
+        }
+        int32_t *bad = malloc(T * sizeof(int32_t));
+        memcpy(bad, targets, T * sizeof(int32_t));
+        bad[0] = V;
+        is_int(cpu_fused_cross_entropy(losses, NULL, h, w, bad, T, C, V, 16, 1), -1,
+               "cross-entropy rejects a target >= vocab size");
+        is_int(cpu_fused_cross_entropy(losses, NULL, h, w, targets, T, C, V, 0, 1), -1,
+               "cross-entropy rejects a chunk of 0");
+        free(bad);
+        free(losses);
+        free(dh);
+    }
+    golden_free(&g);
+}
+
+static void test_adamw(void)
+{
+    Golden g;
+    if (golden_load(&g, "adamw") < 0) {
+        ok(0, "read %s/adamw.bin", OPS_DIR);
+        return;
+    }
+    enum { N = 29, STEPS = 3 };
+    const float *config = tensor(&g, "config", 3), *p0 = tensor(&g, "param0", N),
+                *grads = tensor(&g, "grads", STEPS * N), *norms = tensor(&g, "norms", STEPS),
+                *want_p = tensor(&g, "param", N), *want_m = tensor(&g, "exp_avg", N),
+                *want_v = tensor(&g, "exp_avg_sq", N);
+    if (config && p0 && grads && norms && want_p && want_m && want_v) {
+        float p[N], m[N] = {0}, v[N] = {0}, got_norms[STEPS];
+        memcpy(p, p0, sizeof p);
+        for (int s = 0; s < STEPS; s++) {
+            double norm = sqrt(cpu_grad_norm_squared(grads + s * N, N));
+            got_norms[s] = (float)norm;
+            cpu_adamw_step(p, grads + s * N, m, v, N, s + 1, config[0], 0.9, 0.999, 1e-8, config[1],
+                           cpu_clip_coef(norm, config[2]));
+        }
+        check_close("gradient L2 norms", got_norms, norms, STEPS, 1e-6);
+        int clipped = 0;
+        for (int s = 0; s < STEPS; s++)
+            clipped += norms[s] > config[2];
+        ok(clipped > 0 && clipped < STEPS, "the goldens clip some steps and not others (%d of %d)", clipped, STEPS);
+        check_close("adamw params after 3 clipped steps", p, want_p, N, 1e-6);
+        check_close("adamw exp_avg", m, want_m, N, 1e-6);
+        check_close("adamw exp_avg_sq", v, want_v, N, 1e-6);
+    }
+    ok(cpu_clip_coef(0.5, 1.0f) == 1.0f, "clip coefficient is 1 under the max norm");
+    golden_free(&g);
+}
+
+#ifdef HAVE_CUDA
+// rc must be -1 and the message must name the kernel's file and line and contain `what`.
+static void rejects(int rc, const Err *err, const char *file, const char *what, const char *name)
+{
+    int named = rc == -1 && strstr(err->msg, file) && strstr(err->msg, ".cu:") && strstr(err->msg, what);
+    if (!ok(named, "launcher rejects %s", name))
+        printf("#   rc %d, message '%s'\n", rc, rc == -1 ? err->msg : "");
+}
+
+// Launchers' argument checks. The pointers are never dereferenced: each check fails first.
+static void test_launcher_arguments(void)
+{
+    Err err;
+    void *p = (void *)(uintptr_t)4096;  // non-NULL, never read
+    rejects(cuda_embedding_forward(p, p, p, 4, 0, 10, NULL, NULL, &err), &err, "embedding", "C=0",
+            "an embedding of width 0");
+    rejects(cuda_embedding_forward(p, p, p, 4, 8, 0, NULL, NULL, &err), &err, "embedding", "V=0",
+            "an embedding table of 0 rows");
+    rejects(cuda_embedding_forward(NULL, p, p, 4, 8, 10, NULL, NULL, &err), &err, "embedding", "NULL",
+            "a NULL embedding output");
+    rejects(cuda_rmsnorm_forward(p, p, p, p, -1, 8, 1e-5f, NULL, &err), &err, "rmsnorm", "T=-1",
+            "a negative token count");
+    rejects(cuda_rmsnorm_forward(p, NULL, p, p, 4, 8, 1e-5f, NULL, &err), &err, "rmsnorm", "NULL",
+            "rmsnorm without rstd");
+    rejects(cuda_rmsnorm_backward(p, NULL, p, p, p, p, 4, 0, 0, NULL, &err), &err, "rmsnorm", "C=0",
+            "an rmsnorm backward of width 0");
+    rejects(cuda_rmsnorm_backward(p, NULL, p, p, p, p, 4, 8, 1, NULL, &err), &err, "rmsnorm", "aliases",
+            "rmsnorm backward accumulating into its own dout");
+    rejects(cuda_rope_forward(p, p, p, 4, 2, 7, NULL, &err), &err, "rope", "head_dim=7", "an odd head_dim");
+    rejects(cuda_rope_backward(p, p, p, 4, 0, 8, NULL, &err), &err, "rope", "n_heads=0", "rope over 0 heads");
+    rejects(cuda_rope_forward(p, NULL, p, 4, 2, 8, NULL, &err), &err, "rope", "NULL", "rope without positions");
+    rejects(cuda_swiglu_forward(p, NULL, p, 8, NULL, &err), &err, "swiglu", "NULL", "swiglu without a gate");
+    rejects(cuda_swiglu_backward(p, p, p, p, p, 8, NULL, &err), &err, "swiglu", "same buffer",
+            "swiglu backward with dgate and dup in one buffer");
+    size_t ws = cuda_cross_entropy_workspace_bytes(6, 8, 50, 4, 16);
+    rejects(cuda_fused_cross_entropy(p, p, p, p, p, 6, 8, 50, 4, 0, 1, p, ws, p, NULL, &err), &err,
+            "cross_entropy", "vocab_chunk=0", "a vocabulary chunk of 0");
+    rejects(cuda_fused_cross_entropy(p, p, p, p, p, 6, 8, 50, 0, 16, 1, p, ws, p, NULL, &err), &err,
+            "cross_entropy", "token_chunk=0", "a token chunk of 0");
+    rejects(cuda_fused_cross_entropy(p, p, p, p, p, 6, 8, 50, 4, 16, 1, p, ws - 1, p, NULL, &err), &err,
+            "cross_entropy", "workspace", "a workspace one byte short");
+    rejects(cuda_fused_cross_entropy(p, p, p, p, p, 6, 8, 50, 4, 16, 1, p, ws, NULL, NULL, &err), &err,
+            "cross_entropy", "NULL", "cross-entropy without a cuBLAS handle");
+    AdamWStep hp = {2e-4, 0.9, 0.999, 1e-8, 0.01, 0, 1.0};
+    rejects(cuda_adamw_step(p, p, p, p, 8, &hp, p, NULL, &err), &err, "adamw", "step 0", "AdamW step 0");
+    hp.step = 1;
+    rejects(cuda_adamw_step(p, p, p, p, 8, &hp, NULL, NULL, &err), &err, "adamw", "gradient norm",
+            "clipping without the gradient norm");
+    rejects(cuda_grad_norm_squared(NULL, p, 8, NULL, &err), &err, "adamw", "NULL", "a NULL norm accumulator");
+    // the workspace formula: one block and one chunk of a small problem, by hand
+    is_int(cuda_cross_entropy_workspace_bytes(6, 8, 50, 4, 16), 256 + 256 + 256 + 3 * 256,
+           "cross-entropy workspace: logits, gradients, fp32 d(hidden), 3 stats, 256-byte aligned");
+    is_int(cuda_cross_entropy_workspace_bytes(6, 8, 50, 4, 64), 1024 + 512 + 3 * 256,
+           "cross-entropy workspace without d(hidden) when one chunk covers the vocabulary");
+}
+#endif
+
+int main(void)
+{
+    test_embedding();
+    test_rmsnorm();
+    test_rope("rope_default");
+    test_rope("rope_linear");
+    test_rope("rope_llama3");
+    test_swiglu();
+    test_cross_entropy();
+    test_adamw();
+#ifdef HAVE_CUDA
+    test_launcher_arguments();
+#endif
+    return done_testing();
+}
