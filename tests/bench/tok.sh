@@ -1,0 +1,98 @@
+#!/bin/sh
+# Tokenizer throughput, single thread, side by side in one run on the same corpus: ours
+# (lib/tokenizer.c through tests/tokenizer/tokdrv.c, from tokenizer.model and tokenizer.json),
+# tiktoken encode_ordinary and Hugging Face tokenizers encode (RAYON_NUM_THREADS=1), Llama 3.
+# Corpus: every instruction/input/output text of $TESTDATA/alpaca/alpaca_{en,zh}_demo.json,
+# and each language alone. Rounds alternate the encoders (the machine is shared and noisy);
+# the table shows the median MB/s of ROUNDS rounds (default 5) and our ratio to each peer.
+# Ours is measured after one untimed pass over the corpus (steady state: per-thread caches
+# warm, as over any real data set); the peers have no such caches.
+# Also: load time of each tokenizer file, and a 1 MB run of one character (linear time).
+set -eu
+TOP=$(cd "$(dirname "$0")/../.." && pwd)
+TESTDATA=${TESTDATA:-$TOP/../shared/data}
+ROUNDS=${ROUNDS:-5}
+if [ ! -e "$TESTDATA/llama3/tokenizer.model" ] || [ ! -d "$TESTDATA/alpaca" ]; then
+    echo "tok bench: shared test data not found in $TESTDATA (set TESTDATA); skipped"
+    exit 0
+fi
+cd "$TOP"
+# TOKDRV: a driver built elsewhere (e.g. static, for a machine without the -dev packages).
+if [ -z "${TOKDRV:-}" ]; then
+    make -s build/obj/libalp.a >/dev/null
+    mkdir -p build/obj/test
+    cc -O2 -std=gnu11 -Ilib tests/tokenizer/tokdrv.c build/obj/libalp.a \
+        -ljansson -larchive -lxxhash -lz -lm -fopenmp -pthread -o build/obj/test/tokdrv
+    TOKDRV=build/obj/test/tokdrv
+fi
+export TESTDATA ROUNDS TOKDRV RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+exec python3 - <<'PY'
+import json, os, statistics, subprocess, tempfile, time
+data, rounds = os.environ["TESTDATA"], int(os.environ["ROUNDS"])
+drv = os.environ["TOKDRV"]
+model, tjson = f"{data}/llama3/tokenizer.model", f"{data}/llama3"
+try:
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+except ImportError:
+    tiktoken = None
+try:
+    from tokenizers import Tokenizer
+except ImportError:
+    Tokenizer = None
+corpora = {}
+for lang in ("en", "zh"):
+    rows = json.load(open(f"{data}/alpaca/alpaca_{lang}_demo.json"))
+    corpora[lang] = [r[k] for r in rows for k in ("instruction", "input", "output") if r.get(k)]
+corpora["en+zh"] = corpora["en"] + corpora["zh"]
+tmp = tempfile.mkdtemp()
+
+def ours(tok, path):
+    out = subprocess.run([drv, tok, "-b", path, "-r", "3"], capture_output=True, text=True, check=True).stdout
+    return float(out.split()[0])
+
+def rate(fn, texts):
+    n = sum(len(t.encode()) for t in texts)
+    t0 = time.perf_counter()
+    for t in texts:
+        fn(t)
+    return n / (time.perf_counter() - t0) / 1e6
+
+tt = hf = None
+if tiktoken:
+    pat = json.load(open(f"{data}/llama3/tokenizer.json"))["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+    tt = tiktoken.Encoding("llama3", pat_str=pat, mergeable_ranks=load_tiktoken_bpe(model), special_tokens={})
+if Tokenizer:
+    hf = Tokenizer.from_file(f"{data}/llama3/tokenizer.json")
+print(f"{'corpus':8} {'MB':>5} {'ours(model)':>11} {'ours(json)':>10} {'tiktoken':>9} {'hf':>7}  {'vs tiktoken':>11} {'vs hf':>7}   MB/s, median of {rounds}")
+for name, texts in corpora.items():
+    path = os.path.join(tmp, name + ".jsonl")
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    runs = {"model": [], "json": [], "tiktoken": [], "hf": []}
+    for _ in range(rounds):
+        runs["model"].append(ours(model, path))
+        runs["json"].append(ours(tjson, path))
+        if tt:
+            runs["tiktoken"].append(rate(tt.encode_ordinary, texts))
+        if hf:
+            runs["hf"].append(rate(lambda t: hf.encode(t, add_special_tokens=False), texts))
+    med = {k: statistics.median(v) if v else float("nan") for k, v in runs.items()}
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    print(f"{name:8} {mb:5.2f} {med['model']:11.1f} {med['json']:10.1f} {med['tiktoken']:9.1f} {med['hf']:7.1f}"
+          f"  {med['model'] / med['tiktoken']:10.1f}x {med['model'] / med['hf']:6.1f}x")
+for tok in (model, f"{data}/llama3/tokenizer.json"):
+    ms = statistics.median(float(subprocess.run([drv, tok, "-l"], capture_output=True, text=True, check=True).stdout)
+                           for _ in range(3))
+    print(f"load {os.path.basename(tok)}: {ms:.0f} ms (median of 3)")
+for ch in ("a", " ", "1", "\n", "日"):
+    path = os.path.join(tmp, "run.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps({"text": ch * (1000000 // len(ch.encode()))}) + "\n")
+    mbs = ours(model, path)
+    print(f"1 MB of {ch!r}: ours {1 / mbs * 1e3:.0f} ms", end="")
+    if tt and ch != " " and ch != "a":
+        print(f", tiktoken {1 / rate(tt.encode_ordinary, [ch * (1000000 // len(ch.encode()))]) * 1e3:.0f} ms", end="")
+    print()
+PY
