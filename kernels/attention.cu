@@ -1,0 +1,577 @@
+// Flash-style causal GQA attention over packed variable-length sequences, forward and backward
+// (FlashAttention-2's schedule). bf16 tiles in shared memory, tensor cores through
+// mma.sync.m16n8k16 (bf16 in, fp32 accumulate), online softmax in fp32 registers.
+//
+// Tiles: a block of 4 warps owns TILE = 64 rows (queries in the forward, keys in the backward;
+// 128 keys and 8 warps in version 3's backward); each warp owns 16 of them, the rows of its
+// mma fragments; query tiles visited by the backward are 64 rows. Tiles start at any position (not
+// aligned to a sequence), and a tile may straddle sequences: every score is masked by
+// "same sequence and causal", using the first position of each query's sequence, found by a
+// binary search in cu_seqlens. A tile visits only the keys (forward) or queries (backward) its
+// rows can reach, so work is about sum(len^2)/2 per head plus tile edges.
+//
+// Fragment layouts of mma.m16n8k16 (g = lane / 4, c = lane % 4):
+//   A (16 x 16, row major): a0 (g, 2c..2c+1), a1 (g+8, 2c..), a2 (g, 2c+8..), a3 (g+8, 2c+8..)
+//   B (16 x 8, k x n):      b0 (k 2c..2c+1, n g), b1 (k 2c+8.., n g)
+//   C (16 x 8, fp32):       c0, c1 (g, 2c..2c+1), c2, c3 (g+8, 2c..2c+1)
+// Two C tiles side by side are, rounded to bf16, the A fragment of the next product (P V, dS Q):
+// the probabilities never leave registers. B operands whose k runs along a row of shared
+// memory load as 32-bit words; those whose k runs down a column (V and dO as k = keys/queries)
+// load with ldmatrix.trans.
+#include "attention.cuh"
+#include "cuda_check.cuh"
+
+namespace {
+
+constexpr int TILE = 64;      // rows per block: queries (forward), keys (backward)
+constexpr int THREADS = 128;  // 4 warps x 16 rows
+constexpr int PAD = 8;        // bf16 per smem row beyond head_dim: rows 16 bytes apart in banks
+constexpr float LOG2E = 1.4426950408889634f;
+
+__device__ inline uint32_t pack_bf16(float lo, float hi)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+__device__ inline uint32_t lds32(const __nv_bfloat16 *p) { return *reinterpret_cast<const uint32_t *>(p); }
+
+// c (16 x 8) += a (16 x 16) b (16 x 8)
+__device__ inline void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// B fragments of two n-tiles from a row-major (k, n) smem matrix m with leading dimension ld:
+// r0, r1 = b0, b1 of columns [n0, n0+8), r2, r3 of [n0+8, n0+16), k rows [k0, k0+16).
+__device__ inline void load_b_trans(uint32_t r[4], const __nv_bfloat16 *m, int ld, int k0, int n0)
+{
+    int lane = threadIdx.x % 32;
+    const __nv_bfloat16 *row = m + (size_t)(k0 + (lane & 15)) * ld + n0 + (lane >> 4) * 8;
+    uint32_t addr = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// A fragment of rows [r0, r0+16), columns [k0, k0+16) of a row-major smem matrix.
+__device__ inline void load_a(uint32_t a[4], const __nv_bfloat16 *m, int ld, int r0, int k0)
+{
+    int g = (threadIdx.x % 32) / 4, c = threadIdx.x % 4;
+    const __nv_bfloat16 *p = m + (size_t)(r0 + g) * ld + k0 + 2 * c;
+    a[0] = lds32(p);
+    a[1] = lds32(p + 8 * ld);
+    a[2] = lds32(p + 8);
+    a[3] = lds32(p + 8 * ld + 8);
+}
+
+// Index of the sequence holding position t: the largest s with cu[s] <= t.
+__device__ inline int sequence_of(const int32_t *cu, int n_seqs, int t)
+{
+    int lo = 0, hi = n_seqs - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (cu[mid] <= t)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
+// Rows [row0, row0 + TILE) of head h of x (T, H, D) into smem (TILE, D + PAD); rows outside
+// [0, T) become zeros (a masked probability of 0 times garbage could still make a NaN).
+template <int D>
+__device__ inline void load_tile(__nv_bfloat16 *s, const __nv_bfloat16 *x, int row0, int T, int H, int h)
+{
+    constexpr int CHUNKS = D / 8;  // 16-byte pieces per row
+    for (int i = threadIdx.x; i < TILE * CHUNKS; i += THREADS) {
+        int r = i / CHUNKS, c = i % CHUNKS, t = row0 + r;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (t < T)
+            v = *reinterpret_cast<const uint4 *>(x + ((size_t)t * H + h) * D + c * 8);
+        *reinterpret_cast<uint4 *>(s + r * (D + PAD) + c * 8) = v;
+    }
+}
+
+// The same, issued as cp.async copies (16 bytes each; rows outside [0, T) zero-filled by the
+// copy itself) so that the next tile loads while this one is computed on. The caller commits.
+template <int D, int ROWS = TILE, int NTHREADS = THREADS>
+__device__ inline void load_tile_async(__nv_bfloat16 *s, const __nv_bfloat16 *x, int row0, int T, int H, int h)
+{
+    constexpr int CHUNKS = D / 8;
+    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += NTHREADS) {
+        int r = i / CHUNKS, c = i % CHUNKS, t = row0 + r;
+        const __nv_bfloat16 *src = t < T ? x + ((size_t)t * H + h) * D + c * 8 : x;
+        uint32_t dst = (uint32_t)__cvta_generic_to_shared(s + r * (D + PAD) + c * 8);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(t < T ? 16 : 0));
+    }
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// wait until at most `pending` committed groups are still in flight
+template <int pending> __device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending)); }
+
+// STAGES 1: load a K, V tile, then compute on it (v1); 2: the next tile's copies are in flight
+// while this one is computed on (v2).
+template <int D, int STAGES> constexpr size_t forward_smem_bytes() { return (1 + 2 * STAGES) * TILE * (D + PAD) * 2; }
+
+// grid (query tiles, n_heads), THREADS threads. Later tiles of a sequence have more keys to
+// visit: blocks run in reverse so the longest start first.
+template <int D, int STAGES>
+__global__ void __launch_bounds__(THREADS) attention_forward_kernel(
+    __nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,
+    const int32_t *cu, int n_seqs, int T, int Hq, int Hkv, float scale_log2)
+{
+    constexpr int LD = D + PAD;
+    extern __shared__ __align__(16) unsigned char smem[];
+    // sQ, then STAGES pairs of (K, V) tiles
+    __nv_bfloat16 *sQ = reinterpret_cast<__nv_bfloat16 *>(smem), *sKV = sQ + TILE * LD;
+    __shared__ int seq_first[TILE];  // first position of each query row's sequence
+
+    int q0 = (gridDim.x - 1 - blockIdx.x) * TILE, h = blockIdx.y, kvh = h / (Hq / Hkv);
+    if (threadIdx.x < TILE)
+        seq_first[threadIdx.x] = cu[sequence_of(cu, n_seqs, min(q0 + (int)threadIdx.x, T - 1))];
+    load_tile<D>(sQ, q, q0, T, Hq, h);
+    __syncthreads();
+
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int row_a = warp * 16 + g, row_b = row_a + 8;  // this thread's two rows of the tile
+    int ta = q0 + row_a, tb = q0 + row_b, first_a = seq_first[row_a], first_b = seq_first[row_b];
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < D / 16; kc++)
+        load_a(qf[kc], sQ, LD, warp * 16, kc * 16);
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++)
+        o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;  // log2 units
+
+    int key_first = seq_first[0], key_last = min(q0 + TILE, T) - 1;
+    int n_tiles = (key_last - key_first) / TILE + 1;
+    auto issue = [&](int it) {
+        __nv_bfloat16 *buf = sKV + (it % STAGES) * 2 * TILE * LD;
+        load_tile_async<D>(buf, k, key_first + it * TILE, T, Hkv, kvh);
+        load_tile_async<D>(buf + TILE * LD, v, key_first + it * TILE, T, Hkv, kvh);
+        cp_async_commit();
+    };
+    issue(0);
+    for (int it = 0; it < n_tiles; it++) {
+        int k0 = key_first + it * TILE;
+        if (STAGES == 2 && it + 1 < n_tiles) {
+            issue(it + 1);  // its buffer was last read in iteration it - 1, before its closing barrier
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // tile it has landed for every thread
+        const __nv_bfloat16 *sK = sKV + (it % STAGES) * 2 * TILE * LD, *sV = sK + TILE * LD;
+
+        float s[TILE / 8][4];  // scores of 16 rows x 64 keys
+#pragma unroll
+        for (int nt = 0; nt < TILE / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+            for (int kc = 0; kc < D / 16; kc++) {
+                const __nv_bfloat16 *kp = sK + (nt * 8 + g) * LD + kc * 16 + 2 * c;
+                mma_bf16(s[nt], qf[kc], lds32(kp), lds32(kp + 8));
+            }
+        }
+        float tile_max_a = max_a, tile_max_b = max_b;
+#pragma unroll
+        for (int nt = 0; nt < TILE / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int j = k0 + nt * 8 + 2 * c + e;
+                s[nt][e] = (j <= ta && j >= first_a) ? s[nt][e] * scale_log2 : -INFINITY;
+                s[nt][2 + e] = (j <= tb && j >= first_b) ? s[nt][2 + e] * scale_log2 : -INFINITY;
+                tile_max_a = fmaxf(tile_max_a, s[nt][e]);
+                tile_max_b = fmaxf(tile_max_b, s[nt][2 + e]);
+            }
+        // a row's 64 scores are spread over the 4 threads of a quad
+        tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 1));
+        tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 2));
+        tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 1));
+        tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 2));
+        // a row with no key yet keeps max -inf: subtract 0 instead so exp2 gives 0, not NaN
+        float base_a = tile_max_a == -INFINITY ? 0.0f : tile_max_a;
+        float base_b = tile_max_b == -INFINITY ? 0.0f : tile_max_b;
+        float rescale_a = exp2f(max_a - base_a), rescale_b = exp2f(max_b - base_b);
+        max_a = tile_max_a;
+        max_b = tile_max_b;
+        float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < TILE / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                s[nt][e] = exp2f(s[nt][e] - base_a);
+                s[nt][2 + e] = exp2f(s[nt][2 + e] - base_b);
+                tile_sum_a += s[nt][e];
+                tile_sum_b += s[nt][2 + e];
+            }
+        sum_a = sum_a * rescale_a + tile_sum_a;  // per-thread partial; the quad sums at the end
+        sum_b = sum_b * rescale_b + tile_sum_b;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            o[i][0] *= rescale_a, o[i][1] *= rescale_a;
+            o[i][2] *= rescale_b, o[i][3] *= rescale_b;
+        }
+        // o += P V: P's C fragments, two key n-tiles at a time, are the A fragment
+#pragma unroll
+        for (int kc = 0; kc < TILE / 16; kc++) {
+            uint32_t p[4] = {pack_bf16(s[2 * kc][0], s[2 * kc][1]), pack_bf16(s[2 * kc][2], s[2 * kc][3]),
+                             pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                             pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+            for (int np = 0; np < D / 16; np++) {
+                uint32_t b[4];
+                load_b_trans(b, sV, LD, kc * 16, np * 16);
+                mma_bf16(o[2 * np], p, b[0], b[1]);
+                mma_bf16(o[2 * np + 1], p, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with this buffer before it is refilled
+        if (STAGES == 1 && it + 1 < n_tiles)
+            issue(it + 1);
+    }
+    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 1);
+    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 2);
+    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, 1);
+    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, 2);
+    float inv_a = 1.0f / sum_a, inv_b = 1.0f / sum_b;
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        int d = i * 8 + 2 * c;
+        if (ta < T)
+            *reinterpret_cast<uint32_t *>(out + ((size_t)ta * Hq + h) * D + d) =
+                pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
+        if (tb < T)
+            *reinterpret_cast<uint32_t *>(out + ((size_t)tb * Hq + h) * D + d) =
+                pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
+    }
+    if (c == 0 && ta < T)
+        lse[(size_t)ta * Hq + h] = (max_a + log2f(sum_a)) / LOG2E;
+    if (c == 0 && tb < T)
+        lse[(size_t)tb * Hq + h] = (max_b + log2f(sum_b)) / LOG2E;
+}
+
+// delta[t, h] = rowsum(dout * out) in fp32, and the dq accumulator's row zeroed. One warp per
+// (token, head) row.
+template <int D>
+__global__ void attention_backward_prepare_kernel(float *delta, float *dq_acc, const __nv_bfloat16 *dout,
+                                                  const __nv_bfloat16 *out, long rows)
+{
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows)
+        return;
+    float sum = 0.0f;
+    for (int d = lane * 2; d < D; d += 64) {
+        float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(dout + row * D + d));
+        float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(out + row * D + d));
+        sum += a.x * b.x + a.y * b.y;
+        *reinterpret_cast<float2 *>(dq_acc + row * D + d) = make_float2(0.0f, 0.0f);
+    }
+    for (int o = 16; o > 0; o >>= 1)
+        sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0)
+        delta[row] = sum;
+}
+
+// K, V tiles of 16 * KW keys, then STAGES sets of (Q, dO) tiles, then dS (queries, keys)
+template <int D, int STAGES, int KW> constexpr size_t backward_smem_bytes()
+{
+    return (2 * 16 * KW + 2 * STAGES * TILE) * (D + PAD) * 2 + TILE * (16 * KW + PAD) * 2;
+}
+
+// grid (key tiles of 16 * KW keys, n_kv_heads), 32 * KW threads: KW warps of 16 keys each.
+// Each block holds its keys' dK, dV in registers over all queries of all query heads of its
+// group (no atomics for them), and adds its share of dQ = dS K into the fp32 accumulator with
+// atomics: one per element of a (64 queries, head_dim) tile per block and step, so 128-key
+// blocks (KW 8) issue half the atomics of 64-key ones (and load each Q, dO tile half as often).
+// It walks (query head, query tile) pairs; with STAGES 2 the next pair's Q and dO copies are in
+// flight during this one.
+template <int D, int STAGES, int KW>
+__global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
+    __nv_bfloat16 *dk, __nv_bfloat16 *dv, float *dq_acc, const __nv_bfloat16 *q, const __nv_bfloat16 *k,
+    const __nv_bfloat16 *v, const __nv_bfloat16 *dout, const float *lse, const float *delta, const int32_t *cu,
+    int n_seqs, int T, int Hq, int Hkv, float scale)
+{
+    constexpr int KT = 16 * KW, NTHREADS = 32 * KW, LD = D + PAD, LDS = KT + PAD;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __nv_bfloat16 *sK = reinterpret_cast<__nv_bfloat16 *>(smem), *sV = sK + KT * LD, *sQdO = sV + KT * LD,
+                  *sdS = sQdO + STAGES * 2 * TILE * LD;
+    __shared__ float lse_buf[STAGES][TILE], delta_buf[STAGES][TILE];  // lse in log2 units
+    __shared__ int first_buf[STAGES][TILE];  // first position of each query's sequence
+
+    int k0 = blockIdx.x * KT, kvh = blockIdx.y, group = Hq / Hkv;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int key_a = k0 + warp * 16 + g, key_b = key_a + 8;
+    int key_last = min(k0 + KT, T) - 1, query_end = cu[sequence_of(cu, n_seqs, key_last) + 1];
+    int q_tiles = (query_end - k0 + TILE - 1) / TILE, n_steps = group * q_tiles;
+    load_tile_async<D, KT, NTHREADS>(sK, k, k0, T, Hkv, kvh);
+    load_tile_async<D, KT, NTHREADS>(sV, v, k0, T, Hkv, kvh);
+    auto issue = [&](int step) {  // step -> (query head, query tile)
+        int h = kvh * group + step / q_tiles, q0 = k0 + (step % q_tiles) * TILE, buf = step % STAGES;
+        load_tile_async<D, TILE, NTHREADS>(sQdO + buf * 2 * TILE * LD, q, q0, T, Hq, h);
+        load_tile_async<D, TILE, NTHREADS>(sQdO + (buf * 2 + 1) * TILE * LD, dout, q0, T, Hq, h);
+        cp_async_commit();
+        if (threadIdx.x < TILE) {
+            int t = q0 + threadIdx.x;
+            bool in = t < T;
+            lse_buf[buf][threadIdx.x] = in ? lse[(size_t)t * Hq + h] * LOG2E : 0.0f;
+            delta_buf[buf][threadIdx.x] = in ? delta[(size_t)t * Hq + h] : 0.0f;
+            first_buf[buf][threadIdx.x] = in ? cu[sequence_of(cu, n_seqs, t)] : T;  // T: masks all
+        }
+    };
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            dk_acc[i][e] = dv_acc[i][e] = 0.0f;
+
+    issue(0);  // one group with K and V
+    for (int step = 0; step < n_steps; step++) {
+        int h = kvh * group + step / q_tiles, q0 = k0 + (step % q_tiles) * TILE, buf = step % STAGES;
+        if (STAGES == 2 && step + 1 < n_steps) {
+            issue(step + 1);  // its buffers were last read in step - 1, before its closing barrier
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // this step's tiles have landed for every thread
+        const __nv_bfloat16 *sQ = sQdO + buf * 2 * TILE * LD, *sdO = sQ + TILE * LD;
+        const float *q_lse = lse_buf[buf], *q_delta = delta_buf[buf];
+        const int *q_first = first_buf[buf];
+
+        // S^T = K Q^T and dP^T = V dO^T: 16 keys x 64 queries per warp
+        float p[TILE / 8][4], dp[TILE / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < TILE / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                p[nt][e] = dp[nt][e] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++) {
+            uint32_t ka[4], va[4];
+            load_a(ka, sK, LD, warp * 16, kc * 16);
+            load_a(va, sV, LD, warp * 16, kc * 16);
+#pragma unroll
+            for (int nt = 0; nt < TILE / 8; nt++) {
+                const __nv_bfloat16 *qp = sQ + (nt * 8 + g) * LD + kc * 16 + 2 * c;
+                const __nv_bfloat16 *op = sdO + (nt * 8 + g) * LD + kc * 16 + 2 * c;
+                mma_bf16(p[nt], ka, lds32(qp), lds32(qp + 8));
+                mma_bf16(dp[nt], va, lds32(op), lds32(op + 8));
+            }
+        }
+        // P^T from the saved lse; dS^T = P^T (dP^T - delta), both 16 keys x 64 queries
+#pragma unroll
+        for (int nt = 0; nt < TILE / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int col = nt * 8 + 2 * c + e, t = q0 + col, first = q_first[col];
+                float pa = (t >= key_a && first <= key_a) ? exp2f(p[nt][e] * scale * LOG2E - q_lse[col]) : 0.0f;
+                float pb = (t >= key_b && first <= key_b) ? exp2f(p[nt][2 + e] * scale * LOG2E - q_lse[col]) : 0.0f;
+                p[nt][e] = pa;
+                p[nt][2 + e] = pb;
+                dp[nt][e] = pa * (dp[nt][e] - q_delta[col]);
+                dp[nt][2 + e] = pb * (dp[nt][2 + e] - q_delta[col]);
+                sdS[col * LDS + warp * 16 + g] = __float2bfloat16(dp[nt][e]);
+                sdS[col * LDS + warp * 16 + g + 8] = __float2bfloat16(dp[nt][2 + e]);
+            }
+        // dV += P^T dO and dK += dS^T Q (scale applied at the end), k = the 64 queries
+#pragma unroll
+        for (int kc = 0; kc < TILE / 16; kc++) {
+            uint32_t pa[4] = {pack_bf16(p[2 * kc][0], p[2 * kc][1]), pack_bf16(p[2 * kc][2], p[2 * kc][3]),
+                              pack_bf16(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                              pack_bf16(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+            uint32_t sa[4] = {pack_bf16(dp[2 * kc][0], dp[2 * kc][1]), pack_bf16(dp[2 * kc][2], dp[2 * kc][3]),
+                              pack_bf16(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
+                              pack_bf16(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
+#pragma unroll
+            for (int np = 0; np < D / 16; np++) {
+                uint32_t b[4];
+                load_b_trans(b, sdO, LD, kc * 16, np * 16);
+                mma_bf16(dv_acc[2 * np], pa, b[0], b[1]);
+                mma_bf16(dv_acc[2 * np + 1], pa, b[2], b[3]);
+                load_b_trans(b, sQ, LD, kc * 16, np * 16);
+                mma_bf16(dk_acc[2 * np], sa, b[0], b[1]);
+                mma_bf16(dk_acc[2 * np + 1], sa, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // sdS complete
+        // dQ += dS K into the fp32 accumulator: warp w takes queries (w % 4) * 16 + [0, 16) and
+        // 1 / (KW / 4) of head_dim's 16-column slices, summing over all KT keys
+        constexpr int SLICES = D / 16 / (KW / 4);
+        int qa = q0 + (warp % 4) * 16 + g, qb = qa + 8, np0 = (warp / 4) * SLICES;
+#pragma unroll
+        for (int np = np0; np < np0 + SLICES; np++) {
+            float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+            for (int kc = 0; kc < KT / 16; kc++) {
+                uint32_t a[4], b[4];
+                load_a(a, sdS, LDS, (warp % 4) * 16, kc * 16);
+                load_b_trans(b, sK, LD, kc * 16, np * 16);
+                mma_bf16(acc[0], a, b[0], b[1]);
+                mma_bf16(acc[1], a, b[2], b[3]);
+            }
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                int d = np * 16 + half * 8 + 2 * c;
+                if (qa < T)
+                    atomicAdd(reinterpret_cast<float2 *>(dq_acc + ((size_t)qa * Hq + h) * D + d),
+                              make_float2(acc[half][0] * scale, acc[half][1] * scale));
+                if (qb < T)
+                    atomicAdd(reinterpret_cast<float2 *>(dq_acc + ((size_t)qb * Hq + h) * D + d),
+                              make_float2(acc[half][2] * scale, acc[half][3] * scale));
+            }
+        }
+        __syncthreads();  // dS, Q and dO buffers are consumed before they are refilled
+        if (STAGES == 1 && step + 1 < n_steps)
+            issue(step + 1);
+    }
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        int d = i * 8 + 2 * c;
+        if (key_a < T) {
+            size_t at = ((size_t)key_a * Hkv + kvh) * D + d;
+            *reinterpret_cast<uint32_t *>(dk + at) = pack_bf16(dk_acc[i][0] * scale, dk_acc[i][1] * scale);
+            *reinterpret_cast<uint32_t *>(dv + at) = pack_bf16(dv_acc[i][0], dv_acc[i][1]);
+        }
+        if (key_b < T) {
+            size_t at = ((size_t)key_b * Hkv + kvh) * D + d;
+            *reinterpret_cast<uint32_t *>(dk + at) = pack_bf16(dk_acc[i][2] * scale, dk_acc[i][3] * scale);
+            *reinterpret_cast<uint32_t *>(dv + at) = pack_bf16(dv_acc[i][2], dv_acc[i][3]);
+        }
+    }
+}
+
+// dq = dq_acc rounded to bf16, 8 values a thread (n a multiple of 8: head_dim is)
+__global__ void attention_dq_convert_kernel(__nv_bfloat16 *dq, const float *dq_acc, size_t n)
+{
+    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= n)
+        return;
+    float4 lo = *reinterpret_cast<const float4 *>(dq_acc + i), hi = *reinterpret_cast<const float4 *>(dq_acc + i + 4);
+    float vals[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    store_bf16x8(dq + i, vals);
+}
+
+template <int D, int STAGES>
+int forward_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v, const int32_t *cu,
+                   int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream, Err *err)
+{
+    size_t smem = forward_smem_bytes<D, STAGES>();
+    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<D, STAGES>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+               err);
+    dim3 grid(ceil_div(T, TILE), Hq);
+    attention_forward_kernel<D, STAGES><<<grid, THREADS, smem, stream>>>(out, lse, q, k, v, cu, n_seqs, T, Hq, Hkv,
+                                                                         LOG2E / sqrtf((float)D));
+    LAUNCH_CHECK(err);
+    return 0;
+}
+
+template <int D, int STAGES, int KW>
+int backward_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q, const bf16_t *k,
+                    const bf16_t *v, const bf16_t *out, const float *lse, const int32_t *cu, int n_seqs, int T,
+                    int Hq, int Hkv, float *dq_acc, float *delta, cudaStream_t stream, Err *err)
+{
+    long rows = (long)T * Hq;
+    attention_backward_prepare_kernel<D><<<ceil_div((size_t)rows * 32, 256), 256, 0, stream>>>(
+        delta, dq_acc, dout, out, rows);
+    LAUNCH_CHECK(err);
+    size_t smem = backward_smem_bytes<D, STAGES, KW>();
+    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kernel<D, STAGES, KW>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+               err);
+    dim3 grid(ceil_div(T, 16 * KW), Hkv);
+    attention_backward_kernel<D, STAGES, KW><<<grid, 32 * KW, smem, stream>>>(
+        dk, dv, dq_acc, q, k, v, dout, lse, delta, cu, n_seqs, T, Hq, Hkv, 1.0f / sqrtf((float)D));
+    LAUNCH_CHECK(err);
+    size_t n = (size_t)rows * D;
+    attention_dq_convert_kernel<<<ceil_div(n / 8, 256), 256, 0, stream>>>(dq, dq_acc, n);
+    LAUNCH_CHECK(err);
+    return 0;
+}
+
+// Which kernel version the launchers run (cuda_attention_set_version; kernels/NOTES.md has
+// each one's timings): 1 loads then computes; 2 pipelines the tile copies (cp.async, two
+// stages); 3, the fastest measured: version 1's forward, and the pipelined backward on
+// 128-key blocks.
+int attention_version = 3;
+
+}  // namespace
+
+extern "C" int cuda_attention_forward(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v,
+                                      const int32_t *cu_seqlens, int n_seqs, int T, int n_heads, int n_kv_heads,
+                                      int head_dim, GpuStream stream, Err *err)
+{
+    SHAPE_CHECK(T > 0 && n_seqs > 0 && n_seqs <= T, err, "attention: T=%d, n_seqs=%d (need 1 <= n_seqs <= T)", T,
+                n_seqs);
+    SHAPE_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, err,
+                "attention: n_heads=%d is not a positive multiple of n_kv_heads=%d", n_heads, n_kv_heads);
+    SHAPE_CHECK(head_dim == 64 || head_dim == 128, err, "attention: head_dim=%d (64 or 128 supported)", head_dim);
+    SHAPE_CHECK(out && lse && q && k && v && cu_seqlens, err, "attention forward: NULL pointer");
+    SHAPE_CHECK(is_aligned16(out) && is_aligned16(q) && is_aligned16(k) && is_aligned16(v), err,
+                "attention forward: q, k, v, out must be 16-byte aligned");
+    cudaStream_t s = (cudaStream_t)stream;
+    // version 3 keeps version 1's forward: pipelining cost the forward occupancy (NOTES.md)
+    auto launch = head_dim == 64 ? (attention_version == 2 ? forward_launch<64, 2> : forward_launch<64, 1>)
+                                 : (attention_version == 2 ? forward_launch<128, 2> : forward_launch<128, 1>);
+    return launch(out, lse, q, k, v, cu_seqlens, n_seqs, T, n_heads, n_kv_heads, s, err);
+}
+
+extern "C" size_t cuda_attention_backward_workspace_bytes(int T, int n_heads, int head_dim)
+{
+    size_t rows = (size_t)(T > 0 ? T : 0) * (n_heads > 0 ? n_heads : 0);
+    size_t acc = rows * (head_dim > 0 ? head_dim : 0) * sizeof(float);
+    return (acc + 15) / 16 * 16 + rows * sizeof(float);
+}
+
+extern "C" int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q,
+                                       const bf16_t *k, const bf16_t *v, const bf16_t *out, const float *lse,
+                                       const int32_t *cu_seqlens, int n_seqs, int T, int n_heads, int n_kv_heads,
+                                       int head_dim, void *workspace, size_t workspace_bytes, GpuStream stream,
+                                       Err *err)
+{
+    SHAPE_CHECK(T > 0 && n_seqs > 0 && n_seqs <= T, err, "attention: T=%d, n_seqs=%d (need 1 <= n_seqs <= T)", T,
+                n_seqs);
+    SHAPE_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, err,
+                "attention: n_heads=%d is not a positive multiple of n_kv_heads=%d", n_heads, n_kv_heads);
+    SHAPE_CHECK(head_dim == 64 || head_dim == 128, err, "attention: head_dim=%d (64 or 128 supported)", head_dim);
+    SHAPE_CHECK(dq && dk && dv && dout && q && k && v && out && lse && cu_seqlens && workspace, err,
+                "attention backward: NULL pointer");
+    SHAPE_CHECK(is_aligned16(dq) && is_aligned16(dout) && is_aligned16(q) && is_aligned16(k) && is_aligned16(v) &&
+                    is_aligned16(out) && is_aligned16(workspace),
+                err, "attention backward: tensors and workspace must be 16-byte aligned");
+    size_t need = cuda_attention_backward_workspace_bytes(T, n_heads, head_dim);
+    SHAPE_CHECK(workspace_bytes >= need, err, "attention backward: workspace of %zu bytes, need %zu",
+                workspace_bytes, need);
+    float *dq_acc = (float *)workspace;
+    float *delta = (float *)((char *)workspace + ((size_t)T * n_heads * head_dim * sizeof(float) + 15) / 16 * 16);
+    cudaStream_t s = (cudaStream_t)stream;
+    auto launch = head_dim == 64
+                      ? (attention_version == 1   ? backward_launch<64, 1, 4>
+                         : attention_version == 2 ? backward_launch<64, 2, 4>
+                                                  : backward_launch<64, 2, 8>)
+                      : (attention_version == 1   ? backward_launch<128, 1, 4>
+                         : attention_version == 2 ? backward_launch<128, 2, 4>
+                                                  : backward_launch<128, 2, 8>);
+    return launch(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, n_seqs, T, n_heads, n_kv_heads, dq_acc, delta, s,
+                  err);
+}
+
+extern "C" int cuda_attention_set_version(int version)
+{
+    if (version < 1 || version > 3)
+        return -1;
+    int previous = attention_version;
+    attention_version = version;
+    return previous;
+}

@@ -1,0 +1,45 @@
+// defines: cuda_attention_forward, cuda_attention_backward, cuda_attention_backward_workspace_bytes,
+//          cuda_attention_set_version
+//          (kernels/attention.cu; CPU twins cpu_attention_forward, cpu_attention_backward)
+#ifndef ATTENTION_CUH
+#define ATTENTION_CUH
+
+#include "common.cuh"
+
+KERNELS_EXTERN_C_BEGIN
+// Flash-style causal attention with GQA over variable-length sequences packed in T positions:
+// query t of head h sees keys [cu_seqlens[s], t] of its own sequence s, of kv head
+// h / (n_heads / n_kv_heads), scaled by 1/sqrt(head_dim); the (T, T) scores never exist.
+// q, out (T, n_heads, head_dim) bf16; k, v (T, n_kv_heads, head_dim) bf16; 16-byte aligned.
+// cu_seqlens (n_seqs + 1) int32 on the device, ascending, cu_seqlens[0] = 0 and
+// cu_seqlens[n_seqs] = T (lib/dataset.h's batch; not checked here: that would need a copy
+// back). lse (T, n_heads) fp32 receives each query's natural-log softmax denominator for the
+// backward. head_dim 64 or 128; n_heads a multiple of n_kv_heads.
+int cuda_attention_forward(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v,
+                           const int32_t *cu_seqlens, int n_seqs, int T, int n_heads, int n_kv_heads,
+                           int head_dim, GpuStream stream, Err *err);
+
+// Bytes of device workspace the backward needs: an fp32 dq accumulator (T, n_heads, head_dim)
+// and D = rowsum(dout * out) (T, n_heads).
+size_t cuda_attention_backward_workspace_bytes(int T, int n_heads, int head_dim);
+
+// dq (T, n_heads, head_dim), dk, dv (T, n_kv_heads, head_dim), bf16, written (not added to);
+// dk and dv are summed over the query heads of each kv group. dout, out, lse as from the
+// forward; shapes and cu_seqlens as there. workspace: at least
+// cuda_attention_backward_workspace_bytes, 16-byte aligned.
+int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q,
+                            const bf16_t *k, const bf16_t *v, const bf16_t *out, const float *lse,
+                            const int32_t *cu_seqlens, int n_seqs, int T, int n_heads, int n_kv_heads,
+                            int head_dim, void *workspace, size_t workspace_bytes, GpuStream stream,
+                            Err *err);
+
+// The kernel lab's switch, for tests and benchmarks (not thread-safe; process-wide): version 1
+// loads each tile, then computes on it; version 2 copies the next tile with cp.async while
+// computing on this one; version 3 (the default, fastest on an H200) runs version 1's forward
+// and version 2's backward on 128-key blocks of 8 warps (half the dq atomics). All give the
+// same forward output bit for bit. Returns the previous version, or -1 (and changes nothing)
+// for an unknown one.
+int cuda_attention_set_version(int version);
+KERNELS_EXTERN_C_END
+
+#endif
