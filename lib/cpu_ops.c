@@ -189,3 +189,145 @@ float cpu_clip_coef(double norm, float max_norm)
     float coef = (float)(max_norm / (norm + 1e-6));
     return coef < 1.0f ? coef : 1.0f;
 }
+
+static float dot_f32(const float *a, const float *b, int n)
+{
+    float s = 0;
+    for (int i = 0; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+int cpu_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                          const int32_t *cu_seqlens, int n_seqs, int n_heads, int n_kv_heads, int head_dim)
+{
+    int T = cu_seqlens[n_seqs], group = n_heads / n_kv_heads;
+    float scale = 1.0f / sqrtf((float)head_dim);
+    float *p = malloc((size_t)(T > 0 ? T : 1) * sizeof *p);  // (keys) of one query
+    if (!p)
+        return -1;
+    for (int s = 0; s < n_seqs; s++)
+        for (int t = cu_seqlens[s]; t < cu_seqlens[s + 1]; t++)
+            for (int h = 0; h < n_heads; h++) {
+                int first = cu_seqlens[s], kvh = h / group;
+                const float *qt = q + ((size_t)t * n_heads + h) * head_dim;
+                float mx = -INFINITY, sum = 0;
+                for (int j = first; j <= t; j++) {
+                    p[j - first] = dot_f32(qt, k + ((size_t)j * n_kv_heads + kvh) * head_dim, head_dim) * scale;
+                    mx = fmaxf(mx, p[j - first]);
+                }
+                for (int j = first; j <= t; j++) {
+                    p[j - first] = expf(p[j - first] - mx);
+                    sum += p[j - first];
+                }
+                float *o = out + ((size_t)t * n_heads + h) * head_dim;
+                memset(o, 0, (size_t)head_dim * sizeof *o);
+                for (int j = first; j <= t; j++) {
+                    const float *vj = v + ((size_t)j * n_kv_heads + kvh) * head_dim;
+                    for (int d = 0; d < head_dim; d++)
+                        o[d] += p[j - first] / sum * vj[d];
+                }
+                lse[(size_t)t * n_heads + h] = mx + logf(sum);
+            }
+    free(p);
+    return 0;
+}
+
+int cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                           const float *v, const float *out, const float *lse, const int32_t *cu_seqlens,
+                           int n_seqs, int n_heads, int n_kv_heads, int head_dim)
+{
+    int T = cu_seqlens[n_seqs], group = n_heads / n_kv_heads;
+    float scale = 1.0f / sqrtf((float)head_dim);
+    memset(dq, 0, (size_t)T * n_heads * head_dim * sizeof *dq);
+    memset(dk, 0, (size_t)T * n_kv_heads * head_dim * sizeof *dk);
+    memset(dv, 0, (size_t)T * n_kv_heads * head_dim * sizeof *dv);
+    for (int s = 0; s < n_seqs; s++)
+        for (int t = cu_seqlens[s]; t < cu_seqlens[s + 1]; t++)
+            for (int h = 0; h < n_heads; h++) {
+                int kvh = h / group;
+                size_t row = (size_t)t * n_heads + h;
+                const float *qt = q + row * head_dim, *dot_ = dout + row * head_dim;
+                float *dqt = dq + row * head_dim;
+                // D = rowsum(dout * out) = sum_j p_j * (dout . v_j): the softmax backward's mean
+                float delta = dot_f32(dot_, out + row * head_dim, head_dim);
+                for (int j = cu_seqlens[s]; j <= t; j++) {
+                    size_t kv_row = ((size_t)j * n_kv_heads + kvh) * head_dim;
+                    float p = expf(dot_f32(qt, k + kv_row, head_dim) * scale - lse[row]);
+                    float dp = dot_f32(dot_, v + kv_row, head_dim);
+                    float ds = p * (dp - delta) * scale;
+                    for (int d = 0; d < head_dim; d++) {
+                        dv[kv_row + d] += p * dot_[d];
+                        dqt[d] += ds * k[kv_row + d];
+                        dk[kv_row + d] += ds * qt[d];
+                    }
+                }
+            }
+    return 0;
+}
+
+// ---- decode (generation) twins of kernels/gemv.cu and kernels/decode_attention.cu ----
+
+void cpu_gemv(float *y, const float *x, const float *W, int batch, int out, int in, const float *lora_A,
+              const float *lora_B, int rank, float lora_scale)
+{
+    for (int b = 0; b < batch; b++) {
+        const float *xb = x + (size_t)b * in;
+        float down[256];  // x A^T of this row (rank <= 256, as the kernel requires)
+        for (int j = 0; lora_A && j < rank; j++) {
+            float s = 0;
+            for (int k = 0; k < in; k++)
+                s += xb[k] * lora_A[(size_t)j * in + k];
+            down[j] = s;
+        }
+        for (int o = 0; o < out; o++) {
+            const float *w = W + (size_t)o * in;
+            float s = 0;
+            for (int k = 0; k < in; k++)
+                s += xb[k] * w[k];
+            if (lora_A) {
+                float d = 0;
+                for (int j = 0; j < rank; j++)
+                    d += down[j] * lora_B[(size_t)o * rank + j];
+                s += lora_scale * d;
+            }
+            y[(size_t)b * out + o] = s;
+        }
+    }
+}
+
+void cpu_decode_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
+                          const int32_t *lens, int batch, int n_heads, int n_kv_heads, int head_dim, int max_seq,
+                          float scale)
+{
+    int group = n_heads / n_kv_heads;
+    for (int b = 0; b < batch; b++)
+        for (int h = 0; h < n_heads; h++) {
+            const float *qh = q + ((size_t)b * n_heads + h) * head_dim;
+            size_t head_base = ((size_t)b * n_kv_heads + h / group) * max_seq;
+            float *o = out + ((size_t)b * n_heads + h) * head_dim;
+            for (int d = 0; d < head_dim; d++)
+                o[d] = 0;
+            // two passes: the max for a stable softmax, then the weights and the weighted sum
+            float m = -INFINITY, l = 0;
+            for (int p = 0; p < lens[b]; p++) {
+                const float *k = k_cache + (head_base + p) * head_dim;
+                float s = 0;
+                for (int d = 0; d < head_dim; d++)
+                    s += qh[d] * k[d];
+                m = fmaxf(m, s * scale);
+            }
+            for (int p = 0; p < lens[b]; p++) {
+                const float *k = k_cache + (head_base + p) * head_dim, *v = v_cache + (head_base + p) * head_dim;
+                float s = 0;
+                for (int d = 0; d < head_dim; d++)
+                    s += qh[d] * k[d];
+                float w = expf(s * scale - m);
+                l += w;
+                for (int d = 0; d < head_dim; d++)
+                    o[d] += w * v[d];
+            }
+            for (int d = 0; d < head_dim && l > 0; d++)
+                o[d] /= l;
+        }
+}

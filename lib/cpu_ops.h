@@ -1,10 +1,12 @@
 // defines: cpu_embedding_forward, cpu_rmsnorm_forward, cpu_rmsnorm_backward, cpu_rope_forward,
 //          cpu_rope_backward, cpu_swiglu_forward, cpu_swiglu_backward, cpu_fused_cross_entropy,
-//          cpu_adamw_step, cpu_grad_norm_squared, cpu_clip_coef
+//          cpu_adamw_step, cpu_grad_norm_squared, cpu_clip_coef, cpu_attention_forward,
+//          cpu_attention_backward, cpu_gemv, cpu_decode_attention
 // The CPU twins of the CUDA kernels in kernels/: float32, plain loops, the ground truth that
 // tests/gpu/ compares each kernel with (tests/unit/cpu_ops_test.c checks them against PyTorch).
 // Layouts are row-major (tokens, features); T tokens, C features. Nothing here allocates
-// except cpu_fused_cross_entropy (one row of logits), prints or exits.
+// except cpu_fused_cross_entropy (one row of logits) and cpu_attention_forward (one row of
+// scores), prints or exits.
 #ifndef CPU_OPS_H
 #define CPU_OPS_H
 
@@ -66,6 +68,40 @@ void cpu_adamw_step(float *param, const float *grad, float *m, float *v, size_t 
 double cpu_grad_norm_squared(const float *grad, size_t n);
 // clip_grad_norm_'s coefficient: min(1, max_norm / (norm + 1e-6)).
 float cpu_clip_coef(double norm, float max_norm);
+
+// Causal attention with GQA over variable-length sequences packed in T = cu_seqlens[n_seqs]
+// positions: query t of head h sees the keys [cu_seqlens[s], t] of its own sequence s, of kv
+// head h / (n_heads / n_kv_heads), scaled by 1/sqrt(head_dim). q, out (T, n_heads, head_dim);
+// k, v (T, n_kv_heads, head_dim); cu_seqlens (n_seqs + 1) ascending from 0. lse (T, n_heads)
+// receives the natural log of each query's softmax denominator, sum_j exp(q.k_j / sqrt(hd)),
+// which the backward uses to rebuild the probabilities (as the kernel does). Returns -1 when a
+// temporary row (T floats) cannot be allocated, else 0.
+int cpu_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                          const int32_t *cu_seqlens, int n_seqs, int n_heads, int n_kv_heads, int head_dim);
+// Given dout (T, n_heads, head_dim) and the forward's out and lse, write dq (T, n_heads,
+// head_dim) and dk, dv (T, n_kv_heads, head_dim), each kv head's gradients summed over the query
+// heads of its group. Uses D = rowsum(dout * out) as the flash backward does. Allocates
+// nothing; returns 0.
+int cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                           const float *v, const float *out, const float *lse, const int32_t *cu_seqlens,
+                           int n_seqs, int n_heads, int n_kv_heads, int head_dim);
+
+// ---- decode (generation) twins of kernels/gemv.cu and kernels/decode_attention.cu ----
+
+// y (batch, out) = x (batch, in) W^T for W (out, in) row-major, plus, when lora_A is not NULL,
+// the unmerged LoRA term lora_scale * (x A^T) B^T for A (rank, in) and B (out, rank), rank <= 256.
+// Sums in float in order of k; the LoRA term is added to the product's sum unrounded.
+void cpu_gemv(float *y, const float *x, const float *W, int batch, int out, int in, const float *lora_A,
+              const float *lora_B, int rank, float lora_scale);
+
+// Attention of one new query per sequence over its KV cache: out (batch, n_heads, head_dim) =
+// softmax(q k^T * scale) v over positions [0, lens[b]) of sequence b; q (batch, n_heads,
+// head_dim); k_cache, v_cache (batch, n_kv_heads, max_seq, head_dim) (the layout of
+// kernels/decode_attention.cuh); query head h reads kv head h / (n_heads / n_kv_heads). A
+// sequence of length 0 gives a zero row. Allocates nothing.
+void cpu_decode_attention(float *out, const float *q, const float *k_cache, const float *v_cache,
+                          const int32_t *lens, int batch, int n_heads, int n_kv_heads, int head_dim, int max_seq,
+                          float scale);
 
 #ifdef __cplusplus
 }

@@ -14,8 +14,11 @@
 // the launchers' headers are plain C; their argument checks run before any CUDA call, so they
 // are tested here, on machines without a GPU too (tests/gpu/ tests the kernels themselves)
 #include "../../kernels/adamw.cuh"
+#include "../../kernels/attention.cuh"
 #include "../../kernels/cross_entropy.cuh"
+#include "../../kernels/decode_attention.cuh"
 #include "../../kernels/embedding.cuh"
+#include "../../kernels/gemv.cuh"
 #include "../../kernels/rmsnorm.cuh"
 #include "../../kernels/rope.cuh"
 #include "../../kernels/swiglu.cuh"
@@ -313,6 +316,222 @@ static void test_adamw(void)
     golden_free(&g);
 }
 
+// ---- attention: the twin against a naive double-precision softmax(Q K^T / sqrt(hd)) V built
+// per sequence in the test, and its backward against central finite differences of that.
+
+// out (T, Hq, hd) and lse (T, Hq) in double, each sequence's (len, len) score matrix in full.
+static void naive_attention(double *out, double *lse, const double *q, const double *k, const double *v,
+                            const int32_t *cu, int n_seqs, int Hq, int Hkv, int hd)
+{
+    for (int s = 0; s < n_seqs; s++) {
+        int first = cu[s], len = cu[s + 1] - cu[s];
+        double *scores = malloc((size_t)len * len * sizeof *scores);
+        for (int h = 0; h < Hq; h++) {
+            int kvh = h / (Hq / Hkv);
+            for (int i = 0; i < len; i++) {
+                double mx = -INFINITY, sum = 0;
+                for (int j = 0; j <= i; j++) {
+                    double dot = 0;
+                    for (int d = 0; d < hd; d++)
+                        dot += q[((size_t)(first + i) * Hq + h) * hd + d] * k[((size_t)(first + j) * Hkv + kvh) * hd + d];
+                    scores[i * len + j] = dot / sqrt((double)hd);
+                    if (scores[i * len + j] > mx)
+                        mx = scores[i * len + j];
+                }
+                for (int j = 0; j <= i; j++)
+                    sum += exp(scores[i * len + j] - mx);
+                lse[(size_t)(first + i) * Hq + h] = mx + log(sum);
+                for (int d = 0; d < hd; d++) {
+                    double o = 0;
+                    for (int j = 0; j <= i; j++)
+                        o += exp(scores[i * len + j] - mx) / sum * v[((size_t)(first + j) * Hkv + kvh) * hd + d];
+                    out[((size_t)(first + i) * Hq + h) * hd + d] = o;
+                }
+            }
+        }
+        free(scores);
+    }
+}
+
+// max |got - want| / max |want|
+static double max_rel_f64(const float *got, const double *want, size_t n)
+{
+    double max_diff = 0, max_ref = 1e-30;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs(got[i] - want[i]);
+        if (!(d <= max_diff))
+            max_diff = d;
+        if (fabs(want[i]) > max_ref)
+            max_ref = fabs(want[i]);
+    }
+    return max_diff / max_ref;
+}
+
+static uint64_t attn_rng = 0x243f6a8885a308d3ull;
+static float attn_random(void)  // uniform in [-1, 1)
+{
+    attn_rng = attn_rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((attn_rng >> 40) / 8388608.0 - 1.0);
+}
+
+static void test_attention(const int *lengths, int n_seqs, int Hq, int Hkv, int hd)
+{
+    int32_t cu[16] = {0};
+    for (int s = 0; s < n_seqs; s++)
+        cu[s + 1] = cu[s] + lengths[s];
+    int T = cu[n_seqs];
+    size_t nq = (size_t)T * Hq * hd, nkv = (size_t)T * Hkv * hd, n_all = nq + 2 * nkv;
+    // inputs q | k | v in one buffer so the finite differences walk them with one index
+    float *x = malloc(n_all * sizeof *x), *dout = malloc(nq * sizeof *dout);
+    double *xd = malloc(n_all * sizeof *xd), *out_ref = malloc(nq * sizeof *out_ref),
+           *lse_ref = malloc((size_t)T * Hq * sizeof *lse_ref), *grad_ref = malloc(n_all * sizeof *grad_ref);
+    float *out = malloc(nq * sizeof *out), *lse = malloc((size_t)T * Hq * sizeof *lse),
+          *grad = malloc(n_all * sizeof *grad);
+    for (size_t i = 0; i < n_all; i++) {
+        x[i] = 2.0f * attn_random();  // scores of a few units: a peaked softmax, not a uniform one
+        xd[i] = x[i];
+    }
+    for (size_t i = 0; i < nq; i++)
+        dout[i] = attn_random();
+    char what[96];
+    snprintf(what, sizeof what, "attention twin T=%d, %d sequences, heads %d/%d, hd %d", T, n_seqs, Hq, Hkv, hd);
+
+    ok(cpu_attention_forward(out, lse, x, x + nq, x + nq + nkv, cu, n_seqs, Hq, Hkv, hd) == 0, "%s: forward runs", what);
+    naive_attention(out_ref, lse_ref, xd, xd + nq, xd + nq + nkv, cu, n_seqs, Hq, Hkv, hd);
+    double e = max_rel_f64(out, out_ref, nq);
+    ok(e <= 1e-5, "%s: out = naive softmax(QK^T/sqrt(hd))V (relative error %.1e <= 1e-5)", what, e);
+    e = max_rel_f64(lse, lse_ref, (size_t)T * Hq);
+    ok(e <= 1e-5, "%s: lse = log of the softmax denominator (relative error %.1e <= 1e-5)", what, e);
+
+    // L = sum(dout * out): dL/dx by central differences of the double reference, step 1e-4
+    double *out_plus = malloc(nq * sizeof *out_plus), *out_minus = malloc(nq * sizeof *out_minus);
+    for (size_t i = 0; i < n_all; i++) {
+        double keep = xd[i], loss_plus = 0, loss_minus = 0;
+        xd[i] = keep + 1e-4;
+        naive_attention(out_plus, lse_ref, xd, xd + nq, xd + nq + nkv, cu, n_seqs, Hq, Hkv, hd);
+        xd[i] = keep - 1e-4;
+        naive_attention(out_minus, lse_ref, xd, xd + nq, xd + nq + nkv, cu, n_seqs, Hq, Hkv, hd);
+        xd[i] = keep;
+        for (size_t j = 0; j < nq; j++) {
+            loss_plus += dout[j] * out_plus[j];
+            loss_minus += dout[j] * out_minus[j];
+        }
+        grad_ref[i] = (loss_plus - loss_minus) / 2e-4;
+    }
+    ok(cpu_attention_backward(grad, grad + nq, grad + nq + nkv, dout, x, x + nq, x + nq + nkv, out, lse, cu, n_seqs,
+                              Hq, Hkv, hd) == 0,
+       "%s: backward runs", what);
+    const char *names[3] = {"dq", "dk", "dv"};
+    size_t offsets[3] = {0, nq, nq + nkv}, counts[3] = {nq, nkv, nkv};
+    for (int t = 0; t < 3; t++) {
+        e = max_rel_f64(grad + offsets[t], grad_ref + offsets[t], counts[t]);
+        ok(e <= 1e-4, "%s: %s = finite differences of sum(dout * out) (relative error %.1e <= 1e-4)", what, names[t], e);
+    }
+    free(x), free(dout), free(xd), free(out_ref), free(lse_ref), free(grad_ref), free(out), free(lse), free(grad);
+    free(out_plus), free(out_minus);
+}
+
+// ---- decode twins (cpu_gemv, cpu_decode_attention) ----
+
+static float uniform_pm1(uint64_t *state)  // splitmix64 -> [-1, 1)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return (float)((double)((z ^ (z >> 31)) >> 11) / 4503599627370496.0 - 1.0);
+}
+
+// cpu_gemv against a double-precision dot product; its unmerged LoRA term against the same
+// product with the adapter merged into W (W + scale * B A, what PEFT's merge does); a row of a
+// batch against the same row alone.
+static void test_gemv_twin(void)
+{
+    enum { BATCH = 3, OUT = 11, IN = 37, RANK = 5 };
+    uint64_t rng = 7;
+    float x[BATCH * IN], W[OUT * IN], A[RANK * IN], B[OUT * RANK], merged[OUT * IN];
+    float y[BATCH * OUT], y_lora[BATCH * OUT], y_merged[BATCH * OUT], y_row[OUT], want[BATCH * OUT];
+    const float scale = 2.0f;
+    for (int i = 0; i < BATCH * IN; i++)
+        x[i] = uniform_pm1(&rng);
+    for (int i = 0; i < OUT * IN; i++)
+        W[i] = uniform_pm1(&rng);
+    for (int i = 0; i < RANK * IN; i++)
+        A[i] = uniform_pm1(&rng);
+    for (int i = 0; i < OUT * RANK; i++)
+        B[i] = uniform_pm1(&rng);
+    for (int b = 0; b < BATCH; b++)
+        for (int o = 0; o < OUT; o++) {
+            double s = 0;
+            for (int k = 0; k < IN; k++)
+                s += (double)x[b * IN + k] * W[o * IN + k];
+            want[b * OUT + o] = (float)s;
+        }
+    cpu_gemv(y, x, W, BATCH, OUT, IN, NULL, NULL, 0, 0.0f);
+    ok(rel_err(y, want, BATCH * OUT) < 1e-6, "gemv twin equals a double-precision product (%.1e)",
+       rel_err(y, want, BATCH * OUT));
+    for (int o = 0; o < OUT; o++)
+        for (int k = 0; k < IN; k++) {
+            double d = 0;
+            for (int j = 0; j < RANK; j++)
+                d += (double)B[o * RANK + j] * A[j * IN + k];
+            merged[o * IN + k] = (float)(W[o * IN + k] + scale * d);
+        }
+    cpu_gemv(y_lora, x, W, BATCH, OUT, IN, A, B, RANK, scale);
+    cpu_gemv(y_merged, x, merged, BATCH, OUT, IN, NULL, NULL, 0, 0.0f);
+    ok(rel_err(y_lora, y_merged, BATCH * OUT) < 1e-5, "gemv twin: unmerged LoRA equals the merged weights (%.1e)",
+       rel_err(y_lora, y_merged, BATCH * OUT));
+    ok(rel_err(y_lora, y, BATCH * OUT) > 1e-2, "gemv twin: the adapter changes the result");
+    cpu_gemv(y_row, x + 2 * IN, W, 1, OUT, IN, A, B, RANK, scale);
+    ok(memcmp(y_row, y_lora + 2 * OUT, sizeof y_row) == 0, "gemv twin: a batch row equals the row alone");
+}
+
+// The decode step is the last query of causal attention: cpu_decode_attention over a cache
+// must equal the last row of each sequence in cpu_attention_forward (checked against PyTorch
+// above) on the same q, k, v. Cache slots past each sequence's end hold NaN: never read.
+static void test_decode_attention_twin(void)
+{
+    enum { H = 6, KV = 2, HD = 8, MAX_SEQ = 16, NSEQ = 3 };
+    const int lens[NSEQ] = {9, 1, 16};
+    int cu[NSEQ + 1] = {0};
+    for (int s = 0; s < NSEQ; s++)
+        cu[s + 1] = cu[s] + lens[s];
+    const int T = cu[NSEQ];
+    uint64_t rng = 11;
+    float q[26 * H * HD], k[26 * KV * HD], v[26 * KV * HD], prefill[26 * H * HD], lse[26 * H];
+    float kc[NSEQ * KV * MAX_SEQ * HD], vc[NSEQ * KV * MAX_SEQ * HD], q_last[NSEQ * H * HD], dec[NSEQ * H * HD];
+    float want[NSEQ * H * HD];
+    for (int i = 0; i < T * H * HD; i++)
+        q[i] = 2 * uniform_pm1(&rng);
+    for (int i = 0; i < T * KV * HD; i++) {
+        k[i] = 2 * uniform_pm1(&rng);
+        v[i] = uniform_pm1(&rng);
+    }
+    ok(cpu_attention_forward(prefill, lse, q, k, v, cu, NSEQ, H, KV, HD) == 0, "prefill attention runs");
+    for (size_t i = 0; i < sizeof kc / sizeof kc[0]; i++)
+        kc[i] = vc[i] = NAN;
+    for (int s = 0; s < NSEQ; s++) {
+        for (int p = 0; p < lens[s]; p++)
+            for (int j = 0; j < KV; j++)
+                for (int d = 0; d < HD; d++) {
+                    size_t slot = (((size_t)s * KV + j) * MAX_SEQ + p) * HD + d;
+                    kc[slot] = k[((size_t)(cu[s] + p) * KV + j) * HD + d];
+                    vc[slot] = v[((size_t)(cu[s] + p) * KV + j) * HD + d];
+                }
+        int last = cu[s + 1] - 1;
+        memcpy(q_last + (size_t)s * H * HD, q + (size_t)last * H * HD, H * HD * sizeof(float));
+        memcpy(want + (size_t)s * H * HD, prefill + (size_t)last * H * HD, H * HD * sizeof(float));
+    }
+    cpu_decode_attention(dec, q_last, kc, vc, lens, NSEQ, H, KV, HD, MAX_SEQ, 1.0f / sqrtf((float)HD));
+    double e = rel_err(dec, want, NSEQ * H * HD);
+    ok(e < 1e-6, "decode attention twin equals the last query of causal prefill attention (%.1e)", e);
+    const int empty[1] = {0};
+    cpu_decode_attention(dec, q_last, kc, vc, empty, 1, H, KV, HD, MAX_SEQ, 1.0f);
+    int zero = 1;
+    for (int i = 0; i < H * HD; i++)
+        zero = zero && dec[i] == 0.0f;
+    ok(zero, "decode attention twin: a sequence of length 0 gives a zero row");
+}
+
 #ifdef HAVE_CUDA
 // rc must be -1 and the message must name the kernel's file and line and contain `what`.
 static void rejects(int rc, const Err *err, const char *file, const char *what, const char *name)
@@ -368,6 +587,69 @@ static void test_launcher_arguments(void)
     is_int(cuda_cross_entropy_workspace_bytes(6, 8, 50, 4, 64), 1024 + 512 + 3 * 256,
            "cross-entropy workspace without d(hidden) when one chunk covers the vocabulary");
 }
+
+// The attention launchers' argument checks (kernels/attention.cu).
+static void test_attention_launcher_arguments(void)
+{
+    Err err;
+    void *p = (void *)(uintptr_t)4096;  // non-NULL, 16-byte aligned, never read
+    rejects(cuda_attention_forward(p, p, p, p, p, p, 1, 8, 4, 4, 96, NULL, &err), &err, "attention", "head_dim=96",
+            "attention with head_dim 96");
+    rejects(cuda_attention_forward(p, p, p, p, p, p, 1, 8, 6, 4, 64, NULL, &err), &err, "attention", "n_heads=6",
+            "6 query heads over 4 kv heads");
+    rejects(cuda_attention_forward(p, p, p, p, p, p, 0, 8, 4, 4, 64, NULL, &err), &err, "attention", "n_seqs=0",
+            "attention over no sequence");
+    rejects(cuda_attention_forward(p, p, (void *)((char *)p + 2), p, p, p, 1, 8, 4, 4, 64, NULL, &err), &err, "attention",
+            "aligned", "a misaligned q");
+    size_t ws = cuda_attention_backward_workspace_bytes(8, 4, 64);
+    is_int(ws, 8 * 4 * 64 * 4 + 8 * 4 * 4, "attention backward workspace: fp32 dq (T, H, hd) + D (T, H)");
+    rejects(cuda_attention_backward(p, p, p, p, p, p, p, p, p, p, 1, 8, 4, 4, 64, p, ws - 1, NULL, &err), &err,
+            "attention", "workspace", "a short attention workspace");
+    rejects(cuda_attention_backward(p, p, p, p, p, p, p, p, NULL, p, 1, 8, 4, 4, 64, p, ws, NULL, &err), &err,
+            "attention", "NULL", "attention backward without lse");
+    ok(cuda_attention_set_version(7) == -1, "attention: kernel version 7 is refused");
+}
+static void test_decode_launcher_arguments(void)
+{
+    Err err;
+    void *p = (void *)(uintptr_t)4096;  // non-NULL, 16-byte aligned, never read
+    void *xp = (void *)(uintptr_t)(1u << 30);  // an x that y does not overlap
+    size_t ws = cuda_gemv_workspace_bytes(1, 1024, 4096, 16);
+    GemvLora lora = {p, p, 16, 2.0f}, bad_rank = {p, p, 300, 2.0f};
+    rejects(cuda_gemv(p, NULL, xp, p, 1, 1024, 12, NULL, p, ws, NULL, &err), &err, "gemv", "in=12",
+            "a GEMV whose rows are not 16-byte multiples");
+    rejects(cuda_gemv(p, p, xp, p, 1, 1024, 4096, NULL, p, ws, NULL, &err), &err, "gemv", "exactly one",
+            "a GEMV with both outputs");
+    rejects(cuda_gemv(p, NULL, NULL, p, 1, 1024, 4096, NULL, p, ws, NULL, &err), &err, "gemv", "NULL",
+            "a GEMV without x");
+    rejects(cuda_gemv(p, NULL, xp, p, 0, 1024, 4096, NULL, p, ws, NULL, &err), &err, "gemv", "batch=0",
+            "a GEMV of batch 0");
+    rejects(cuda_gemv(p, NULL, xp, p, 1, 1024, 4096, &bad_rank, p, ws, NULL, &err), &err, "gemv", "rank=300",
+            "LoRA rank 300");
+    rejects(cuda_gemv(p, NULL, xp, p, 1, 1024, 4096, &lora, p, ws - 1, NULL, &err), &err, "gemv", "workspace",
+            "a GEMV workspace one byte short");
+    rejects(cuda_gemv((bf16_t *)p + 1, NULL, (bf16_t *)p + 8, p, 1, 1024, 4096, NULL, p, ws, NULL, &err), &err,
+            "gemv", "overlaps", "a GEMV output over its input");
+    GemvTuning tune = {6, 0, 0, 0};
+    rejects(cuda_gemv_tuned(p, NULL, xp, p, 1, 1024, 4096, NULL, p, ws, &tune, NULL, &err), &err, "gemv",
+            "warps_per_block=6", "6 warps a block");
+    ok(cuda_gemv_workspace_bytes(1, 1024, 4096, 16) > cuda_gemv_workspace_bytes(1, 1024, 4096, 0),
+       "a GEMV with an adapter needs more workspace");
+    const bf16_t *b = p;
+    size_t aws = cuda_decode_attention_workspace_bytes(2, 32, 8, 128, 100);
+    rejects(cuda_decode_attention(p, b, b, b, p, 2, 32, 8, 96, 100, 100, 1, p, aws, NULL, &err), &err,
+            "decode_attention", "head_dim=96", "decode attention over head_dim 96");
+    rejects(cuda_decode_attention(p, b, b, b, p, 2, 32, 3, 128, 100, 100, 1, p, aws, NULL, &err), &err,
+            "decode_attention", "multiple", "32 query heads over 3 kv heads");
+    rejects(cuda_decode_attention(p, b, b, b, p, 2, 32, 2, 128, 100, 100, 1, p, aws, NULL, &err), &err,
+            "decode_attention", "at most 8", "16 query heads a kv head");
+    rejects(cuda_decode_attention(p, b, b, b, p, 2, 32, 8, 128, 100, 101, 1, p, aws, NULL, &err), &err,
+            "decode_attention", "max_len=101", "max_len beyond the cache");
+    rejects(cuda_decode_attention(p, b, b, b, p, 2, 32, 8, 128, 100, 100, 1, p, aws - 1, NULL, &err), &err,
+            "decode_attention", "workspace", "a decode-attention workspace one byte short");
+    rejects(cuda_decode_attention(p, b, b, b, NULL, 2, 32, 8, 128, 100, 100, 1, p, aws, NULL, &err), &err,
+            "decode_attention", "NULL", "decode attention without lengths");
+}
 #endif
 
 int main(void)
@@ -380,8 +662,14 @@ int main(void)
     test_swiglu();
     test_cross_entropy();
     test_adamw();
+    test_attention((const int[]){3, 1, 6}, 3, 4, 2, 8);   // GQA 2:1, a one-token document
+    test_attention((const int[]){9}, 1, 2, 1, 16);        // one sequence, MQA
+    test_gemv_twin();
+    test_decode_attention_twin();
 #ifdef HAVE_CUDA
     test_launcher_arguments();
+    test_attention_launcher_arguments();
+    test_decode_launcher_arguments();
 #endif
     return done_testing();
 }

@@ -1,0 +1,557 @@
+// The decode kernels (kernels/gemv.cu, kernels/decode_attention.cu) against their CPU twins
+// (lib/cpu_ops.c: cpu_gemv, cpu_decode_attention) on fresh random inputs of awkward sizes:
+// k not a multiple of the 32-wide k step, rows not a multiple of the 16-row tile, every batch
+// width (1..64 and a batch over 64 done in two passes), split-K forced on and off, LoRA ranks
+// that are not multiples of 16, GQA groups of 1, 3, 4 and 8, sequences of length 0 and ones
+// ending mid-split. Outputs are poisoned with NaN before each launch, and the KV cache past
+// each sequence's length holds NaN, so an unwritten output or a read past the end fails.
+// Error measure: ||gpu - cpu|| / ||cpu|| (L2), the CPU twin fed the same bf16-rounded inputs.
+//   decode_test            TAP correctness tests (prove runs it through tests/gpu/decode.t)
+//   decode_test --bench    table at Llama-3-8B shapes: copy bandwidth, our GEMV (launch shape
+//                          variants), cuBLAS, decode attention (medians of CUDA-event timings)
+// GPU_TEST_SEED=N repeats a run's inputs; by default the seed comes from the clock and is printed.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <vector>
+
+#include "cpu_ops.h"
+#include "decode_attention.cuh"
+#include "gemv.cuh"
+#include "tap.h"
+
+// Test-harness failures (allocation, copies) end the program: a kernel's own errors are tested.
+#define HOST_CUDA(call)                                                                           \
+    do {                                                                                          \
+        cudaError_t status_ = (call);                                                             \
+        if (status_ != cudaSuccess) {                                                             \
+            fprintf(stderr, "decode_test: %s:%d: %s: %s\n", __FILE__, __LINE__, #call,             \
+                    cudaGetErrorString(status_));                                                 \
+            exit(1);                                                                              \
+        }                                                                                         \
+    } while (0)
+#define LAUNCHED(call)                                                                            \
+    do {                                                                                          \
+        Err err_;                                                                                 \
+        if ((call) < 0) {                                                                         \
+            fprintf(stderr, "decode_test: %s:%d: %s\n", __FILE__, __LINE__, err_.msg);             \
+            exit(1);                                                                              \
+        }                                                                                         \
+    } while (0)
+#define E (&err_)
+
+static uint64_t rng_state;
+static double uniform(void)  // splitmix64, [0, 1)
+{
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return (double)((z ^ (z >> 31)) >> 11) / 9007199254740992.0;
+}
+static float normal(void)
+{
+    double u = uniform() + 1e-12, v = uniform();
+    return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
+}
+static uint16_t bf16_bits(float f)  // round to nearest even, as __float2bfloat16
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+static float bf16_float(uint16_t b)
+{
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// A random tensor kept twice: bf16 for the device, its exact float value for the CPU twin.
+struct Bf16Tensor {
+    std::vector<uint16_t> bits;
+    std::vector<float> value;
+    bf16_t *dev = NULL;
+    explicit Bf16Tensor(size_t n, float scale = 1.0f) : bits(n), value(n)
+    {
+        for (size_t i = 0; i < n; i++) {
+            bits[i] = bf16_bits(scale * normal());
+            value[i] = bf16_float(bits[i]);
+        }
+        upload();
+    }
+    void upload()
+    {
+        if (!dev)
+            HOST_CUDA(cudaMalloc(&dev, bits.size() * 2 + 16));
+        HOST_CUDA(cudaMemcpy(dev, bits.data(), bits.size() * 2, cudaMemcpyHostToDevice));
+    }
+    ~Bf16Tensor() { cudaFree(dev); }
+};
+
+template <typename T> static T *dev_alloc(size_t n)
+{
+    T *p;
+    HOST_CUDA(cudaMalloc(&p, n * sizeof(T) + 16));
+    HOST_CUDA(cudaMemset(p, 0xff, n * sizeof(T)));  // NaN in bf16 and fp32: unwritten shows
+    return p;
+}
+static void *dev_zeros(size_t bytes)
+{
+    void *p;
+    HOST_CUDA(cudaMalloc(&p, bytes ? bytes : 1));
+    HOST_CUDA(cudaMemset(p, 0, bytes ? bytes : 1));
+    return p;
+}
+static std::vector<float> download_bf16(const bf16_t *dev, size_t n)
+{
+    std::vector<uint16_t> bits(n);
+    HOST_CUDA(cudaDeviceSynchronize());
+    HOST_CUDA(cudaMemcpy(bits.data(), dev, n * 2, cudaMemcpyDeviceToHost));
+    std::vector<float> out(n);
+    for (size_t i = 0; i < n; i++)
+        out[i] = bf16_float(bits[i]);
+    return out;
+}
+static std::vector<float> download_f32(const float *dev, size_t n)
+{
+    std::vector<float> out(n);
+    HOST_CUDA(cudaDeviceSynchronize());
+    HOST_CUDA(cudaMemcpy(out.data(), dev, n * 4, cudaMemcpyDeviceToHost));
+    return out;
+}
+static double rel_l2(const float *got, const float *want, size_t n)
+{
+    double diff = 0, ref = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i]))
+            return INFINITY;
+        double d = (double)got[i] - want[i];
+        diff += d * d;
+        ref += (double)want[i] * want[i];
+    }
+    return sqrt(diff / (ref > 0 ? ref : 1e-300));
+}
+static double check(const char *what, const std::vector<float> &got, const std::vector<float> &want, double tol)
+{
+    double e = rel_l2(got.data(), want.data(), want.size());
+    ok(e <= tol, "%s: relative L2 error %.2e <= %.0e, no NaN (%zu values)", what, e, tol, want.size());
+    return e;
+}
+
+static const double TOL_BF16 = 8e-3;  // one rounding of an fp32 result to bf16
+static const double TOL_F32 = 1e-4;   // fp32 sums in another order (tensor-core adds)
+
+// One GEMV case: bf16 output, fp32 output, and (when rank > 0) with LoRA; each forced ksplit.
+static void test_gemv(int batch, int out, int in, int rank, std::vector<int> ksplits)
+{
+    Bf16Tensor x((size_t)batch * in), w((size_t)out * in, 0.05f), A((size_t)(rank ? rank : 1) * in, 0.05f),
+        B((size_t)out * (rank ? rank : 1), 0.05f);
+    const float scale = rank ? 32.0f / rank : 0.0f;
+    GemvLora lora = {A.dev, B.dev, rank, scale};
+    std::vector<float> want((size_t)batch * out);
+    cpu_gemv(want.data(), x.value.data(), w.value.data(), batch, out, in, rank ? A.value.data() : NULL,
+             B.value.data(), rank, scale);
+    size_t ws_bytes = cuda_gemv_workspace_bytes(batch, out, in, rank);
+    // forced ksplits need room for ksplit partial tiles of up to 8 columns
+    size_t tiles = (out + 15) / 16, forced = 0;
+    for (int ks : ksplits)
+        forced = std::max(forced, (size_t)ks * tiles * 8 * 128 * 4 + 65536 + tiles * 4);
+    size_t ws_size = std::max(ws_bytes, forced);
+    void *ws = dev_zeros(ws_size);
+    bf16_t *y = dev_alloc<bf16_t>((size_t)batch * out);
+    float *y32 = dev_alloc<float>((size_t)batch * out);
+    char what[160];
+    const GemvLora *lp = rank ? &lora : NULL;
+
+    LAUNCHED(cuda_gemv(y, NULL, x.dev, w.dev, batch, out, in, lp, ws, ws_bytes, NULL, E));
+    snprintf(what, sizeof what, "gemv batch=%d out=%d in=%d rank=%d bf16 out (workspace %zu B)", batch, out, in,
+             rank, ws_bytes);
+    std::vector<float> first = download_bf16(y, (size_t)batch * out);
+    check(what, first, want, TOL_BF16);
+    LAUNCHED(cuda_gemv(NULL, y32, x.dev, w.dev, batch, out, in, lp, ws, ws_bytes, NULL, E));
+    check("  same, fp32 out", download_f32(y32, (size_t)batch * out), want, TOL_F32);
+    // a second call on the same workspace (split-K counters left at zero) gives the same bits
+    HOST_CUDA(cudaMemset(y, 0xff, (size_t)batch * out * 2));
+    LAUNCHED(cuda_gemv(y, NULL, x.dev, w.dev, batch, out, in, lp, ws, ws_bytes, NULL, E));
+    std::vector<float> again = download_bf16(y, (size_t)batch * out);
+    ok(memcmp(first.data(), again.data(), first.size() * 4) == 0, "  same, repeated: identical bits");
+    for (int ks : ksplits) {
+        GemvTuning tune = {0, 0, ks, 0};
+        HOST_CUDA(cudaMemset(y32, 0xff, (size_t)batch * out * 4));
+        LAUNCHED(cuda_gemv_tuned(NULL, y32, x.dev, w.dev, batch, out, in, lp, ws, ws_size, &tune, NULL, E));
+        snprintf(what, sizeof what, "  same, ksplit %d forced, fp32 out", ks);
+        check(what, download_f32(y32, (size_t)batch * out), want, TOL_F32);
+    }
+    if (rank) {  // the adapter's term matters: without it the result is off
+        LAUNCHED(cuda_gemv(NULL, y32, x.dev, w.dev, batch, out, in, NULL, ws, ws_bytes, NULL, E));
+        double e = rel_l2(download_f32(y32, (size_t)batch * out).data(), want.data(), want.size());
+        ok(e > 1e-2, "  without the adapter the result differs (relative error %.2e)", e);
+    }
+    cudaFree(ws);
+    cudaFree(y);
+    cudaFree(y32);
+}
+
+// Every (warps, unroll, L2 prefetch) a batch allows, on one shape.
+static void test_gemv_variants(int batch, int out, int in)
+{
+    Bf16Tensor x((size_t)batch * in), w((size_t)out * in, 0.05f);
+    std::vector<float> want((size_t)batch * out);
+    cpu_gemv(want.data(), x.value.data(), w.value.data(), batch, out, in, NULL, NULL, 0, 0);
+    size_t ws_size = (size_t)32 * ((out + 15) / 16) * 8 * 128 * 4 + 65536;
+    void *ws = dev_zeros(ws_size);
+    float *y32 = dev_alloc<float>((size_t)batch * out);
+    int max_unroll = batch <= 8 ? 8 : batch <= 16 ? 4 : 2;
+    double worst = 0;
+    int n = 0;
+    for (int warps = 4; warps <= 8; warps *= 2)
+        for (int unroll = 1; unroll <= max_unroll; unroll *= 2)
+            for (int prefetch = 0; prefetch < 2; prefetch++) {
+                GemvTuning tune = {warps, unroll, 0, prefetch};
+                HOST_CUDA(cudaMemset(y32, 0xff, (size_t)batch * out * 4));
+                LAUNCHED(
+                    cuda_gemv_tuned(NULL, y32, x.dev, w.dev, batch, out, in, NULL, ws, ws_size, &tune, NULL, E));
+                worst = std::max(worst, rel_l2(download_f32(y32, want.size()).data(), want.data(), want.size()));
+                n++;
+            }
+    ok(worst <= TOL_F32, "gemv batch=%d out=%d in=%d: all %d launch shapes within %.0e (worst %.2e)", batch, out,
+       in, n, TOL_F32, worst);
+    cudaFree(ws);
+    cudaFree(y32);
+}
+
+static void test_gemv_errors(void)
+{
+    Bf16Tensor x(64), w(64 * 16);
+    size_t ws_bytes = cuda_gemv_workspace_bytes(1, 64, 16, 0);
+    void *ws = dev_zeros(ws_bytes);
+    bf16_t *y = dev_alloc<bf16_t>(64);
+    Err err;
+    int rc = cuda_gemv(y, NULL, x.dev, w.dev, 1, 64, 12, NULL, ws, ws_bytes, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "gemv.cu:") && strstr(err.msg, "in=12"), "gemv rejects in=12: %s",
+       rc == -1 ? err.msg : "accepted");
+    rc = cuda_gemv(y, NULL, x.dev + 1, w.dev, 1, 64, 16, NULL, ws, ws_bytes, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "aligned"), "gemv rejects a misaligned x: %s", rc == -1 ? err.msg : "accepted");
+    rc = cuda_gemv(y, NULL, x.dev, w.dev, 1, 64, 16, NULL, ws, 0, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "workspace"), "gemv rejects a short workspace: %s",
+       rc == -1 ? err.msg : "accepted");
+    GemvLora lora = {w.dev, w.dev, 0, 1.0f};
+    rc = cuda_gemv(y, NULL, x.dev, w.dev, 1, 64, 16, &lora, ws, ws_bytes, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "rank=0"), "gemv rejects LoRA rank 0: %s", rc == -1 ? err.msg : "accepted");
+    cudaFree(ws);
+    cudaFree(y);
+}
+
+// One decode-attention case; lens[b] <= max_len <= max_seq.
+static void test_decode_attention(int n_heads, int n_kv, int head_dim, int max_seq, int max_len,
+                                  std::vector<int32_t> lens)
+{
+    int batch = (int)lens.size();
+    size_t cache_n = (size_t)batch * n_kv * max_seq * head_dim, q_n = (size_t)batch * n_heads * head_dim;
+    Bf16Tensor q(q_n), k(cache_n), v(cache_n);
+    // past each sequence's end: NaN (never read)
+    for (int b = 0; b < batch; b++)
+        for (int j = 0; j < n_kv; j++)
+            for (int p = lens[b]; p < max_seq; p++)
+                for (int d = 0; d < head_dim; d++) {
+                    size_t i = (((size_t)b * n_kv + j) * max_seq + p) * head_dim + d;
+                    k.bits[i] = v.bits[i] = 0x7fc0;
+                }
+    k.upload();
+    v.upload();
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    std::vector<float> want(q_n);
+    cpu_decode_attention(want.data(), q.value.data(), k.value.data(), v.value.data(), lens.data(), batch, n_heads,
+                         n_kv, head_dim, max_seq, scale);
+    int32_t *d_lens;
+    HOST_CUDA(cudaMalloc(&d_lens, batch * sizeof(int32_t)));
+    HOST_CUDA(cudaMemcpy(d_lens, lens.data(), batch * sizeof(int32_t), cudaMemcpyHostToDevice));
+    size_t ws_bytes = cuda_decode_attention_workspace_bytes(batch, n_heads, n_kv, head_dim, max_len);
+    float *ws = dev_alloc<float>(ws_bytes / 4 + 1);
+    bf16_t *out = dev_alloc<bf16_t>(q_n);
+    LAUNCHED(cuda_decode_attention(out, q.dev, k.dev, v.dev, d_lens, batch, n_heads, n_kv, head_dim, max_seq, max_len,
+                                   scale, ws, ws_bytes, NULL, E));
+    char what[200], lens_s[64] = "";
+    for (int b = 0; b < batch && b < 6; b++)
+        snprintf(lens_s + strlen(lens_s), sizeof lens_s - strlen(lens_s), "%s%d", b ? "," : "", lens[b]);
+    snprintf(what, sizeof what, "decode attention heads %d/%d x %d, max_seq %d, max_len %d, lens %s%s", n_heads, n_kv,
+             head_dim, max_seq, max_len, lens_s, batch > 6 ? ",..." : "");
+    std::vector<float> got = download_bf16(out, q_n);
+    check(what, got, want, TOL_BF16);
+    bool zero_rows = true;
+    for (int b = 0; b < batch; b++)
+        for (size_t i = 0; lens[b] == 0 && i < (size_t)n_heads * head_dim; i++)
+            zero_rows = zero_rows && got[(size_t)b * n_heads * head_dim + i] == 0.0f;
+    ok(zero_rows, "  sequences of length 0 give zero rows");
+    cudaFree(d_lens);
+    cudaFree(ws);
+    cudaFree(out);
+}
+
+static void test_decode_attention_errors(void)
+{
+    Err err;
+    void *p = (void *)(uintptr_t)4096;
+    const bf16_t *b = (const bf16_t *)p;
+    int rc = cuda_decode_attention((bf16_t *)p, b, b, b, (const int32_t *)p, 1, 32, 8, 96, 100, 10, 1, (float *)p,
+                                   1 << 20, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "decode_attention.cu:") && strstr(err.msg, "head_dim=96"),
+       "decode attention rejects head_dim 96: %s", rc == -1 ? err.msg : "accepted");
+    rc = cuda_decode_attention((bf16_t *)p, b, b, b, (const int32_t *)p, 1, 32, 3, 128, 100, 10, 1, (float *)p,
+                               1 << 20, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "multiple"), "decode attention rejects 32 heads over 3 kv heads: %s",
+       rc == -1 ? err.msg : "accepted");
+    rc = cuda_decode_attention((bf16_t *)p, b, b, b, (const int32_t *)p, 1, 32, 2, 128, 100, 10, 1, (float *)p,
+                               1 << 20, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "at most 8"), "decode attention rejects 16 query heads per kv head: %s",
+       rc == -1 ? err.msg : "accepted");
+    rc = cuda_decode_attention((bf16_t *)p, b, b, b, (const int32_t *)p, 1, 32, 8, 128, 100, 101, 1, (float *)p,
+                               1 << 20, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "max_len=101"), "decode attention rejects max_len > max_seq: %s",
+       rc == -1 ? err.msg : "accepted");
+    rc = cuda_decode_attention((bf16_t *)p, b, b, b, (const int32_t *)p, 1, 32, 8, 128, 100, 100, 1, (float *)p, 16,
+                               NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "workspace"), "decode attention rejects a short workspace: %s",
+       rc == -1 ? err.msg : "accepted");
+}
+
+// ---- benchmark ----------------------------------------------------------------------------------
+
+struct Timer {
+    cudaEvent_t start, stop;
+    Timer() { cudaEventCreate(&start), cudaEventCreate(&stop); }
+};
+// Median over `reps` timings of `inner` back-to-back calls of fn(i) (after a warm-up), in
+// microseconds per call. Back-to-back: a decode step runs its products one after another.
+template <typename F> static double median_us(F fn, int reps = 15, int inner = 20)
+{
+    Timer tm;
+    for (int i = 0; i < inner; i++)
+        fn(i);
+    std::vector<float> ms(reps);
+    for (int r = 0; r < reps; r++) {
+        HOST_CUDA(cudaEventRecord(tm.start));
+        for (int i = 0; i < inner; i++)
+            fn(i);
+        HOST_CUDA(cudaEventRecord(tm.stop));
+        HOST_CUDA(cudaEventSynchronize(tm.stop));
+        HOST_CUDA(cudaEventElapsedTime(&ms[r], tm.start, tm.stop));
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[reps / 2] * 1000.0 / inner;
+}
+
+// Several copies of a weight matrix, so that consecutive calls read different memory and none
+// is served from the 50 MB L2 (each call then reads its weights from HBM, as a decode step does).
+struct WeightSet {
+    std::vector<bf16_t *> copies;
+    WeightSet(int out, int in)
+    {
+        size_t bytes = (size_t)out * in * 2;
+        int n = (int)std::max<size_t>(2, std::min<size_t>(16, (512u << 20) / bytes + 1));
+        std::vector<uint16_t> host((size_t)out * in), pattern((size_t)1 << 20);
+        for (auto &b : pattern)  // random values, tiled: the time does not depend on them
+            b = bf16_bits(0.02f * normal());
+        for (size_t i = 0; i < host.size(); i++)
+            host[i] = pattern[i % pattern.size()];
+        for (int c = 0; c < n; c++) {
+            bf16_t *p;
+            HOST_CUDA(cudaMalloc(&p, bytes));
+            HOST_CUDA(cudaMemcpy(p, host.data(), bytes, cudaMemcpyHostToDevice));
+            copies.push_back(p);
+        }
+    }
+    bf16_t *at(int i) const { return copies[i % copies.size()]; }
+    ~WeightSet()
+    {
+        for (auto p : copies)
+            cudaFree(p);
+    }
+};
+
+static int bench(void)
+{
+    cudaDeviceProp prop;
+    HOST_CUDA(cudaGetDeviceProperties(&prop, 0));
+    cublasHandle_t blas;
+    if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "decode_test: cublasCreate failed\n");
+        return 1;
+    }
+    printf("# %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+    double copy_gbs;
+    {
+        size_t bytes = (size_t)1 << 30;
+        void *a, *b;
+        HOST_CUDA(cudaMalloc(&a, bytes));
+        HOST_CUDA(cudaMalloc(&b, bytes));
+        HOST_CUDA(cudaMemset(a, 1, bytes));
+        double us = median_us([&](int) { HOST_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); }, 9, 3);
+        copy_gbs = 2.0 * bytes / us / 1e3;
+        printf("# ceiling: cudaMemcpy device to device, 1 GiB: %.0f GB/s (read + write)\n", copy_gbs);
+        cudaFree(a);
+        cudaFree(b);
+    }
+    const int shapes[][2] = {{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}, {128256, 4096}};
+    const char *names[] = {"q/o 4096->4096", "k/v 4096->1024", "gate/up 4096->14336", "down 14336->4096",
+                           "lm_head 4096->128256"};
+    const int per_token[] = {2, 2, 2, 1, 0};  // per layer (32 layers); lm_head once
+    size_t ws_size = (size_t)256 << 20;
+    void *ws = dev_zeros(ws_size);
+    bf16_t *y;
+    float *y32;
+    HOST_CUDA(cudaMalloc(&y, (size_t)64 * 128256 * 2));
+    HOST_CUDA(cudaMalloc(&y32, (size_t)64 * 128256 * 4));
+    Bf16Tensor xs((size_t)64 * 14336), lora_a((size_t)16 * 14336, 0.02f), lora_b((size_t)128256 * 16, 0.02f);
+    printf("\n%-22s %5s %-22s %9s %9s %7s\n", "shape (in->out)", "batch", "kernel", "us/call", "GB/s", "of copy");
+    double token_us_ours = 0, token_us_cublas = 0;
+    for (int s = 0; s < 5; s++) {
+        int out = shapes[s][0], in = shapes[s][1];
+        WeightSet w(out, in);
+        double bytes = (double)out * in * 2;
+        auto report = [&](int batch, const char *kernel, double us) {
+            printf("%-22s %5d %-22s %9.2f %9.0f %6.1f%%\n", names[s], batch, kernel, us, bytes / us / 1e3,
+                   100.0 * bytes / us / 1e3 / copy_gbs);
+            fflush(stdout);
+        };
+        // our default launch, then the variants
+        for (int batch : {1, 2, 8, 16, 32, 64}) {
+            double us = median_us([&](int i) {
+                LAUNCHED(cuda_gemv(y, NULL, xs.dev, w.at(i), batch, out, in, NULL, ws, ws_size, NULL, E));
+            });
+            report(batch, "ours (default)", us);
+            if (batch == 1)
+                token_us_ours += us * (s == 4 ? 1 : 32 * per_token[s]);
+            const float one = 1.0f, zero = 0.0f;
+            double cb = median_us([&](int i) {
+                cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, out, batch, in, &one, w.at(i), CUDA_R_16BF, in, xs.dev,
+                             CUDA_R_16BF, in, &zero, y, CUDA_R_16BF, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+            });
+            report(batch, "cublasGemmEx", cb);
+            if (batch == 1)
+                token_us_cublas += cb * (s == 4 ? 1 : 32 * per_token[s]);
+        }
+        if (s == 4) {
+            double us = median_us([&](int i) {
+                LAUNCHED(cuda_gemv(NULL, y32, xs.dev, w.at(i), 1, out, in, NULL, ws, ws_size, NULL, E));
+            });
+            report(1, "ours, fp32 logits", us);
+        }
+        // launch shapes: {warps, unroll, ksplit (0: default), L2 256-byte prefetch}
+        const int variants[][4] = {{8, 2, 0, 1}, {4, 2, 0, 0}, {4, 2, 0, 1}, {8, 4, 0, 0}, {8, 4, 0, 1},
+                                   {8, 2, 1, 0}, {8, 2, 2, 0}, {8, 2, 4, 0}, {8, 2, 8, 0}};
+        for (auto &v : variants) {
+            if (s == 4 && v[2] > 1)
+                continue;
+            GemvTuning tune = {v[0], v[1], v[2], v[3]};
+            double us = median_us([&](int i) {
+                LAUNCHED(cuda_gemv_tuned(y, NULL, xs.dev, w.at(i), 1, out, in, NULL, ws, ws_size, &tune, NULL, E));
+            });
+            char label[40];
+            snprintf(label, sizeof label, "w%d u%d ks%d%s", v[0], v[1], v[2], v[3] ? " L2pf" : "");
+            report(1, label, us);
+        }
+        if (s != 4) {
+            GemvLora lora = {lora_a.dev, lora_b.dev, 16, 2.0f};
+            for (int batch : {1, 64}) {
+                double us = median_us([&](int i) {
+                    LAUNCHED(cuda_gemv(y, NULL, xs.dev, w.at(i), batch, out, in, &lora, ws, ws_size, NULL, E));
+                });
+                report(batch, "ours + LoRA r16", us);
+            }
+        }
+    }
+    double weight_bytes = 0;
+    for (int s = 0; s < 5; s++)
+        weight_bytes += (double)shapes[s][0] * shapes[s][1] * 2 * (s == 4 ? 1 : 32 * per_token[s]);
+    printf("\n# one decode token's products at batch 1 (7 per layer x 32 + lm_head, %.2f GB): ours %.0f us "
+           "(%.0f GB/s, %.0f tokens/s if nothing else ran), cuBLAS %.0f us (%.0f tokens/s)\n",
+           weight_bytes / 1e9, token_us_ours, weight_bytes / token_us_ours / 1e3, 1e6 / token_us_ours,
+           token_us_cublas, 1e6 / token_us_cublas);
+
+    // decode attention at Llama-3-8B heads: 32 query heads over 8 kv heads of 128
+    printf("\n%-44s %9s %9s %7s\n", "decode attention (32/8 heads x 128)", "us/call", "GB/s", "of copy");
+    for (auto cfg : std::vector<std::pair<int, int>>{{1, 512}, {1, 2048}, {1, 8192}, {1, 32768}, {16, 2048},
+                                                      {64, 2048}, {64, 512}}) {
+        int batch = cfg.first, len = cfg.second, H = 32, KV = 8, D = 128;
+        size_t cache_n = (size_t)batch * KV * len * D;
+        bf16_t *k, *v, *q, *o;
+        HOST_CUDA(cudaMalloc(&k, cache_n * 2));
+        HOST_CUDA(cudaMalloc(&v, cache_n * 2));
+        HOST_CUDA(cudaMemset(k, 0x3c, cache_n * 2));  // small finite bf16 values
+        HOST_CUDA(cudaMemset(v, 0x3c, cache_n * 2));
+        HOST_CUDA(cudaMalloc(&q, (size_t)batch * H * D * 2));
+        HOST_CUDA(cudaMemset(q, 0x3c, (size_t)batch * H * D * 2));
+        HOST_CUDA(cudaMalloc(&o, (size_t)batch * H * D * 2));
+        std::vector<int32_t> lens(batch, len);
+        int32_t *d_lens;
+        HOST_CUDA(cudaMalloc(&d_lens, batch * 4));
+        HOST_CUDA(cudaMemcpy(d_lens, lens.data(), batch * 4, cudaMemcpyHostToDevice));
+        size_t wsb = cuda_decode_attention_workspace_bytes(batch, H, KV, D, len);
+        float *aws;
+        HOST_CUDA(cudaMalloc(&aws, wsb));
+        double us = median_us([&](int) {
+            LAUNCHED(cuda_decode_attention(o, q, k, v, d_lens, batch, H, KV, D, len, len, 0.088f, aws, wsb, NULL, E));
+        });
+        double bytes = 2.0 * cache_n * 2;
+        char label[64];
+        snprintf(label, sizeof label, "batch %d, length %d (KV %.0f MB)", batch, len, bytes / 1e6);
+        printf("%-44s %9.2f %9.0f %6.1f%%\n", label, us, bytes / us / 1e3, 100.0 * bytes / us / 1e3 / copy_gbs);
+        fflush(stdout);
+        cudaFree(k), cudaFree(v), cudaFree(q), cudaFree(o), cudaFree(d_lens), cudaFree(aws);
+    }
+    HOST_CUDA(cudaDeviceSynchronize());
+    cudaFree(ws), cudaFree(y), cudaFree(y32);
+    cublasDestroy(blas);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *seed_env = getenv("GPU_TEST_SEED");
+    uint64_t seed = seed_env ? strtoull(seed_env, NULL, 10) : (uint64_t)time(NULL);
+    rng_state = seed;
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        printf("1..0 # SKIP no CUDA device\n");
+        return 0;
+    }
+    if (argc > 1 && !strcmp(argv[1], "--bench"))
+        return bench();
+    printf("# GPU_TEST_SEED=%llu\n", (unsigned long long)seed);
+    // (batch, out, in, LoRA rank, forced ksplits)
+    test_gemv(1, 1037, 776, 0, {1, 3, 32});    // k tail (776 = 24 steps of 32 + 8), row tail
+    test_gemv(1, 4096, 4096, 16, {1, 5});      // a Llama shape with its adapter
+    test_gemv(3, 333, 520, 7, {2});            // rank 7: a partial LoRA tile
+    test_gemv(9, 100, 136, 0, {1, 4});         // two mma columns
+    test_gemv(17, 77, 264, 3, {1});            // four columns
+    test_gemv(33, 50, 4096, 16, {1, 8});       // eight columns, split-K over long rows
+    test_gemv(64, 1000, 512, 0, {});           // a full 64-row pass
+    test_gemv(100, 257, 128, 20, {1, 2});      // batch over 64: two passes
+    test_gemv(2, 20, 8, 1, {1});               // the smallest k: one lane of four has data
+    test_gemv_variants(1, 1037, 776);
+    test_gemv_variants(5, 130, 4104);
+    test_gemv_variants(16, 300, 520);
+    test_gemv_variants(64, 64, 256);
+    test_gemv_errors();
+    // (n_heads, n_kv_heads, head_dim, max_seq, max_len, lens)
+    test_decode_attention(32, 8, 128, 2100, 2049, {2049});             // Llama-3-8B heads
+    test_decode_attention(12, 4, 64, 700, 700, {1, 513, 700});         // head_dim 64, G 3
+    test_decode_attention(8, 8, 128, 100, 37, {0, 37});                // G 1, an empty sequence
+    test_decode_attention(16, 2, 128, 20000, 19999, {19999});          // G 8, many splits
+    test_decode_attention(4, 2, 64, 3000, 3000, {2999, 64, 1000, 5, 2048});  // splits of 64 exactly
+    test_decode_attention(32, 8, 64, 300, 300, std::vector<int32_t>(40, 257));  // batch 40
+    test_decode_attention_errors();
+    return done_testing();
+}
