@@ -27,6 +27,7 @@ typedef struct {
     uint32_t *ids;          // (n_tokens) ids of all documents, concatenated
     uint8_t *trained;       // (n_tokens) 1 where the token is in a trained segment
     uint64_t n_tokens, tokens_cap, trained_cap;
+    uint64_t populated;     // tokens of both arrays faulted in ahead of use (>= n_tokens)
     uint64_t *doc_start;    // (n_docs + 1) document d is ids[doc_start[d] .. doc_start[d+1])
     uint64_t n_docs, docs_cap;
     uint64_t fingerprint;   // of the first record; every record must match it
@@ -97,6 +98,8 @@ typedef struct {
     const char *path;         // directory; NAME.tar, NAME.tar.gz, NAME.tgz, NAME.zip; "-" = tar to stdout
     int single;               // one shard file at path, no index
     uint64_t rows_per_shard;  // 0 = all rows in one shard
+    unsigned threads;         // build rows on this many threads (0 or 1: this one); same bytes for any
+    uint64_t batch_rows;      // rows built per write to a file (0: about 512 KiB of them)
 } PackOutput;
 
 // Write rows (indices into plan, in this order) as a shard set. settings: the header fields

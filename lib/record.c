@@ -13,6 +13,11 @@
 #include <string.h>
 #define XXH_STATIC_LINKING_ONLY  // XXH3_state_t on the stack: no allocation per record
 #include <xxhash.h>
+#if defined(__x86_64__) && __has_include(<xxh_x86dispatch.h>)
+// libxxhash's runtime-dispatched XXH3 (AVX2 / AVX-512 where present): the same hash as the
+// plain entry points, which are built for x86-64's baseline SSE2, at about twice the speed.
+#include <xxh_x86dispatch.h>
+#endif
 
 static const unsigned char rec_magic[3] = {'A', 'L', 'R'};
 
@@ -378,8 +383,14 @@ int rec_read(RecReader *r, Record *rec, Err *err)
         } else {
             s->text = NULL;
             s->ids = ids;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            memcpy(ids, d, s->len * 4);   // the stream's byte order is the host's: a plain copy
+            ids += s->len;
+            d += s->len * 4;
+#else
             for (size_t k = 0; k < s->len; k++, d += 4)
                 *ids++ = get_u32(d);
+#endif
         }
     }
     rec->nseg = nseg;

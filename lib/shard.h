@@ -73,6 +73,10 @@ const char *shard_loss_name(unsigned loss);   // "response", "all"
 // Build a row in a buffer of shard_row_stride(T) bytes from ids and flags: fills the row
 // header (counts, checksum) and zero fill. Counts are derived from the flags.
 void shard_row_encode(unsigned char *buf, uint32_t seq_len, const uint32_t *ids, const uint8_t *flags);
+// The last step of shard_row_encode, for a caller that knows the counts (pack, from its plan):
+// ids and flags already in place at buf + 64 and buf + 64 + 4T; writes the row header with
+// these counts, the zero fill and the checksum. Wrong counts make a row the verifier rejects.
+void shard_row_seal(unsigned char *buf, uint32_t seq_len, uint32_t n_docs, uint32_t n_tokens, uint32_t n_targets);
 // The target of position t of a row (man/shard.5, "Targets"): next id or -100.
 int32_t shard_row_target(const ShardRow *row, uint32_t t);
 
@@ -108,6 +112,9 @@ const unsigned char *shard_writer_add(ShardWriter *w, const uint32_t *ids, const
 // The same for a row built in the caller's memory (row_stride bytes, ids at 64, flags at
 // 64 + 4T): encoded where it lies.
 void shard_writer_add_in_place(ShardWriter *w, unsigned char *row);
+// Add n rows already sealed (shard_row_encode or shard_row_seal), back to back in memory
+// (n * row_stride bytes): counts and the running hash, in one pass over a whole batch.
+void shard_writer_add_sealed(ShardWriter *w, const unsigned char *rows, uint64_t n);
 // The final header (counts, rows_hash) into out.
 void shard_writer_header(ShardWriter *w, unsigned char out[SHARD_HEADER_SIZE]);
 void shard_writer_free(ShardWriter *w);

@@ -44,6 +44,15 @@ ok "a tar stream on stdout lists the shards and the index last" \
     test "$(tar -tf "$T/stream.tar" | tail -1)" = index.json
 shard -d "$T/stream.tar" >"$T/stream.jsonl"
 ok "the tar stream holds the same rows" cmp -s "$T/dir.jsonl" "$T/stream.jsonl"
+# a named file is read through a mapping, stdin with read(): the same bytes either way, and
+# a tar written to a pipe is the tar written to a file padded to a 10240-byte block
+pack -q -s 64 -V 1000 -z 20k -o - <"$T/gen.rec" >"$T/stdin.tar"
+ok "a file and stdin pack to the same tar stream" cmp -s "$T/stream.tar" "$T/stdin.tar"
+cat "$T/gen.rec" | pack -q -s 64 -V 1000 -z 20k -o - | cat >"$T/pipe.tar"
+ok "a tar stream written to a pipe ends on a 10240-byte block" test $(($(wc -c <"$T/pipe.tar") % 10240)) -eq 0
+pack -q -s 64 -V 1000 -z 20k -o "$T/named.tar" "$T/gen.rec"
+ok "a tar stream to a pipe holds the bytes of a tar file" \
+    cmp -s "$T/named.tar" "$(head -c "$(wc -c <"$T/named.tar")" "$T/pipe.tar" >"$T/pipe.head" && echo "$T/pipe.head")"
 tar -cf "$T/retar.tar" -C "$T" dir
 shard -d "$T/retar.tar" >"$T/retar.jsonl"
 ok "a directory set archived with tar -c reads as the same rows" cmp -s "$T/dir.jsonl" "$T/retar.jsonl"

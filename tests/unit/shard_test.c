@@ -107,12 +107,16 @@ static void test_golden(const char *fixtures)
     ShardHeader set = {.seq_len = 8, .vocab_size = 32, .pad_id = 0, .fingerprint = 0xab, .flags = SHARD_FLAG_SHUFFLED, .seed = 1};
     char out[512];
     snprintf(out, sizeof out, "%s/tiny.shard", dir);
-    PackOutput o = {out, 1, 0};
-    ok(pack_write_set(&in, &plan, train, n_train, &set, &o, &err) == 0, "tiny input written as a single file");
-    size_t len2 = 0;
-    unsigned char *mine = slurp(out, &len2);
-    ok(mine && len2 == len && memcmp(mine, g, len) == 0, "tiny input packs to the golden bytes");
-    free(mine);
+    for (unsigned threads = 1; threads <= 3; threads++) {   // rows built on 1, 2, 3 threads
+        PackOutput o = {out, 1, 0, threads, threads};   // batches of 1..3 rows
+        ok(pack_write_set(&in, &plan, train, n_train, &set, &o, &err) == 0,
+           "tiny input written as a single file (%u threads)", threads);
+        size_t len2 = 0;
+        unsigned char *mine = slurp(out, &len2);
+        ok(mine && len2 == len && memcmp(mine, g, len) == 0, "tiny input packs to the golden bytes (%u threads)",
+           threads);
+        free(mine);
+    }
     free(train);
     free(val);
     pack_plan_free(&plan);
@@ -147,17 +151,49 @@ static void make_big(void)
     free(val);
 }
 
-static int write_big(const char *name, int single, uint64_t per_shard)
+static int write_big_threads(const char *name, int single, uint64_t per_shard, unsigned threads, uint64_t batch_rows)
 {
     char path[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     ShardHeader set = {.seq_len = T, .vocab_size = 50000, .pad_id = 2, .fingerprint = 0xab, .flags = SHARD_FLAG_SHUFFLED, .seed = 5};
-    PackOutput o = {path, single, per_shard};
+    PackOutput o = {path, single, per_shard, threads, batch_rows};
     Err err;
     int rc = pack_write_set(&big, &big_plan, big_rows, big_n, &set, &o, &err);
     if (rc < 0)
         printf("# %s\n", err.msg);
     return rc;
+}
+
+static int write_big(const char *name, int single, uint64_t per_shard)
+{
+    return write_big_threads(name, single, per_shard, 1, 0);
+}
+
+// Rows built on several threads are the bytes built on one: single files, a directory set
+// (rows written in batches, the next built while the last is written) and a tar (whole
+// members in memory).
+static void test_threads_same_bytes(void)
+{
+    static const char *names[] = {"one.shard", "set/shard-00000.bin", "set/shard-00003.bin", "set/index.json", "set.tar"};
+    static const char *outs[] = {"one.shard", "set", "set", "set", "set.tar"};
+    for (unsigned threads = 2; threads <= 5; threads += 3) {
+        for (int i = 0; i < 5; i++) {
+            char a[600], b[600];
+            snprintf(a, sizeof a, "%s/%s", dir, names[i]);
+            snprintf(b, sizeof b, "%s/mt-%s", dir, names[i]);
+            size_t la = 0, lb = 0;
+            unsigned char *one = NULL, *many = NULL;
+            char mt[64];
+            snprintf(mt, sizeof mt, "mt-%s", outs[i]);
+            // batches of 2 rows: a shard of 7 rows is 4 writes, built ahead while the last is written
+            int wrote = write_big_threads(outs[i], i == 0, 7, 1, 0) == 0 && (one = slurp(a, &la)) != NULL &&
+                        write_big_threads(mt, i == 0, 7, threads, 2) == 0 && (many = slurp(b, &lb)) != NULL;
+            ok(wrote && la == lb && la > 0 && memcmp(one, many, la) == 0, "%s: %u threads write the bytes of one",
+               names[i], threads);
+            free(one);
+            free(many);
+        }
+    }
 }
 
 // Row k of a set equals what the packer placed there.
@@ -573,6 +609,7 @@ int main(int argc, char **argv)
     test_golden(fixtures);
     make_big();
     test_round_trip();
+    test_threads_same_bytes();
     test_corruption();
     test_every_flip_detected();
     test_index_truncations();
