@@ -61,6 +61,7 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/test/%.t)
 MAN      := $(wildcard man/*.[1-9])
 
 .PHONY: all test san test-gpu bench install clean deps lint-man demo
+.SECONDARY:
 all: $(TOOL_BIN) $(CUDA_LIB) $(GPU_TEST_BIN)
 
 $(BUILD)/lib/%.o: lib/%.c $(wildcard lib/*.h)
@@ -86,7 +87,8 @@ $(BUILD)/test/%.t: tests/unit/%.c tests/unit/tap.h $(BUILD)/libalp.a $(CUDA_LIB)
 $(BUILD)/test-gpu/cpu_ops.o: lib/cpu_ops.c lib/cpu_ops.h
 	@mkdir -p $(@D)
 	$(CC) $(CPPFLAGS) $(OPT) $(WARN) -std=gnu11 -c -o $@ $<
-$(BUILD)/test-gpu/%: tests/gpu/%.cu $(BUILD)/test-gpu/cpu_ops.o $(CUDA_LIB) tests/unit/tap.h $(wildcard kernels/*.cuh)
+$(BUILD)/test-gpu/%: tests/gpu/%.cu tests/gpu/harness.cuh $(BUILD)/test-gpu/cpu_ops.o $(CUDA_LIB) tests/unit/tap.h \
+		$(wildcard kernels/*.cuh)
 	$(NVCC) $(NVFLAGS) -Itests/unit -o $@ $< $(BUILD)/test-gpu/cpu_ops.o $(CUDA_LIB) -lcublas
 
 # Tests read BIN (the tools under test) and TESTDATA (shared real inputs; skipped when absent).
@@ -96,7 +98,8 @@ test: all $(UNIT_BIN)
 san:
 	$(MAKE) SAN=1 test
 
-test-gpu: all
+# only the GPU test programs: `all` needs the -dev headers a GPU machine may lack
+test-gpu: $(GPU_TEST_BIN)
 	GPU_TESTS=$(abspath $(BUILD)/test-gpu) BIN=$(abspath $(BIN)) prove $(PROVEFLAGS) $(wildcard tests/gpu/*.t)
 
 bench: all

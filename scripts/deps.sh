@@ -6,10 +6,11 @@
 #   zlib1g-dev       zlib (gzip)
 #   jq               pipelines and tests read JSONL with it
 #   mandoc           man page lint (mandoc -Tlint)
-#   zstd xz-utils bzip2  compressors used by the tests of compressed input
-#   python3-xxhash   the Python writer example of recs(5), run by a test
+#   zstd xz-utils bzip2 zip  compressors and archivers used by the tests of compressed input
+#   bsdextrautils    col(1), used to read rendered man pages in tests
+# and the Python module xxhash (pip), for the Python writer example of recs(5) that a test runs
 set -e
-pkgs="libjansson-dev libarchive-dev libxxhash-dev zlib1g-dev jq mandoc zstd xz-utils bzip2 make gcc"
+pkgs="libjansson-dev libarchive-dev libxxhash-dev zlib1g-dev jq mandoc zstd xz-utils bzip2 zip bsdextrautils make gcc"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
