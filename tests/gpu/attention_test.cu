@@ -7,128 +7,17 @@
 //                           heads, 8 kv heads, head_dim 128) as TFLOP/s; compare with
 //                           tests/gpu/bench_attention_torch.py run on the same machine
 // GPU_TEST_SEED=N repeats a run's inputs; by default the seed comes from the clock and is printed.
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <math.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <vector>
-
 #include "attention.cuh"
 #include "cpu_ops.h"
-#include "tap.h"
+#include "harness.cuh"
 
-// Test-harness failures (allocation, copies) end the program: the launchers' own errors are tested.
-#define HOST_CUDA(call)                                                                           \
-    do {                                                                                          \
-        cudaError_t status_ = (call);                                                             \
-        if (status_ != cudaSuccess) {                                                             \
-            fprintf(stderr, "attention_test: %s:%d: %s: %s\n", __FILE__, __LINE__, #call,         \
-                    cudaGetErrorString(status_));                                                 \
-            exit(1);                                                                              \
-        }                                                                                         \
-    } while (0)
-#define LAUNCHED(call)                                                                            \
-    do {                                                                                          \
-        Err err_;                                                                                 \
-        if ((call) < 0) {                                                                         \
-            fprintf(stderr, "attention_test: %s:%d: %s\n", __FILE__, __LINE__, err_.msg);         \
-            exit(1);                                                                              \
-        }                                                                                         \
-    } while (0)
-#define E (&err_)
-
-static uint64_t rng_state;
-static double uniform(void)  // splitmix64, [0, 1)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return (double)((z ^ (z >> 31)) >> 11) / 9007199254740992.0;
-}
-static float normal(void)
-{
-    double u = uniform() + 1e-12, v = uniform();
-    return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
-}
-static uint16_t bf16_bits(float f)  // round to nearest even, as __float2bfloat16
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-static float bf16_float(uint16_t b)
-{
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-// A random tensor kept twice: bf16 on the device, its exact float value for the CPU twin.
-struct Bf16Tensor {
-    std::vector<uint16_t> bits;
-    std::vector<float> value;
-    bf16_t *dev = NULL;
-    explicit Bf16Tensor(size_t n, float scale = 1.0f) : bits(n), value(n)
-    {
-        for (size_t i = 0; i < n; i++) {
-            bits[i] = bf16_bits(scale * normal());
-            value[i] = bf16_float(bits[i]);
-        }
-        HOST_CUDA(cudaMalloc(&dev, n * 2 + 16));
-        HOST_CUDA(cudaMemcpy(dev, bits.data(), n * 2, cudaMemcpyHostToDevice));
-    }
-    ~Bf16Tensor() { cudaFree(dev); }
-};
-template <typename T> static T *dev_alloc(size_t n)
-{
-    T *p;
-    HOST_CUDA(cudaMalloc(&p, n * sizeof(T) + 16));
-    HOST_CUDA(cudaMemset(p, 0xff, n * sizeof(T)));  // NaN in bf16 and fp32: unwritten shows
-    return p;
-}
-static std::vector<float> download_bf16(const bf16_t *dev, size_t n)
-{
-    std::vector<uint16_t> bits(n);
-    HOST_CUDA(cudaDeviceSynchronize());
-    HOST_CUDA(cudaMemcpy(bits.data(), dev, n * 2, cudaMemcpyDeviceToHost));
-    std::vector<float> out(n);
-    for (size_t i = 0; i < n; i++)
-        out[i] = bf16_float(bits[i]);
-    return out;
-}
-static std::vector<float> download_f32(const float *dev, size_t n)
-{
-    std::vector<float> out(n);
-    HOST_CUDA(cudaDeviceSynchronize());
-    HOST_CUDA(cudaMemcpy(out.data(), dev, n * 4, cudaMemcpyDeviceToHost));
-    return out;
-}
-static double rel_l2(const std::vector<float> &got, const std::vector<float> &want)
-{
-    double diff = 0, ref = 0;
-    for (size_t i = 0; i < want.size(); i++) {
-        if (!isfinite(got[i]))
-            return INFINITY;
-        double d = (double)got[i] - want[i];
-        diff += d * d;
-        ref += (double)want[i] * want[i];
-    }
-    return sqrt(diff / (ref > 0 ? ref : 1e-300));
-}
+// harness check() of one output of a case: `what` names the case, `name` the output
 static void check(const char *what, const char *name, const std::vector<float> &got, const std::vector<float> &want,
                   double tol)
 {
-    double e = rel_l2(got, want);
-    ok(e <= tol, "%s %s: relative L2 error %.2e <= %.0e, no NaN (%zu values)", what, name, e, tol, want.size());
+    char label[128];
+    snprintf(label, sizeof label, "%s %s", what, name);
+    check(label, got, want, tol);
 }
 
 // Outputs: one bf16 rounding of an fp32 result, plus the probabilities rounded to bf16 before
@@ -214,26 +103,6 @@ static void test_shape_errors(void)
 
 // ---- benchmark: Llama-3-8B attention (32 query heads, 8 kv heads, head_dim 128) -----------------
 
-template <typename F> static double median_us(F fn, int reps)
-{
-    cudaEvent_t start, stop;
-    HOST_CUDA(cudaEventCreate(&start));
-    HOST_CUDA(cudaEventCreate(&stop));
-    for (int i = 0; i < 3; i++)
-        fn();
-    std::vector<float> ms(reps);
-    for (int i = 0; i < reps; i++) {
-        HOST_CUDA(cudaEventRecord(start));
-        fn();
-        HOST_CUDA(cudaEventRecord(stop));
-        HOST_CUDA(cudaEventSynchronize(stop));
-        HOST_CUDA(cudaEventElapsedTime(&ms[i], start, stop));
-    }
-    std::sort(ms.begin(), ms.end());
-    cudaEventDestroy(start), cudaEventDestroy(stop);
-    return ms[reps / 2] * 1000.0;
-}
-
 static int bench(void)
 {
     const int Hq = 32, Hkv = 8, hd = 128, reps = 20;
@@ -286,7 +155,8 @@ static int bench(void)
                 first_out = got_out, first_dq = got_dq;
             else
                 snprintf(same, sizeof same, "  out %s v1's, dq %.1e from v1's",
-                         got_out == first_out ? "identical to" : "DIFFERS from", rel_l2(got_dq, first_dq));
+                         got_out == first_out ? "identical to" : "DIFFERS from",
+                         rel_l2(got_dq.data(), first_dq.data(), first_dq.size()));
             printf("%-10s v%d %12.1f %9.0f %12.1f %9.0f%s%s\n", s.name, version, fwd, flops / fwd / 1e6, bwd,
                    2.5 * flops / bwd / 1e6, bad ? "  NaN in out or dq" : "", same);
         }
@@ -297,17 +167,9 @@ static int bench(void)
 
 int main(int argc, char **argv)
 {
-    const char *seed_env = getenv("GPU_TEST_SEED");
-    uint64_t seed = seed_env ? strtoull(seed_env, NULL, 10) : (uint64_t)time(NULL);
-    rng_state = seed;
-    int n_dev = 0;
-    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
-        printf("1..0 # SKIP no CUDA device\n");
-        return 0;
-    }
-    if (argc > 1 && !strcmp(argv[1], "--bench"))
-        return bench();
-    printf("# GPU_TEST_SEED=%llu\n", (unsigned long long)seed);
+    HarnessMode mode = harness_start(argc, argv);
+    if (mode != HARNESS_TESTS)
+        return mode == HARNESS_BENCH ? bench() : 0;
     for (int version = 1; version <= 3; version++) {
         cuda_attention_set_version(version);
         test_attention({1, 37, 200, 1, 65, 129, 3, 90}, 6, 2, 64);  // GQA 3:1, tiles straddle documents

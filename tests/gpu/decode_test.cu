@@ -11,101 +11,12 @@
 //                          variants), cuBLAS, decode attention (medians of CUDA-event timings)
 // GPU_TEST_SEED=N repeats a run's inputs; by default the seed comes from the clock and is printed.
 #include <cublas_v2.h>
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <math.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <vector>
 
 #include "cpu_ops.h"
 #include "decode_attention.cuh"
 #include "gemv.cuh"
-#include "tap.h"
+#include "harness.cuh"
 
-// Test-harness failures (allocation, copies) end the program: a kernel's own errors are tested.
-#define HOST_CUDA(call)                                                                           \
-    do {                                                                                          \
-        cudaError_t status_ = (call);                                                             \
-        if (status_ != cudaSuccess) {                                                             \
-            fprintf(stderr, "decode_test: %s:%d: %s: %s\n", __FILE__, __LINE__, #call,             \
-                    cudaGetErrorString(status_));                                                 \
-            exit(1);                                                                              \
-        }                                                                                         \
-    } while (0)
-#define LAUNCHED(call)                                                                            \
-    do {                                                                                          \
-        Err err_;                                                                                 \
-        if ((call) < 0) {                                                                         \
-            fprintf(stderr, "decode_test: %s:%d: %s\n", __FILE__, __LINE__, err_.msg);             \
-            exit(1);                                                                              \
-        }                                                                                         \
-    } while (0)
-#define E (&err_)
-
-static uint64_t rng_state;
-static double uniform(void)  // splitmix64, [0, 1)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return (double)((z ^ (z >> 31)) >> 11) / 9007199254740992.0;
-}
-static float normal(void)
-{
-    double u = uniform() + 1e-12, v = uniform();
-    return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
-}
-static uint16_t bf16_bits(float f)  // round to nearest even, as __float2bfloat16
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-static float bf16_float(uint16_t b)
-{
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-// A random tensor kept twice: bf16 for the device, its exact float value for the CPU twin.
-struct Bf16Tensor {
-    std::vector<uint16_t> bits;
-    std::vector<float> value;
-    bf16_t *dev = NULL;
-    explicit Bf16Tensor(size_t n, float scale = 1.0f) : bits(n), value(n)
-    {
-        for (size_t i = 0; i < n; i++) {
-            bits[i] = bf16_bits(scale * normal());
-            value[i] = bf16_float(bits[i]);
-        }
-        upload();
-    }
-    void upload()
-    {
-        if (!dev)
-            HOST_CUDA(cudaMalloc(&dev, bits.size() * 2 + 16));
-        HOST_CUDA(cudaMemcpy(dev, bits.data(), bits.size() * 2, cudaMemcpyHostToDevice));
-    }
-    ~Bf16Tensor() { cudaFree(dev); }
-};
-
-template <typename T> static T *dev_alloc(size_t n)
-{
-    T *p;
-    HOST_CUDA(cudaMalloc(&p, n * sizeof(T) + 16));
-    HOST_CUDA(cudaMemset(p, 0xff, n * sizeof(T)));  // NaN in bf16 and fp32: unwritten shows
-    return p;
-}
 static void *dev_zeros(size_t bytes)
 {
     void *p;
@@ -113,43 +24,6 @@ static void *dev_zeros(size_t bytes)
     HOST_CUDA(cudaMemset(p, 0, bytes ? bytes : 1));
     return p;
 }
-static std::vector<float> download_bf16(const bf16_t *dev, size_t n)
-{
-    std::vector<uint16_t> bits(n);
-    HOST_CUDA(cudaDeviceSynchronize());
-    HOST_CUDA(cudaMemcpy(bits.data(), dev, n * 2, cudaMemcpyDeviceToHost));
-    std::vector<float> out(n);
-    for (size_t i = 0; i < n; i++)
-        out[i] = bf16_float(bits[i]);
-    return out;
-}
-static std::vector<float> download_f32(const float *dev, size_t n)
-{
-    std::vector<float> out(n);
-    HOST_CUDA(cudaDeviceSynchronize());
-    HOST_CUDA(cudaMemcpy(out.data(), dev, n * 4, cudaMemcpyDeviceToHost));
-    return out;
-}
-static double rel_l2(const float *got, const float *want, size_t n)
-{
-    double diff = 0, ref = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(got[i]))
-            return INFINITY;
-        double d = (double)got[i] - want[i];
-        diff += d * d;
-        ref += (double)want[i] * want[i];
-    }
-    return sqrt(diff / (ref > 0 ? ref : 1e-300));
-}
-static double check(const char *what, const std::vector<float> &got, const std::vector<float> &want, double tol)
-{
-    double e = rel_l2(got.data(), want.data(), want.size());
-    ok(e <= tol, "%s: relative L2 error %.2e <= %.0e, no NaN (%zu values)", what, e, tol, want.size());
-    return e;
-}
-
-static const double TOL_BF16 = 8e-3;  // one rounding of an fp32 result to bf16
 static const double TOL_F32 = 1e-4;   // fp32 sums in another order (tensor-core adds)
 
 // One GEMV case: bf16 output, fp32 output, and (when rank > 0) with LoRA; each forced ksplit.
@@ -328,13 +202,9 @@ static void test_decode_attention_errors(void)
 
 // ---- benchmark ----------------------------------------------------------------------------------
 
-struct Timer {
-    cudaEvent_t start, stop;
-    Timer() { cudaEventCreate(&start), cudaEventCreate(&stop); }
-};
 // Median over `reps` timings of `inner` back-to-back calls of fn(i) (after a warm-up), in
 // microseconds per call. Back-to-back: a decode step runs its products one after another.
-template <typename F> static double median_us(F fn, int reps = 15, int inner = 20)
+template <typename F> static double median_per_call_us(F fn, int reps = 15, int inner = 20)
 {
     Timer tm;
     for (int i = 0; i < inner; i++)
@@ -386,7 +256,7 @@ static int bench(void)
     HOST_CUDA(cudaGetDeviceProperties(&prop, 0));
     cublasHandle_t blas;
     if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "decode_test: cublasCreate failed\n");
+        fprintf(stderr, "%s: cublasCreate failed\n", harness_prog);
         return 1;
     }
     printf("# %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
@@ -397,7 +267,8 @@ static int bench(void)
         HOST_CUDA(cudaMalloc(&a, bytes));
         HOST_CUDA(cudaMalloc(&b, bytes));
         HOST_CUDA(cudaMemset(a, 1, bytes));
-        double us = median_us([&](int) { HOST_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); }, 9, 3);
+        double us = median_per_call_us(
+            [&](int) { HOST_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); }, 9, 3);
         copy_gbs = 2.0 * bytes / us / 1e3;
         printf("# ceiling: cudaMemcpy device to device, 1 GiB: %.0f GB/s (read + write)\n", copy_gbs);
         cudaFree(a);
@@ -427,14 +298,14 @@ static int bench(void)
         };
         // our default launch, then the variants
         for (int batch : {1, 2, 8, 16, 32, 64}) {
-            double us = median_us([&](int i) {
+            double us = median_per_call_us([&](int i) {
                 LAUNCHED(cuda_gemv(y, NULL, xs.dev, w.at(i), batch, out, in, NULL, ws, ws_size, NULL, E));
             });
             report(batch, "ours (default)", us);
             if (batch == 1)
                 token_us_ours += us * (s == 4 ? 1 : 32 * per_token[s]);
             const float one = 1.0f, zero = 0.0f;
-            double cb = median_us([&](int i) {
+            double cb = median_per_call_us([&](int i) {
                 cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, out, batch, in, &one, w.at(i), CUDA_R_16BF, in, xs.dev,
                              CUDA_R_16BF, in, &zero, y, CUDA_R_16BF, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
             });
@@ -443,7 +314,7 @@ static int bench(void)
                 token_us_cublas += cb * (s == 4 ? 1 : 32 * per_token[s]);
         }
         if (s == 4) {
-            double us = median_us([&](int i) {
+            double us = median_per_call_us([&](int i) {
                 LAUNCHED(cuda_gemv(NULL, y32, xs.dev, w.at(i), 1, out, in, NULL, ws, ws_size, NULL, E));
             });
             report(1, "ours, fp32 logits", us);
@@ -455,7 +326,7 @@ static int bench(void)
             if (s == 4 && v[2] > 1)
                 continue;
             GemvTuning tune = {v[0], v[1], v[2], v[3]};
-            double us = median_us([&](int i) {
+            double us = median_per_call_us([&](int i) {
                 LAUNCHED(cuda_gemv_tuned(y, NULL, xs.dev, w.at(i), 1, out, in, NULL, ws, ws_size, &tune, NULL, E));
             });
             char label[40];
@@ -465,7 +336,7 @@ static int bench(void)
         if (s != 4) {
             GemvLora lora = {lora_a.dev, lora_b.dev, 16, 2.0f};
             for (int batch : {1, 64}) {
-                double us = median_us([&](int i) {
+                double us = median_per_call_us([&](int i) {
                     LAUNCHED(cuda_gemv(y, NULL, xs.dev, w.at(i), batch, out, in, &lora, ws, ws_size, NULL, E));
                 });
                 report(batch, "ours + LoRA r16", us);
@@ -501,7 +372,7 @@ static int bench(void)
         size_t wsb = cuda_decode_attention_workspace_bytes(batch, H, KV, D, len);
         float *aws;
         HOST_CUDA(cudaMalloc(&aws, wsb));
-        double us = median_us([&](int) {
+        double us = median_per_call_us([&](int) {
             LAUNCHED(cuda_decode_attention(o, q, k, v, d_lens, batch, H, KV, D, len, len, 0.088f, aws, wsb, NULL, E));
         });
         double bytes = 2.0 * cache_n * 2;
@@ -519,17 +390,9 @@ static int bench(void)
 
 int main(int argc, char **argv)
 {
-    const char *seed_env = getenv("GPU_TEST_SEED");
-    uint64_t seed = seed_env ? strtoull(seed_env, NULL, 10) : (uint64_t)time(NULL);
-    rng_state = seed;
-    int n_dev = 0;
-    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
-        printf("1..0 # SKIP no CUDA device\n");
-        return 0;
-    }
-    if (argc > 1 && !strcmp(argv[1], "--bench"))
-        return bench();
-    printf("# GPU_TEST_SEED=%llu\n", (unsigned long long)seed);
+    HarnessMode mode = harness_start(argc, argv);
+    if (mode != HARNESS_TESTS)
+        return mode == HARNESS_BENCH ? bench() : 0;
     // (batch, out, in, LoRA rank, forced ksplits)
     test_gemv(1, 1037, 776, 0, {1, 3, 32});    // k tail (776 = 24 steps of 32 + 8), row tail
     test_gemv(1, 4096, 4096, 16, {1, 5});      // a Llama shape with its adapter

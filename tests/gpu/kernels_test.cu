@@ -6,147 +6,23 @@
 //   kernels_test --bench    timing table at Llama-3-8B shapes (medians of CUDA-event timings)
 // GPU_TEST_SEED=N repeats a run's inputs; by default the seed comes from the clock and is printed.
 #include <cublas_v2.h>
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <math.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <vector>
 
 #include "adamw.cuh"
 #include "cpu_ops.h"
 #include "cross_entropy.cuh"
 #include "embedding.cuh"
+#include "harness.cuh"
 #include "rmsnorm.cuh"
 #include "rope.cuh"
 #include "swiglu.cuh"
-#include "tap.h"
 
-// Test-harness failures (allocation, copies) end the program: a kernel's own errors are tested.
-#define HOST_CUDA(call)                                                                           \
-    do {                                                                                          \
-        cudaError_t status_ = (call);                                                             \
-        if (status_ != cudaSuccess) {                                                             \
-            fprintf(stderr, "kernels_test: %s:%d: %s: %s\n", __FILE__, __LINE__, #call,            \
-                    cudaGetErrorString(status_));                                                 \
-            exit(1);                                                                              \
-        }                                                                                         \
-    } while (0)
-#define LAUNCHED(call)                                                                            \
-    do {                                                                                          \
-        Err err_;                                                                                 \
-        if ((call) < 0) {                                                                         \
-            fprintf(stderr, "kernels_test: %s:%d: %s\n", __FILE__, __LINE__, err_.msg);            \
-            exit(1);                                                                              \
-        }                                                                                         \
-    } while (0)
-// LAUNCHED's calls name the Err `&err_`
-#define E (&err_)
-
-static uint64_t rng_state;
-static double uniform(void)  // splitmix64, [0, 1)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return (double)((z ^ (z >> 31)) >> 11) / 9007199254740992.0;
-}
-static float normal(void)
-{
-    double u = uniform() + 1e-12, v = uniform();
-    return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
-}
-
-static uint16_t bf16_bits(float f)  // round to nearest even, as __float2bfloat16
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-static float bf16_float(uint16_t b)
-{
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-// A random tensor kept twice: bf16 for the device, its exact float value for the CPU twin.
-struct Bf16Tensor {
-    std::vector<uint16_t> bits;
-    std::vector<float> value;
-    bf16_t *dev = NULL;
-    explicit Bf16Tensor(size_t n, float scale = 1.0f, float offset = 0.0f) : bits(n), value(n)
-    {
-        for (size_t i = 0; i < n; i++) {
-            bits[i] = bf16_bits(offset + scale * normal());
-            value[i] = bf16_float(bits[i]);
-        }
-        HOST_CUDA(cudaMalloc(&dev, n * 2 + 16));
-        HOST_CUDA(cudaMemcpy(dev, bits.data(), n * 2, cudaMemcpyHostToDevice));
-    }
-    ~Bf16Tensor() { cudaFree(dev); }
-};
-
-template <typename T> static T *dev_alloc(size_t n)
-{
-    T *p;
-    HOST_CUDA(cudaMalloc(&p, n * sizeof(T) + 16));
-    HOST_CUDA(cudaMemset(p, 0xff, n * sizeof(T)));  // NaN in bf16 and fp32: unwritten shows
-    return p;
-}
+// n host values in a new device buffer
 template <typename T> static T *dev_copy(const T *host, size_t n)
 {
     T *p = dev_alloc<T>(n);
     HOST_CUDA(cudaMemcpy(p, host, n * sizeof(T), cudaMemcpyHostToDevice));
     return p;
 }
-static std::vector<float> download_bf16(const bf16_t *dev, size_t n)
-{
-    std::vector<uint16_t> bits(n);
-    HOST_CUDA(cudaDeviceSynchronize());
-    HOST_CUDA(cudaMemcpy(bits.data(), dev, n * 2, cudaMemcpyDeviceToHost));
-    std::vector<float> out(n);
-    for (size_t i = 0; i < n; i++)
-        out[i] = bf16_float(bits[i]);
-    return out;
-}
-static std::vector<float> download_f32(const float *dev, size_t n)
-{
-    std::vector<float> out(n);
-    HOST_CUDA(cudaDeviceSynchronize());
-    HOST_CUDA(cudaMemcpy(out.data(), dev, n * 4, cudaMemcpyDeviceToHost));
-    return out;
-}
-
-// ||got - want|| / ||want||, or +inf when got holds a NaN or an infinity.
-static double rel_l2(const float *got, const float *want, size_t n)
-{
-    double diff = 0, ref = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(got[i]))
-            return INFINITY;
-        double d = (double)got[i] - want[i];
-        diff += d * d;
-        ref += (double)want[i] * want[i];
-    }
-    return sqrt(diff / (ref > 0 ? ref : 1e-300));
-}
-static void check(const char *what, const std::vector<float> &got, const std::vector<float> &want, double tol)
-{
-    double e = rel_l2(got.data(), want.data(), want.size());
-    ok(e <= tol, "%s: relative L2 error %.2e <= %.0e, no NaN (%zu values)", what, e, tol, want.size());
-}
-
-// bf16 outputs: one rounding of a value computed in fp32 gives ~2^-9 relative per element.
-static const double TOL_BF16 = 8e-3;
 
 static void test_embedding(int T, int C, int V)
 {
@@ -418,29 +294,6 @@ static void test_shape_errors(void)
 
 // ---- benchmark: Llama-3-8B shapes, micro-batch 2 x 2048 -----------------------------------------
 
-struct Timer {
-    cudaEvent_t start, stop;
-    Timer() { cudaEventCreate(&start), cudaEventCreate(&stop); }
-};
-
-// Median over `reps` timed launches of fn (after 3 warm-ups), in microseconds.
-template <typename F> static double median_us(F fn, int reps)
-{
-    Timer tm;
-    for (int i = 0; i < 3; i++)
-        fn();
-    std::vector<float> ms(reps);
-    for (int i = 0; i < reps; i++) {
-        HOST_CUDA(cudaEventRecord(tm.start));
-        fn();
-        HOST_CUDA(cudaEventRecord(tm.stop));
-        HOST_CUDA(cudaEventSynchronize(tm.stop));
-        HOST_CUDA(cudaEventElapsedTime(&ms[i], tm.start, tm.stop));
-    }
-    std::sort(ms.begin(), ms.end());
-    return ms[reps / 2] * 1000.0;
-}
-
 // Times one launcher call (its Err argument spelled E) and prints its row.
 #define TIMED(name, reps, bytes, flops, ...)                                                                       \
     row(name, median_us([&] { LAUNCHED(__VA_ARGS__); }, reps), bytes, flops)
@@ -461,7 +314,7 @@ static int bench(void)
     const size_t n_lora = 41943040;  // r=16 on q,k,v,o,gate,up,down of 32 layers
     cublasHandle_t blas;
     if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "kernels_test: cublasCreate failed\n");
+        fprintf(stderr, "%s: cublasCreate failed\n", harness_prog);
         return 1;
     }
     cudaDeviceProp prop;
@@ -581,20 +434,12 @@ static int bench(void)
 
 int main(int argc, char **argv)
 {
-    const char *seed_env = getenv("GPU_TEST_SEED");
-    uint64_t seed = seed_env ? strtoull(seed_env, NULL, 10) : (uint64_t)time(NULL);
-    rng_state = seed;
-    int n_dev = 0;
-    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
-        printf("1..0 # SKIP no CUDA device\n");
-        return 0;
-    }
-    if (argc > 1 && !strcmp(argv[1], "--bench"))
-        return bench();
-    printf("# GPU_TEST_SEED=%llu\n", (unsigned long long)seed);
+    HarnessMode mode = harness_start(argc, argv);
+    if (mode != HARNESS_TESTS)
+        return mode == HARNESS_BENCH ? bench() : 0;
     cublasHandle_t blas;
     if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "kernels_test: cublasCreate failed\n");
+        fprintf(stderr, "%s: cublasCreate failed\n", harness_prog);
         return 1;
     }
     test_embedding(1037, 776, 3001);  // vector path
