@@ -15,10 +15,12 @@
 #define NO_ID UINT32_MAX
 #define NO_RANK UINT32_MAX
 #define SCAN_MAX_PARTS 16        // pieces of more parts merge with the heap, the others by scanning
-#define CACHE_SLOTS (1u << 14)   // per thread, direct-mapped: 16384 slots of 128 bytes = 2 MiB
+#define CACHE_SLOTS (1u << 15)   // per thread, direct-mapped: 32768 slots of 128 bytes = 4 MiB
 #define CACHE_IDS 16
 #define PAIR_CACHE_SLOTS (1u << 16)   // per thread, for tiktoken files: 64K pairs, 1 MiB
 #define CACHE_BYTES 52
+#define VOCAB_BLOOM_BITS (1u << 20)
+#define PURE_FILTER_BITS (1u << 18)
 
 typedef struct {
     uint32_t off, len;           // token bytes: blob[off, off + len); len 0 for an unused id
@@ -28,6 +30,32 @@ typedef struct {
     uint32_t id;
     uint8_t special;
 } Added;
+
+// A token in the vocabulary hash. Its first 8 bytes are in the slot, so a lookup of a token of
+// up to 8 bytes (most of them) reads one cache line, not the slot, the span and the bytes.
+typedef struct {
+    uint64_t head;               // the first min(len, 8) bytes, zero-padded
+    uint32_t tag_len;            // hash bits 40-63 << 8 | min(len, 255)
+    uint32_t id_plus1;           // 0 = empty slot
+} VocabSlot;
+
+// A merge of tokenizer.json: one slot, one cache line to answer a lookup.
+typedef struct {
+    uint64_t key;                // left << 32 | right
+    uint32_t rank;               // merge index + 1; 0 = empty slot
+    uint32_t new_id;
+} PairSlot;
+
+// A character that may start as one part (see find_whole_chars): its token (NO_ID when it
+// may not) and the highest rank of the merges that build it. Together: one cache line.
+typedef struct {
+    uint32_t token, rank;
+} WholeChar;
+
+// A merge of two pure tokens (see build_pure_pairs).
+typedef struct {
+    uint32_t left_plus1, right, rank, new_id;
+} PurePair;
 
 // One cached piece -> ids result.
 typedef struct {
@@ -53,11 +81,14 @@ typedef struct {
 
 typedef struct ThreadState {
     CacheSlot *cache;            // (CACHE_SLOTS)
+    uint64_t *cache_hash;        // (CACHE_SLOTS) each slot's hash, apart: a miss reads 8 bytes, not 128
     PairCacheSlot *pairs;        // (PAIR_CACHE_SLOTS) when the rule is tiktoken's, else NULL
     uint32_t *node_id, *node_next, *node_prev;   // (work_cap) heap merge: node i = the part at byte i
     uint32_t *part_start, *part_id;              // (work_cap + 1) the initial parts of a piece
+    uint32_t *piece_ids;                         // (work_cap) a piece's ids (encode_piece)
     Candidate *heap;             // (heap_cap)
     size_t work_cap, heap_cap;
+    int plain;                   // merging from bytes with general lookups only (bytelevel_bpe_piece mode 2)
     struct ThreadState *next_state;
 } ThreadState;
 
@@ -75,27 +106,37 @@ struct ByteLevelBpe {
                                  // 3 vocab entry outside the byte-level alphabet (never produced)
     char *blob;                  // token bytes, all ids
     size_t blob_len, blob_cap;
-    uint64_t *vocab_slots;       // open addressing over ordinary tokens: hash high 32 bits << 32 | (id + 1)
+    VocabSlot *vocab_slots;      // (vocab_mask + 1) open addressing over ordinary tokens
     uint32_t vocab_mask;
+    uint64_t *vocab_bloom;       // (VOCAB_BLOOM_BITS / 64) one bit per token hash: most pieces that
+                                 // are not tokens are told so from 128 KB instead of the 4 MB table
     uint32_t byte_id[256];       // the token of each single byte
     // Merge rule. use_ranks: a pair merges when its concatenation is a token, rank = that id
     // (tiktoken; answered through the per-thread PairCacheSlot cache). Otherwise the merges
     // list of tokenizer.json: pair (left id, right id) -> merge index, result (pair_* below).
     int use_ranks;
     uint32_t max_token_len;      // longest ordinary token, bytes
+    uint32_t n_duplicates;       // ordinary tokens whose bytes an earlier id has
     int whole_piece_lookup;      // try the piece as one token first (tiktoken; HF ignore_merges)
-    uint64_t *pair_keys;         // (pair_mask + 1) left << 32 | right; NULL for tiktoken files
-    uint32_t *pair_rank;         // merge index + 1; 0 = empty slot
-    uint32_t *pair_new;
+    PairSlot *pairs;             // (pair_mask + 1) open addressing; NULL for tiktoken files
     uint32_t pair_mask;
     uint32_t n_merges;
     int merges_follow_ranks;     // every merge's result id >= the previous one's
     // Whole characters (see find_whole_chars): for a BMP character of 2-3 bytes whose bytes
-    // merge into one token, that token and the highest merge rank used (else NO_ID); for a
-    // byte pair (x << 8 | y, y not a continuation byte) the lowest rank of a merge result
-    // holding it. NULL when not built.
-    uint32_t *char_token, *char_rank;   // (65536) by code point
-    uint32_t *boundary_rank;            // (65536) by byte pair
+    // merge into one token, that token and the highest merge rank used (else NO_ID); by byte
+    // pair (x << 8 | y), the lowest rank of a merge that could cross a character's left
+    // boundary (x before, y the character's lead byte) or its right boundary (x its last byte,
+    // y after) before the character is complete. NULL when not built.
+    WholeChar *chars;                   // (65536) by code point
+    uint32_t *left_rank, *right_rank;   // (65536) by byte pair
+    // Merges between "pure" tokens (complete characters of 2-4 bytes only, such as Chinese
+    // words), answered exactly by a small table (see build_pure_pairs): CJK text is long pieces
+    // of such parts, and the general lookup misses the caches there. NULL when not built.
+    uint8_t *is_pure;            // (n_tokens / 8 + 1) bitmap by id
+    PurePair *pure_pairs;        // (pure_mask + 1) open addressing; left + 1 == 0 marks empty
+    uint32_t pure_mask;
+    uint64_t *pure_filter;       // (PURE_FILTER_BITS / 64) a bit per pair hash: most pairs of CJK
+                                 // characters do not merge, and 32 KB says so without the table
     Added *added;                // added tokens, sorted by nothing; matched longest first
     size_t n_added;
     uint8_t added_first_byte[256];   // 1 when some added token starts with this byte
@@ -122,20 +163,29 @@ static uint32_t byte_to_char(int b)
 static int16_t char_byte[256 + 68];   // inverse of byte_to_char
 static void char_byte_init(void)
 {
+    for (int c = 0; c < 256 + 68; c++) char_byte[c] = -1;
     for (int b = 0; b < 256; b++) char_byte[byte_to_char(b)] = (int16_t)b;
 }
 
+static long string_to_bytes_valid(const char *s, size_t len, uint8_t *out);
+
 static long bytelevel_string_to_bytes(const char *s, size_t len, uint8_t *out)
+{
+    if (utf8_valid_prefix(s, len) != len) return -1;
+    return string_to_bytes_valid(s, len, out);
+}
+
+// The same for s known to be valid UTF-8.
+static long string_to_bytes_valid(const char *s, size_t len, uint8_t *out)
 {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, char_byte_init);
-    if (utf8_valid_prefix(s, len) != len) return -1;
     const uint8_t *p = (const uint8_t *)s, *end = p + len;
     long n = 0;
     while (p < end) {
         uint32_t cp;
         p += utf8_decode(p, &cp);
-        if (cp >= 256 + 68) return -1;
+        if (cp >= 256 + 68 || char_byte[cp] < 0) return -1;
         out[n++] = (uint8_t)char_byte[cp];
     }
     return n;
@@ -170,17 +220,70 @@ static inline uint64_t hash_bytes(const void *p, size_t n)
     return h ^ (h >> 32);
 }
 
+// memcmp(x, y, n) == 0 without a call for the short strings most tokens are.
+static inline int same_bytes(const void *x, const void *y, size_t n)
+{
+    const uint8_t *a = x, *c = y;
+    if (n >= 8 && n <= 16) {
+        uint64_t a0, a1, c0, c1;
+        memcpy(&a0, a, 8), memcpy(&a1, a + n - 8, 8), memcpy(&c0, c, 8), memcpy(&c1, c + n - 8, 8);
+        return ((a0 ^ c0) | (a1 ^ c1)) == 0;
+    }
+    if (n >= 4 && n < 8) {
+        uint32_t a0, a1, c0, c1;
+        memcpy(&a0, a, 4), memcpy(&a1, a + n - 4, 4), memcpy(&c0, c, 4), memcpy(&c1, c + n - 4, 4);
+        return ((a0 ^ c0) | (a1 ^ c1)) == 0;
+    }
+    if (n < 4) return n == 0 || (a[0] == c[0] && a[n / 2] == c[n / 2] && a[n - 1] == c[n - 1]);
+    return memcmp(a, c, n) == 0;
+}
+
+// The first min(n, 8) bytes of p, zero-padded, without reading past p + n: on a little-endian
+// machine the overlapping loads below put each byte in its own place, so equal heads of equal
+// lengths up to 8 mean equal bytes (vocab_find_hashed relies on it).
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "head8 assumes a little-endian machine");
+static inline uint64_t head8(const void *p, size_t n)
+{
+    const uint8_t *s = p;
+    uint64_t x;
+    if (n >= 8) {
+        memcpy(&x, s, 8);
+        return x;
+    }
+    if (n >= 4) {   // two overlapping loads, the second shifted into place
+        uint32_t lo, hi;
+        memcpy(&lo, s, 4);
+        memcpy(&hi, s + n - 4, 4);
+        return lo | (uint64_t)hi << (8 * (n - 4));
+    }
+    if (!n) return 0;
+    return s[0] | (uint64_t)s[n / 2] << (8 * (n / 2)) | (uint64_t)s[n - 1] << (8 * (n - 1));
+}
+
+static inline uint32_t tag_len(uint64_t h, size_t n)
+{
+    return (uint32_t)(h >> 40) << 8 | (uint32_t)(n < 255 ? n : 255);
+}
+
 static inline uint32_t vocab_find_hashed(const ByteLevelBpe *b, const void *p, size_t n, uint64_t h)
 {
-    uint32_t tag = (uint32_t)(h >> 32);
+    uint32_t tl = tag_len(h, n);
+    uint64_t head = head8(p, n);
     for (uint32_t i = (uint32_t)h & b->vocab_mask;; i = (i + 1) & b->vocab_mask) {
-        uint64_t s = b->vocab_slots[i];
-        if (!s) return NO_ID;
-        if ((uint32_t)(s >> 32) == tag) {
-            uint32_t id = (uint32_t)s - 1;
-            if (b->tok[id].len == n && memcmp(b->blob + b->tok[id].off, p, n) == 0) return id;
+        const VocabSlot *s = &b->vocab_slots[i];
+        if (!s->id_plus1) return NO_ID;
+        if (s->tag_len == tl && s->head == head) {
+            uint32_t id = s->id_plus1 - 1;
+            if (n <= 8 || (b->tok[id].len == n && same_bytes(b->blob + b->tok[id].off, p, n))) return id;
         }
     }
+}
+
+// 0 when no token has hash h (bits 44-63 pick the bit; the slot index uses the low bits).
+static inline int vocab_maybe(const ByteLevelBpe *b, uint64_t h)
+{
+    uint32_t bit = (uint32_t)(h >> 44);
+    return b->vocab_bloom[bit >> 6] >> (bit & 63) & 1;
 }
 
 static inline uint32_t vocab_find(const ByteLevelBpe *b, const void *p, size_t n)
@@ -194,17 +297,22 @@ static int vocab_build(ByteLevelBpe *b, Err *err)
     uint32_t cap = 1024;
     while (cap < 2 * b->n_tokens) cap <<= 1;
     b->vocab_slots = calloc(cap, sizeof *b->vocab_slots);
-    if (!b->vocab_slots) return err_set(err, "out of memory");
+    b->vocab_bloom = calloc(VOCAB_BLOOM_BITS / 64, sizeof *b->vocab_bloom);
+    if (!b->vocab_slots || !b->vocab_bloom) return err_set(err, "out of memory");
     b->vocab_mask = cap - 1;
     for (uint32_t id = 0; id < b->n_tokens; id++) {
         if (!b->tok[id].len || b->is_special[id]) continue;
         if (b->tok[id].len > b->max_token_len) b->max_token_len = b->tok[id].len;
         const char *p = b->blob + b->tok[id].off;
         uint64_t h = hash_bytes(p, b->tok[id].len);
-        if (vocab_find_hashed(b, p, b->tok[id].len, h) != NO_ID) continue;
+        if (vocab_find_hashed(b, p, b->tok[id].len, h) != NO_ID) {
+            b->n_duplicates++;
+            continue;
+        }
         uint32_t i = (uint32_t)h & b->vocab_mask;
-        while (b->vocab_slots[i]) i = (i + 1) & b->vocab_mask;
-        b->vocab_slots[i] = (h >> 32) << 32 | (uint64_t)(id + 1);
+        while (b->vocab_slots[i].id_plus1) i = (i + 1) & b->vocab_mask;
+        b->vocab_slots[i] = (VocabSlot){head8(p, b->tok[id].len), tag_len(h, b->tok[id].len), id + 1};
+        b->vocab_bloom[h >> 44 >> 6] |= 1ull << (h >> 44 & 63);
     }
     for (int c = 0; c < 256; c++) {
         uint8_t byte = (uint8_t)c;
@@ -224,10 +332,11 @@ static inline int pair_find(const ByteLevelBpe *b, uint32_t left, uint32_t right
 {
     uint64_t key = (uint64_t)left << 32 | right;
     for (uint32_t i = pair_slot(key, b->pair_mask);; i = (i + 1) & b->pair_mask) {
-        if (!b->pair_rank[i]) return 0;
-        if (b->pair_keys[i] == key) {
-            *rank = b->pair_rank[i] - 1;
-            *new_id = b->pair_new[i];
+        const PairSlot *p = &b->pairs[i];
+        if (!p->rank) return 0;
+        if (p->key == key) {
+            *rank = p->rank - 1;
+            *new_id = p->new_id;
             return 1;
         }
     }
@@ -333,12 +442,14 @@ void bytelevel_free(ByteLevelBpe *b)
         for (ThreadState *s = b->threads->states, *next; s; s = next) {
             next = s->next_state;
             free(s->cache);
+            free(s->cache_hash);
             free(s->pairs);
             free(s->node_id);
             free(s->node_next);
             free(s->node_prev);
             free(s->part_start);
             free(s->part_id);
+            free(s->piece_ids);
             free(s->heap);
             free(s);
         }
@@ -350,13 +461,15 @@ void bytelevel_free(ByteLevelBpe *b)
     free(b->is_special);
     free(b->blob);
     free(b->vocab_slots);
-    free(b->pair_keys);
-    free(b->pair_rank);
-    free(b->pair_new);
+    free(b->vocab_bloom);
+    free(b->pairs);
     free(b->added);
-    free(b->char_token);
-    free(b->char_rank);
-    free(b->boundary_rank);
+    free(b->is_pure);
+    free(b->pure_pairs);
+    free(b->pure_filter);
+    free(b->chars);
+    free(b->left_rank);
+    free(b->right_rank);
     free(b);
 }
 
@@ -550,6 +663,33 @@ static int check_pre_tokenizer(const json_t *root, const char *name, Err *err)
     return 0;
 }
 
+// The ids of a merge's parts a and c (byte-level strings) and of their concatenation: 0; -1
+// when a part is not a byte-level string, -2 when one of the three is not a token. *merged
+// holds a guess on entry (the previous merge's result): converted files list the merges by
+// result, so checking it and the next id first spares most of the third lookup.
+static int merge_part_ids(const ByteLevelBpe *b, const char *a, size_t alen, const char *c, size_t clen,
+                          uint32_t *left, uint32_t *right, uint32_t *merged)
+{
+    uint8_t buf[1024];
+    if (alen + clen > sizeof buf) return -1;
+    long na = string_to_bytes_valid(a, alen, buf);   // (JSON strings are valid UTF-8)
+    if (na < 0) return -1;
+    long nc = string_to_bytes_valid(c, clen, buf + na);
+    if (nc < 0) return -1;
+    *left = vocab_find(b, buf, (size_t)na);
+    *right = vocab_find(b, buf + na, (size_t)nc);
+    size_t n = (size_t)(na + nc);
+    uint32_t guess = b->n_duplicates ? NO_ID - 1 : *merged;
+    if (n && guess < b->n_tokens && b->tok[guess].len == n && !b->is_special[guess] && !memcmp(b->blob + b->tok[guess].off, buf, n))
+        *merged = guess;
+    else if (n && guess + 1 < b->n_tokens && b->tok[guess + 1].len == n && !b->is_special[guess + 1] &&
+             !memcmp(b->blob + b->tok[guess + 1].off, buf, n))
+        *merged = guess + 1;
+    else
+        *merged = vocab_find(b, buf, n);
+    return (*left == NO_ID || *right == NO_ID || *merged == NO_ID) ? -2 : 0;
+}
+
 // A merge as "a b" or ["a", "b"]: both parts as bytes, then their ids.
 static int merge_ids(const ByteLevelBpe *b, const json_t *m, uint32_t *left, uint32_t *right, uint32_t *merged)
 {
@@ -570,16 +710,7 @@ static int merge_ids(const ByteLevelBpe *b, const json_t *m, uint32_t *left, uin
         clen = json_string_length(json_array_get(m, 1));
     } else
         return -1;
-    uint8_t buf[1024];
-    if (alen + clen > sizeof buf) return -1;
-    long na = bytelevel_string_to_bytes(a, alen, buf);
-    if (na < 0) return -1;
-    long nc = bytelevel_string_to_bytes(c, clen, buf + na);
-    if (nc < 0) return -1;
-    *left = vocab_find(b, buf, (size_t)na);
-    *right = vocab_find(b, buf + na, (size_t)nc);
-    *merged = vocab_find(b, buf, (size_t)(na + nc));
-    return (*left == NO_ID || *right == NO_ID || *merged == NO_ID) ? -2 : 0;
+    return merge_part_ids(b, a, alen, c, clen, left, right, merged);
 }
 
 // Pair table of cap >= 2 * n slots.
@@ -587,10 +718,8 @@ static int pairs_alloc(ByteLevelBpe *b, size_t n, Err *err)
 {
     uint32_t cap = 1024;
     while (cap < 2 * n) cap <<= 1;
-    b->pair_keys = malloc(cap * sizeof *b->pair_keys);
-    b->pair_rank = calloc(cap, sizeof *b->pair_rank);
-    b->pair_new = malloc(cap * sizeof *b->pair_new);
-    if (!b->pair_keys || !b->pair_rank || !b->pair_new) return err_set(err, "out of memory");
+    b->pairs = calloc(cap, sizeof *b->pairs);
+    if (!b->pairs) return err_set(err, "out of memory");
     b->pair_mask = cap - 1;
     return 0;
 }
@@ -600,30 +729,43 @@ static void pair_insert(ByteLevelBpe *b, uint32_t left, uint32_t right, uint32_t
 {
     uint64_t key = (uint64_t)left << 32 | right;
     uint32_t i = pair_slot(key, b->pair_mask);
-    while (b->pair_rank[i] && b->pair_keys[i] != key) i = (i + 1) & b->pair_mask;
-    if (b->pair_rank[i]) return;
-    b->pair_keys[i] = key;
-    b->pair_rank[i] = rank + 1;
-    b->pair_new[i] = new_id;
+    while (b->pairs[i].rank && b->pairs[i].key != key) i = (i + 1) & b->pair_mask;
+    if (b->pairs[i].rank) return;
+    b->pairs[i] = (PairSlot){key, rank + 1, new_id};
+}
+
+// The merges, in rank order: (n, 3) left id, right id, result id.
+static int insert_merges(ByteLevelBpe *b, const uint32_t *merges, size_t n, Err *err)
+{
+    if (pairs_alloc(b, n, err) < 0) return -1;
+    b->merges_follow_ranks = 1;
+    for (size_t r = 0; r < n; r++) {
+        const uint32_t *m = merges + 3 * r;
+        if (r && m[2] < m[-1]) b->merges_follow_ranks = 0;   // m[-1]: the previous result
+        pair_insert(b, m[0], m[1], (uint32_t)r, m[2]);
+    }
+    b->n_merges = (uint32_t)n;
+    return 0;
 }
 
 static int load_merges(ByteLevelBpe *b, const json_t *merges, const char *name, Err *err)
 {
     size_t n = json_array_size(merges);
-    if (pairs_alloc(b, n, err) < 0) return -1;
-    b->merges_follow_ranks = 1;
-    uint32_t previous_result = 0;
+    uint32_t *ids = malloc((n ? n : 1) * 3 * sizeof *ids);
+    if (!ids) return err_set(err, "out of memory");
+    uint32_t merged = 0;
     for (size_t r = 0; r < n; r++) {
-        uint32_t left, right, merged;
-        int rc = merge_ids(b, json_array_get(merges, r), &left, &right, &merged);
-        if (rc == -1) return err_set(err, "%s: model.merges[%zu] is not \"a b\" or [a, b] of byte-level strings", name, r);
-        if (rc == -2) return err_set(err, "%s: model.merges[%zu] names a token not in model.vocab", name, r);
-        if (merged < previous_result) b->merges_follow_ranks = 0;
-        previous_result = merged;
-        pair_insert(b, left, right, (uint32_t)r, merged);
+        int rc = merge_ids(b, json_array_get(merges, r), &ids[3 * r], &ids[3 * r + 1], &merged);
+        ids[3 * r + 2] = merged;
+        if (rc < 0) {
+            free(ids);
+            if (rc == -1) return err_set(err, "%s: model.merges[%zu] is not \"a b\" or [a, b] of byte-level strings", name, r);
+            return err_set(err, "%s: model.merges[%zu] names a token not in model.vocab", name, r);
+        }
     }
-    b->n_merges = (uint32_t)n;
-    return 0;
+    int rc = insert_merges(b, ids, n, err);
+    free(ids);
+    return rc;
 }
 
 // post_processor: TemplateProcessing (alone or in a Sequence) whose "single" starts with a
@@ -645,7 +787,316 @@ static void read_post_processor(ByteLevelBpe *b, const json_t *post)
     b->bos_template_id = bytelevel_token_id(b, name, strlen(name));
 }
 
+// ---- tokenizer.json without a tree for model.vocab and model.merges -----------------------
+// jansson takes ~175 ms to build (and free) the tree of Llama 3's 9 MB file, nearly all of it
+// for the 128K vocab entries and 280K merges. bytelevel_load_json_text finds those two values
+// with a scanner, hands jansson the rest (the text with them emptied to {} and []), and reads
+// them itself. Anything it does not expect (a duplicate key, an escape that decodes to NUL,
+// a value of another type, a bad entry) sends the caller back to jansson and
+// bytelevel_load_json, which accept or reject it with the usual message.
+
+typedef struct {
+    const char *vocab, *merges;  // the text of model.vocab ("{...}") and model.merges ("[...]")
+    size_t vocab_len, merges_len;
+} ModelSpans;
+
+static inline const char *skip_ws(const char *p, const char *end)
+{
+    while (p < end && (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r')) p++;
+    return p;
+}
+
+static int hex4(const char *p, uint32_t *v)
+{
+    *v = 0;
+    for (int i = 0; i < 4; i++) {
+        int c = (unsigned char)p[i], d = c >= '0' && c <= '9' ? c - '0' : (c | 0x20) >= 'a' && (c | 0x20) <= 'f' ? (c | 0x20) - 'a' + 10 : -1;
+        if (d < 0) return -1;
+        *v = *v << 4 | (uint32_t)d;
+    }
+    return 0;
+}
+
+// The JSON string whose opening quote is at p: its UTF-8 value into out (room for cap bytes,
+// length in *len) unless out is NULL. Returns the position after the closing quote, or NULL
+// for anything unusual (invalid, too long, a NUL, a lone surrogate, invalid UTF-8).
+static const char *scan_string(const char *p, const char *end, char *out, size_t cap, size_t *len)
+{
+    size_t n = 0;
+    p++;
+    for (;;) {
+        const char *q = p;
+        while (q < end && *q != '"' && *q != '\\' && (unsigned char)*q >= 0x20) q++;
+        if (out) {
+            if (n + (size_t)(q - p) > cap) return NULL;
+            memcpy(out + n, p, (size_t)(q - p));
+        }
+        n += (size_t)(q - p);
+        p = q;
+        if (p >= end || (unsigned char)*p < 0x20) return NULL;
+        if (*p == '"') break;
+        if (end - p < 2) return NULL;   // a backslash
+        char e = p[1], c = 0;
+        p += 2;
+        uint32_t cp;
+        switch (e) {
+        case '"': case '\\': case '/': c = e; break;
+        case 'b': c = '\b'; break;
+        case 'f': c = '\f'; break;
+        case 'n': c = '\n'; break;
+        case 'r': c = '\r'; break;
+        case 't': c = '\t'; break;
+        case 'u':
+            if (end - p < 4 || hex4(p, &cp) < 0 || cp == 0 || (cp >= 0xDC00 && cp <= 0xDFFF)) return NULL;
+            p += 4;
+            if (cp >= 0xD800 && cp <= 0xDBFF) {
+                uint32_t lo;
+                if (end - p < 6 || p[0] != '\\' || p[1] != 'u' || hex4(p + 2, &lo) < 0 || lo < 0xDC00 || lo > 0xDFFF)
+                    return NULL;
+                p += 6;
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            }
+            break;
+        default:
+            return NULL;
+        }
+        char buf[4];
+        size_t k;
+        if (c) buf[0] = c, k = 1;
+        else if (cp < 0x80) buf[0] = (char)cp, k = 1;
+        else if (cp < 0x800) buf[0] = (char)(0xC0 | cp >> 6), buf[1] = (char)(0x80 | (cp & 0x3F)), k = 2;
+        else if (cp < 0x10000)
+            buf[0] = (char)(0xE0 | cp >> 12), buf[1] = (char)(0x80 | ((cp >> 6) & 0x3F)), buf[2] = (char)(0x80 | (cp & 0x3F)), k = 3;
+        else
+            buf[0] = (char)(0xF0 | cp >> 18), buf[1] = (char)(0x80 | ((cp >> 12) & 0x3F)),
+            buf[2] = (char)(0x80 | ((cp >> 6) & 0x3F)), buf[3] = (char)(0x80 | (cp & 0x3F)), k = 4;
+        if (out) {
+            if (n + k > cap) return NULL;
+            memcpy(out + n, buf, k);
+        }
+        n += k;
+    }
+    if (out) {   // (skipped strings are left to jansson, which checks them)
+        if (utf8_valid_prefix(out, n) != n) return NULL;
+        *len = n;
+    }
+    return p + 1;
+}
+
+// End of the JSON value at p (not validated beyond strings and nesting: jansson reads the
+// rest), or NULL.
+static const char *skip_value(const char *p, const char *end)
+{
+    if (p >= end) return NULL;
+    if (*p == '"') return scan_string(p, end, NULL, 0, NULL);
+    if (*p != '{' && *p != '[') {
+        while (p < end && !strchr(",}] \t\r\n", *p)) p++;
+        return p;
+    }
+    int depth = 0;
+    while (p < end) {
+        if (*p == '"') {
+            if (!(p = scan_string(p, end, NULL, 0, NULL))) return NULL;
+            continue;
+        }
+        if (*p == '{' || *p == '[') depth++;
+        else if ((*p == '}' || *p == ']') && --depth == 0) return p + 1;
+        p++;
+    }
+    return NULL;
+}
+
+// Calls member(key, key_len, value) for each member of the object at p; returns the end of the
+// object or NULL. member returns the end of the value or NULL.
+typedef const char *MemberFn(const char *key, size_t key_len, const char *value, const char *end, ModelSpans *sp);
+
+static const char *scan_object(const char *p, const char *end, MemberFn *member, ModelSpans *sp)
+{
+    p = skip_ws(p, end);
+    if (p >= end || *p != '{') return NULL;
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == '}') return p + 1;
+    for (;;) {
+        if (p >= end || *p != '"') return NULL;
+        const char *key = p + 1, *q = scan_string(p, end, NULL, 0, NULL);
+        if (!q) return NULL;
+        size_t key_len = (size_t)(q - 1 - key);   // raw: an escaped "model" just misses the fast path
+        p = skip_ws(q, end);
+        if (p >= end || *p != ':') return NULL;
+        p = skip_ws(p + 1, end);
+        if (!(p = member(key, key_len, p, end, sp))) return NULL;
+        p = skip_ws(p, end);
+        if (p < end && *p == '}') return p + 1;
+        if (p >= end || *p != ',') return NULL;
+        p = skip_ws(p + 1, end);
+    }
+}
+
+static int key_is(const char *key, size_t key_len, const char *want)
+{
+    return key_len == strlen(want) && !memcmp(key, want, key_len);
+}
+
+static const char *model_member(const char *key, size_t key_len, const char *value, const char *end, ModelSpans *sp)
+{
+    const char *after = skip_value(value, end);
+    if (!after) return NULL;
+    if (key_is(key, key_len, "vocab") || key_is(key, key_len, "merges")) {
+        int is_vocab = key[0] == 'v';
+        const char **where = is_vocab ? &sp->vocab : &sp->merges;
+        if (*where || *value != (is_vocab ? '{' : '[')) return NULL;   // twice, or not the usual type
+        *where = value;
+        *(is_vocab ? &sp->vocab_len : &sp->merges_len) = (size_t)(after - value);
+    }
+    return after;
+}
+
+static const char *top_member(const char *key, size_t key_len, const char *value, const char *end, ModelSpans *sp)
+{
+    if (key_is(key, key_len, "model") && *value == '{') {
+        if (sp->vocab || sp->merges) return NULL;   // a second "model"
+        return scan_object(value, end, model_member, sp);
+    }
+    return skip_value(value, end);
+}
+
+// model.vocab from its text into b, as the jansson path does. 0, or -1 when unusual.
+static int read_vocab_span(ByteLevelBpe *b, const char *p, size_t len, Err *err)
+{
+    const char *end = p + len;
+    char key[2048];
+    uint8_t buf[sizeof key];
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == '}') return 0;
+    for (;;) {
+        size_t klen;
+        if (p >= end || *p != '"' || !(p = scan_string(p, end, key, sizeof key, &klen))) return -1;
+        p = skip_ws(p, end);
+        if (p >= end || *p != ':') return -1;
+        p = skip_ws(p + 1, end);
+        uint32_t id = 0;
+        const char *digits = p;
+        while (p < end && *p >= '0' && *p <= '9' && id < (1u << 30)) id = id * 10 + (uint32_t)(*p++ - '0');
+        if (p == digits || id >= (1u << 30) || (*digits == '0' && p - digits > 1)) return -1;
+        if (p < end && (*p == '.' || *p == 'e' || *p == 'E' || (*p >= '0' && *p <= '9'))) return -1;
+        long n = klen ? string_to_bytes_valid(key, klen, buf) : -1;
+        if (ensure_tokens(b, id + 1, err) < 0) return -2;
+        int rc = n > 0 ? set_token_bytes(b, id, buf, (size_t)n, err) : set_token_bytes(b, id, key, klen, err);
+        if (rc < 0) return -2;
+        if (n <= 0) b->is_special[id] = 3;
+        p = skip_ws(p, end);
+        if (p < end && *p == '}') return skip_ws(p + 1, end) == end ? 0 : -1;
+        if (p >= end || *p != ',') return -1;
+        p = skip_ws(p + 1, end);
+    }
+}
+
+// model.merges from its text: (n, 3) ids in *out. 0, -1 when unusual, -2 out of memory.
+static int read_merges_span(const ByteLevelBpe *b, const char *p, size_t len, uint32_t **out, size_t *count)
+{
+    const char *end = p + len;
+    char s1[2048], s2[2048];
+    size_t n = 0, cap = 0;
+    uint32_t *ids = NULL, merged = 0;
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == ']') goto done;
+    for (;;) {
+        const char *a = s1, *c;
+        size_t alen, clen;
+        if (p < end && *p == '"') {
+            if (!(p = scan_string(p, end, s1, sizeof s1, &alen))) goto unusual;
+            const char *space = memchr(s1, ' ', alen);
+            if (!space || memchr(space + 1, ' ', alen - (size_t)(space + 1 - s1))) goto unusual;
+            c = space + 1;
+            clen = alen - (size_t)(c - s1);
+            alen = (size_t)(space - s1);
+        } else if (p < end && *p == '[') {
+            p = skip_ws(p + 1, end);
+            if (p >= end || *p != '"' || !(p = scan_string(p, end, s1, sizeof s1, &alen))) goto unusual;
+            p = skip_ws(p, end);
+            if (p >= end || *p != ',') goto unusual;
+            p = skip_ws(p + 1, end);
+            if (p >= end || *p != '"' || !(p = scan_string(p, end, s2, sizeof s2, &clen))) goto unusual;
+            p = skip_ws(p, end);
+            if (p >= end || *p != ']') goto unusual;
+            p++;
+            c = s2;
+        } else
+            goto unusual;
+        if (n == cap) {
+            cap = cap ? 2 * cap : 1 << 16;
+            uint32_t *bigger = realloc(ids, cap * 3 * sizeof *ids);
+            if (!bigger) {
+                free(ids);
+                return -2;
+            }
+            ids = bigger;
+        }
+        if (merge_part_ids(b, a, alen, c, clen, &ids[3 * n], &ids[3 * n + 1], &merged) < 0) goto unusual;
+        ids[3 * n++ + 2] = merged;
+        p = skip_ws(p, end);
+        if (p < end && *p == ']') break;
+        if (p >= end || *p != ',') goto unusual;
+        p = skip_ws(p + 1, end);
+    }
+    if (skip_ws(p + 1, end) != end) goto unusual;
+done:
+    *out = ids;
+    *count = n;
+    return 0;
+unusual:
+    free(ids);
+    return -1;
+}
+
+static ByteLevelBpe *load_json_model(const json_t *root, const ModelSpans *spans, const char *name, int *unusual,
+                                     Err *err);
+
+ByteLevelBpe *bytelevel_load_json_text(const char *text, size_t len, const char *name, int *fallback, Err *err)
+{
+    *fallback = 1;
+    ModelSpans sp = {0};
+    const char *end = scan_object(text, text + len, top_member, &sp);
+    if (!end || skip_ws(end, text + len) != text + len || !sp.vocab || !sp.merges) return NULL;
+    // The text with the two values emptied, for jansson.
+    char *skeleton = malloc(len + 1);
+    if (!skeleton) return NULL;
+    const char *first = sp.vocab < sp.merges ? sp.vocab : sp.merges, *second = sp.vocab < sp.merges ? sp.merges : sp.vocab;
+    size_t first_len = first == sp.vocab ? sp.vocab_len : sp.merges_len;
+    size_t second_len = second == sp.vocab ? sp.vocab_len : sp.merges_len, n = 0;
+    const char *pieces[3][2] = {{text, first}, {first + first_len, second}, {second + second_len, text + len}};
+    for (int k = 0; k < 3; k++) {
+        memcpy(skeleton + n, pieces[k][0], (size_t)(pieces[k][1] - pieces[k][0]));
+        n += (size_t)(pieces[k][1] - pieces[k][0]);
+        if (k < 2) {
+            skeleton[n++] = *(k ? second : first);
+            skeleton[n++] = *(k ? second : first) == '{' ? '}' : ']';
+        }
+    }
+    json_error_t je;
+    json_t *root = json_loadb(skeleton, n, 0, &je);
+    free(skeleton);
+    if (!root) return NULL;
+    ByteLevelBpe *b = NULL;
+    if (bytelevel_json_is_bytelevel(root)) {
+        int unusual = 0;
+        b = load_json_model(root, &sp, name, &unusual, err);
+        if (!b && !unusual) *fallback = 0;   // an error jansson's path would report the same way
+    }
+    json_decref(root);
+    return b;
+}
+
 ByteLevelBpe *bytelevel_load_json(const json_t *root, const char *name, Err *err)
+{
+    int unusual = 0;
+    return load_json_model(root, NULL, name, &unusual, err);
+}
+
+// The loader of both paths: model.vocab and model.merges from the tree, or, when spans is not
+// NULL, from their text (then *unusual = 1 when that text holds something unexpected).
+static ByteLevelBpe *load_json_model(const json_t *root, const ModelSpans *spans, const char *name, int *unusual,
+                                     Err *err)
 {
     const json_t *model = json_object_get(root, "model");
     if (strcmp(type_of(model), "BPE") != 0) {
@@ -680,6 +1131,11 @@ ByteLevelBpe *bytelevel_load_json(const json_t *root, const char *name, Err *err
     const char *key;
     json_t *value;
     uint8_t buf[1024];
+    if (spans) {
+        int rc = read_vocab_span(b, spans->vocab, spans->vocab_len, err);
+        if (rc == -1) *unusual = 1;
+        if (rc < 0) goto fail;
+    }
     json_object_foreach((json_t *)vocab, key, value) {
         json_int_t id = json_integer_value(value);
         if (!json_is_integer(value) || id < 0 || id >= (1 << 30)) {
@@ -715,12 +1171,29 @@ ByteLevelBpe *bytelevel_load_json(const json_t *root, const char *name, Err *err
             goto fail;
     }
     if (vocab_build(b, err) < 0) goto fail;
+    if (spans && b->n_duplicates) {   // a key given twice: jansson keeps the last
+        *unusual = 1;
+        goto fail;
+    }
     for (int c = 0; c < 256; c++)
         if (b->byte_id[c] == NO_ID) {
             err_set(err, "%s: byte 0x%02x has no token in model.vocab (a byte-level vocabulary needs all 256)", name, c);
             goto fail;
         }
-    if (load_merges(b, merges, name, err) < 0 || find_whole_chars(b, err) < 0) goto fail;
+    if (spans) {
+        uint32_t *ids = NULL;
+        size_t n = 0;
+        int rc = read_merges_span(b, spans->merges, spans->merges_len, &ids, &n);
+        if (rc == -1) *unusual = 1;
+        if (rc == -2) err_set(err, "out of memory");
+        if (rc < 0 || insert_merges(b, ids, n, err) < 0) {
+            free(ids);
+            goto fail;
+        }
+        free(ids);
+    } else if (load_merges(b, merges, name, err) < 0)
+        goto fail;
+    if (find_whole_chars(b, err) < 0) goto fail;
     read_post_processor(b, json_object_get(root, "post_processor"));
     return b;
 fail:
@@ -730,20 +1203,26 @@ fail:
 
 // ---- merging -----------------------------------------------------------------------------
 
-// Rank and result of merging two adjacent parts (tokens left, right); NO_RANK when they do not merge.
-static inline uint32_t pair_rank(const ByteLevelBpe *b, PairCacheSlot *cache, uint32_t left, uint32_t right,
-                                 uint32_t *new_id)
+static inline int is_pure(const ByteLevelBpe *b, uint32_t id) { return b->is_pure[id >> 3] >> (id & 7) & 1; }
+
+static inline uint32_t pure_slot(uint32_t left, uint32_t right, uint32_t mask)
 {
-    uint32_t rank;
-    if (!b->use_ranks) return pair_find(b, left, right, &rank, new_id) ? rank : NO_RANK;
-    uint64_t key = (uint64_t)left << 32 | right | 1ull << 63;
-    PairCacheSlot *slot = NULL;
-    if (cache) {
-        slot = &cache[pair_slot(key, PAIR_CACHE_SLOTS - 1)];
-        if (slot->key == key) return *new_id = slot->rank;
-    }
+    return pair_slot((uint64_t)left << 32 | right, mask);
+}
+
+// Bits 46-63 of the same multiplicative hash (the slot uses bits 32 up).
+static inline uint32_t pure_filter_bit(uint32_t left, uint32_t right)
+{
+    return (uint32_t)((((uint64_t)left << 32 | right) * 0x9E3779B97F4A7C15ull) >> 46) & (PURE_FILTER_BITS - 1);
+}
+
+// Rank and result of merging two adjacent parts (tokens left, right); NO_RANK when they do not merge.
+// tiktoken's rule for a pair missing from the thread's cache: is the concatenation a token.
+static __attribute__((noinline)) uint32_t concat_rank(const ByteLevelBpe *b, PairCacheSlot *slot, uint64_t key,
+                                                      uint32_t left, uint32_t right)
+{
     const Span *l = &b->tok[left], *r = &b->tok[right];
-    rank = NO_RANK;
+    uint32_t rank = NO_RANK;
     if (l->len + r->len <= b->max_token_len) {
         char both[512];
         if (l->len + r->len <= sizeof both) {
@@ -753,25 +1232,55 @@ static inline uint32_t pair_rank(const ByteLevelBpe *b, PairCacheSlot *cache, ui
         }
     }
     if (slot) *slot = (PairCacheSlot){key, rank};
-    return *new_id = rank;
+    return rank;
+}
+
+// plain: without the pure-pair table (tests compare the two). Inline: it runs for every pair
+// of adjacent parts; the rare slow path (concat_rank) is not.
+static inline __attribute__((always_inline)) uint32_t pair_rank(const ByteLevelBpe *b, PairCacheSlot *cache, int plain,
+                                                                uint32_t left, uint32_t right, uint32_t *new_id)
+{
+    uint32_t rank;
+    if (!plain && b->pure_pairs && is_pure(b, left) && is_pure(b, right)) {
+        uint32_t bit = pure_filter_bit(left, right);
+        if (!(b->pure_filter[bit >> 6] >> (bit & 63) & 1)) return NO_RANK;
+        for (uint32_t i = pure_slot(left, right, b->pure_mask);; i = (i + 1) & b->pure_mask) {
+            const PurePair *p = &b->pure_pairs[i];
+            if (!p->left_plus1) return NO_RANK;
+            if (p->left_plus1 == left + 1 && p->right == right) {
+                *new_id = p->new_id;
+                return p->rank;
+            }
+        }
+    }
+    if (!b->use_ranks) return pair_find(b, left, right, &rank, new_id) ? rank : NO_RANK;
+    uint64_t key = (uint64_t)left << 32 | right | 1ull << 63;
+    PairCacheSlot *slot = NULL;
+    if (cache) {
+        slot = &cache[pair_slot(key, PAIR_CACHE_SLOTS - 1)];
+        if (slot->key == key) return *new_id = slot->rank;
+    }
+    return *new_id = concat_rank(b, slot, key, left, right);
 }
 
 // The parts merging starts from: one per byte, except that a character may be one part when
 // merges across its boundaries in this text all rank above its own (see find_whole_chars).
 // Fills start[] and id[] (room for len each); returns the number of parts.
-static size_t initial_parts(const ByteLevelBpe *b, const uint8_t *piece, size_t len, uint32_t *start, uint32_t *id)
+static size_t initial_parts(const ByteLevelBpe *b, int plain, const uint8_t *piece, size_t len, uint32_t *start,
+                            uint32_t *id)
 {
     size_t m = 0;
     for (size_t i = 0; i < len;) {
         uint8_t c = piece[i];
-        if (b->char_token && c >= 0xC2 && c < 0xF0) {
+        if (b->chars && !plain && c >= 0xC2 && c < 0xF0) {
             uint32_t cp;
             size_t n = utf8_decode(piece + i, &cp);
-            uint32_t rank = b->char_rank[cp];
-            if (b->char_token[cp] != NO_ID && (i == 0 || b->boundary_rank[piece[i - 1] << 8 | c] > rank) &&
-                (i + n == len || b->boundary_rank[piece[i + n - 1] << 8 | piece[i + n]] > rank)) {
+            WholeChar wc = b->chars[cp];
+            uint32_t rank = wc.rank;
+            if (wc.token != NO_ID && (i == 0 || b->left_rank[piece[i - 1] << 8 | c] > rank) &&
+                (i + n == len || b->right_rank[piece[i + n - 1] << 8 | piece[i + n]] > rank)) {
                 start[m] = (uint32_t)i;
-                id[m++] = b->char_token[cp];
+                id[m++] = wc.token;
                 i += n;
                 continue;
             }
@@ -790,7 +1299,7 @@ static long merge_scan(const ByteLevelBpe *b, ThreadState *ts, uint32_t *start, 
                        uint32_t *out)
 {
     uint32_t rank[SCAN_MAX_PARTS], next_id[SCAN_MAX_PARTS];
-    for (size_t i = 0; i + 1 < m; i++) rank[i] = pair_rank(b, ts->pairs, id[i], id[i + 1], &next_id[i]);
+    for (size_t i = 0; i + 1 < m; i++) rank[i] = pair_rank(b, ts->pairs, ts->plain, id[i], id[i + 1], &next_id[i]);
     while (m > 1) {
         size_t best = 0;
         uint32_t best_rank = NO_RANK;
@@ -808,9 +1317,9 @@ static long merge_scan(const ByteLevelBpe *b, ThreadState *ts, uint32_t *start, 
         memmove(next_id + best + 1, next_id + best + 2, (m - best - 2) * sizeof *next_id);
         m--;
         if (best + 1 < m)
-            rank[best] = pair_rank(b, ts->pairs, id[best], id[best + 1], &next_id[best]);
+            rank[best] = pair_rank(b, ts->pairs, ts->plain, id[best], id[best + 1], &next_id[best]);
         if (best > 0)
-            rank[best - 1] = pair_rank(b, ts->pairs, id[best - 1], id[best], &next_id[best - 1]);
+            rank[best - 1] = pair_rank(b, ts->pairs, ts->plain, id[best - 1], id[best], &next_id[best - 1]);
     }
     memcpy(out, id, m * sizeof *id);
     return (long)m;
@@ -873,7 +1382,7 @@ static long merge_heap(const ByteLevelBpe *b, ThreadState *ts, const uint32_t *s
     do {                                                                                       \
         uint32_t l_ = (left), r_ = next[l_];                                                   \
         Candidate c_ = {0, l_, id[l_], id[r_], 0};                                             \
-        c_.rank = pair_rank(b, ts->pairs, id[l_], id[r_], &c_.new_id);                         \
+        c_.rank = pair_rank(b, ts->pairs, ts->plain, id[l_], id[r_], &c_.new_id);                         \
         if (c_.rank != NO_RANK && heap_push(ts, &heap_n, c_) < 0) return -1;                   \
     } while (0)
     for (uint32_t i = first; next[i] != NO_ID; i = next[i]) PUSH_PAIR(i);
@@ -899,17 +1408,25 @@ static long merge_heap(const ByteLevelBpe *b, ThreadState *ts, const uint32_t *s
 // Chinese text is long runs of 3-byte characters that are tokens themselves. Merging may start
 // from such a character c instead of its bytes, with the same result, when no merge across one
 // of c's boundaries can come before the merges that build c. Let r be the highest rank among the
-// merges that turn c's bytes alone into its token. A merge across a boundary has a result that
-// holds the two bytes on either side of it; if every merge result holding that byte pair ranks
-// above r, then while c is incomplete some merge of c (rank <= r) always beats every merge
-// across its boundaries, so c completes first whatever the text around it, and starting from c
-// changes nothing else (the other merges see the same candidates in the same order). The
-// tables are built once at load; the check per character is two lookups (initial_parts).
+// merges that turn c's bytes alone into its token. Before the first merge across one of c's
+// boundaries, the parts inside c are c's alone, so that first merge joins a part ending at c's
+// start with a proper prefix of c (its result ends in an incomplete character whose lead byte
+// is c's and holds the byte before c just before it), or a proper suffix of c (the result
+// starts with continuation bytes, c's last byte among them) with a part starting after c.
+// If every merge result of the first shape with that byte pair, and every one of the second
+// shape with its pair, ranks above r, then while c is incomplete some merge of c (rank <= r)
+// always beats every merge across its boundaries, so c completes first whatever the text
+// around it, and starting from c changes nothing else (the other merges see the same
+// candidates in the same order). The tables are built once at load; the check per character
+// is two lookups (initial_parts).
 
 static inline void lower(uint32_t *slot, uint32_t rank)
 {
     if (rank < *slot) *slot = rank;
 }
+
+// Length of the UTF-8 sequence that starts with lead byte c (>= 0xC0).
+static inline uint32_t utf8_length(uint8_t c) { return c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2; }
 
 // Utf-8 bytes of a BMP code point >= 0x80; returns the length (2 or 3).
 static size_t utf8_encode_bmp(uint32_t cp, uint8_t *s)
@@ -925,33 +1442,124 @@ static size_t utf8_encode_bmp(uint32_t cp, uint8_t *s)
     return 3;
 }
 
+// ---- pure pairs ----------------------------------------------------------------------------
+// A token is pure when its bytes are one or more complete UTF-8 characters of 2-4 bytes. The
+// concatenation of two pure tokens is pure, so every merge of two pure tokens comes from a pure
+// result: for tiktoken files, each pure token of two or more characters split at each character
+// boundary where both halves are tokens (about 10K tokens and 20K lookups for Llama 3); for
+// tokenizer.json, the merges whose two sides are pure. A pair of pure tokens missing from the
+// table does not merge, so the table answers every such pair exactly, from a few hundred KB
+// instead of the multi-MB vocabulary hash and token bytes.
+
+static int token_is_pure(const uint8_t *t, uint32_t len)
+{
+    if (!len) return 0;
+    for (uint32_t k = 0; k < len;) {
+        uint32_t n = t[k] >= 0xF0 ? 4 : t[k] >= 0xE0 ? 3 : t[k] >= 0xC0 ? 2 : 0;
+        if (!n || k + n > len) return 0;
+        for (uint32_t j = 1; j < n; j++)
+            if ((t[k + j] & 0xC0) != 0x80) return 0;
+        k += n;
+    }
+    return 1;
+}
+
+static void pure_insert(ByteLevelBpe *b, uint32_t left, uint32_t right, uint32_t rank, uint32_t new_id)
+{
+    uint32_t i = pure_slot(left, right, b->pure_mask);
+    for (;; i = (i + 1) & b->pure_mask) {
+        PurePair *p = &b->pure_pairs[i];
+        if (!p->left_plus1) break;
+        if (p->left_plus1 == left + 1 && p->right == right) {
+            if (rank >= p->rank) return;   // a pair keeps its lowest rank
+            break;
+        }
+    }
+    b->pure_pairs[i] = (PurePair){left + 1, right, rank, new_id};
+    uint32_t bit = pure_filter_bit(left, right);
+    b->pure_filter[bit >> 6] |= 1ull << (bit & 63);
+}
+
+static int build_pure_pairs(ByteLevelBpe *b, Err *err)
+{
+    b->is_pure = calloc(b->n_tokens / 8 + 1, 1);
+    if (!b->is_pure) return err_set(err, "out of memory");
+    size_t n_pairs = 0;
+    for (uint32_t id = 0; id < b->n_tokens; id++) {
+        const uint8_t *t = (const uint8_t *)b->blob + b->tok[id].off;
+        if (b->is_special[id] || !token_is_pure(t, b->tok[id].len)) continue;
+        b->is_pure[id >> 3] |= (uint8_t)(1u << (id & 7));
+        for (uint32_t k = 1; k < b->tok[id].len; k++) n_pairs += (t[k] & 0xC0) != 0x80;   // character boundaries
+    }
+    if (!b->use_ranks) n_pairs = b->n_merges;   // at most
+    uint32_t cap = 1024;
+    while (cap < n_pairs + n_pairs / 2) cap <<= 1;   // load <= 2/3: 32K slots, 512 KB for Llama 3
+    b->pure_pairs = calloc(cap, sizeof *b->pure_pairs);
+    b->pure_filter = calloc(PURE_FILTER_BITS / 64, sizeof *b->pure_filter);
+    if (!b->pure_pairs || !b->pure_filter) return err_set(err, "out of memory");
+    b->pure_mask = cap - 1;
+    if (!b->use_ranks) {
+        for (uint32_t i = 0; i <= b->pair_mask; i++) {
+            const PairSlot *p = &b->pairs[i];
+            if (!p->rank) continue;
+            uint32_t left = (uint32_t)(p->key >> 32), right = (uint32_t)p->key;
+            if (is_pure(b, left) && is_pure(b, right)) pure_insert(b, left, right, p->rank - 1, p->new_id);
+        }
+        return 0;
+    }
+    for (uint32_t id = 0; id < b->n_tokens; id++) {
+        if (!is_pure(b, id)) continue;
+        const uint8_t *t = (const uint8_t *)b->blob + b->tok[id].off;
+        uint32_t len = b->tok[id].len;
+        if (vocab_find(b, t, len) != id) continue;   // a duplicate: merges give the first id
+        for (uint32_t k = 1; k < len; k++) {
+            if ((t[k] & 0xC0) == 0x80) continue;
+            uint32_t left = vocab_find(b, t, k), right = left == NO_ID ? NO_ID : vocab_find(b, t + k, len - k);
+            if (right != NO_ID) pure_insert(b, left, right, id, id);
+        }
+    }
+    return 0;
+}
+
 static int find_whole_chars(ByteLevelBpe *b, Err *err)
 {
-    b->char_token = malloc(65536 * sizeof *b->char_token);
-    b->char_rank = malloc(65536 * sizeof *b->char_rank);
-    b->boundary_rank = malloc(65536 * sizeof *b->boundary_rank);
-    if (!b->char_token || !b->char_rank || !b->boundary_rank) return err_set(err, "out of memory");
-    memset(b->boundary_rank, 0xFF, 65536 * sizeof *b->boundary_rank);   // NO_RANK
+    if (build_pure_pairs(b, err) < 0) return -1;
+    b->chars = malloc(65536 * sizeof *b->chars);
+    b->left_rank = malloc(65536 * sizeof *b->left_rank);
+    b->right_rank = malloc(65536 * sizeof *b->right_rank);
+    if (!b->chars || !b->left_rank || !b->right_rank) return err_set(err, "out of memory");
+    memset(b->left_rank, 0xFF, 65536 * sizeof *b->left_rank);   // NO_RANK
+    memset(b->right_rank, 0xFF, 65536 * sizeof *b->right_rank);
     // Every merge result: tiktoken's are all tokens (rank = id); else the merges list.
     for (uint32_t i = 0, n = b->use_ranks ? b->n_tokens : b->pair_mask + 1; i < n; i++) {
         uint32_t id = i, rank = i;
         if (!b->use_ranks) {
-            if (!b->pair_rank[i]) continue;
-            id = b->pair_new[i];
-            rank = b->pair_rank[i] - 1;
+            if (!b->pairs[i].rank) continue;
+            id = b->pairs[i].new_id;
+            rank = b->pairs[i].rank - 1;
         } else if (b->is_special[id])
             continue;
         const uint8_t *t = (const uint8_t *)b->blob + b->tok[id].off;
-        for (uint32_t k = 0; k + 1 < b->tok[id].len; k++)
-            if ((t[k + 1] & 0xC0) != 0x80) lower(&b->boundary_rank[t[k] << 8 | t[k + 1]], rank);
+        uint32_t len = b->tok[id].len, k;
+        if (len < 2) continue;
+        // Ends in an incomplete character after a byte: a left-boundary crossing.
+        for (k = len; k > 0 && (t[k - 1] & 0xC0) == 0x80; k--) continue;
+        if (k >= 2 && t[k - 1] >= 0xC0 && len - (k - 1) < utf8_length(t[k - 1])) lower(&b->left_rank[t[k - 2] << 8 | t[k - 1]], rank);
+        // Starts with continuation bytes, then a byte: a right-boundary crossing.
+        for (k = 0; k < len && (t[k] & 0xC0) == 0x80; k++) continue;
+        if (k >= 1 && k < len) lower(&b->right_rank[t[k - 1] << 8 | t[k]], rank);
     }
-    for (uint32_t cp = 0; cp < 65536; cp++) {
-        b->char_token[cp] = NO_ID;
-        if (cp < 0x80 || (cp >= 0xD800 && cp <= 0xDFFF)) continue;
+    memset(b->chars, 0xFF, 65536 * sizeof *b->chars);   // token NO_ID
+    // The tokens that are one BMP character of 2-3 bytes (the first id of duplicates).
+    for (uint32_t token = 0; token < b->n_tokens; token++) {
+        const uint8_t *t = (const uint8_t *)b->blob + b->tok[token].off;
+        size_t n = b->tok[token].len;
+        if (b->is_special[token] || n < 2 || n > 3 || t[0] < 0xC2 || utf8_length(t[0]) != n) continue;
+        uint32_t cp;
         uint8_t s[16] = {0};   // 16: hash_bytes may read 8 bytes from its argument
-        size_t n = utf8_encode_bmp(cp, s);
-        uint32_t token = vocab_find(b, s, n);
-        if (token == NO_ID) continue;
+        utf8_decode(t, &cp);
+        if ((cp >= 0xD800 && cp <= 0xDFFF) || utf8_encode_bmp(cp, s) != n || memcmp(s, t, n) != 0) continue;
+        if (b->chars[cp].token != NO_ID || (b->n_duplicates && vocab_find(b, s, n) != token)) continue;
         // Merge the bytes alone (as merge_scan does), noting the highest rank used.
         uint32_t start[4] = {0, 1, 2, 3}, id[3] = {b->byte_id[s[0]], b->byte_id[s[1]], b->byte_id[s[2]]};
         size_t m = n;
@@ -961,7 +1569,7 @@ static int find_whole_chars(ByteLevelBpe *b, Err *err)
             uint32_t best_rank = NO_RANK, best_id = NO_ID, new_id;
             size_t best = 0;
             for (size_t i = 0; i + 1 < m; i++) {
-                uint32_t r = pair_rank(b, NULL, id[i], id[i + 1], &new_id);
+                uint32_t r = pair_rank(b, NULL, 0, id[i], id[i + 1], &new_id);
                 if (r < best_rank) {
                     best_rank = r;
                     best = i;
@@ -979,8 +1587,7 @@ static int find_whole_chars(ByteLevelBpe *b, Err *err)
             m--;
         }
         if (m == 1 && id[0] == token) {
-            b->char_token[cp] = token;
-            b->char_rank[cp] = highest;
+            b->chars[cp] = (WholeChar){token, highest};
         }
     }
     return 0;
@@ -994,9 +1601,11 @@ static ThreadState *thread_state(const ByteLevelBpe *b)
     ts = calloc(1, sizeof *ts);
     if (!ts) return NULL;
     ts->cache = calloc(CACHE_SLOTS, sizeof *ts->cache);
+    ts->cache_hash = calloc(CACHE_SLOTS, sizeof *ts->cache_hash);
     if (b->use_ranks) ts->pairs = calloc(PAIR_CACHE_SLOTS, sizeof *ts->pairs);
-    if (!ts->cache || (b->use_ranks && !ts->pairs)) {
+    if (!ts->cache || !ts->cache_hash || (b->use_ranks && !ts->pairs)) {
         free(ts->cache);
+        free(ts->cache_hash);
         free(ts->pairs);
         free(ts);
         return NULL;
@@ -1014,7 +1623,8 @@ static int grow_work(ThreadState *ts, size_t len)
 {
     if (len + 1 <= ts->work_cap) return 0;
     size_t cap = len + 1 > 2 * ts->work_cap ? len + 1 : 2 * ts->work_cap;
-    uint32_t **arrays[] = {&ts->node_id, &ts->node_next, &ts->node_prev, &ts->part_start, &ts->part_id};
+    uint32_t **arrays[] = {&ts->node_id, &ts->node_next, &ts->node_prev, &ts->part_start, &ts->part_id,
+                           &ts->piece_ids};
     for (size_t k = 0; k < sizeof arrays / sizeof *arrays; k++) {
         uint32_t *p = realloc(*arrays[k], cap * sizeof *p);
         if (!p) return -1;
@@ -1025,12 +1635,13 @@ static int grow_work(ThreadState *ts, size_t len)
 }
 
 // BPE of a piece of len >= 1 bytes into out (room for len ids); the number of ids or -1.
-// use_heap: -1 choose by size, 0 scan (at most SCAN_MAX_PARTS parts), 1 heap.
+// use_heap: -1 choose by size, 0 scan (at most SCAN_MAX_PARTS parts), 1 heap; ts->plain: see
+// bytelevel_bpe_piece.
 static long merge_piece(const ByteLevelBpe *b, ThreadState *ts, const uint8_t *piece, size_t len, int use_heap,
                         uint32_t *out)
 {
     if (grow_work(ts, len) < 0) return -1;
-    size_t m = initial_parts(b, piece, len, ts->part_start, ts->part_id);
+    size_t m = initial_parts(b, ts->plain, piece, len, ts->part_start, ts->part_id);
     ts->part_start[m] = (uint32_t)len;
     if (use_heap < 0) use_heap = m > SCAN_MAX_PARTS;
     if (!use_heap && m > SCAN_MAX_PARTS) return -1;
@@ -1043,7 +1654,10 @@ long bytelevel_bpe_piece(const ByteLevelBpe *b, const char *piece, size_t len, i
     ThreadState *ts = thread_state(b);
     if (!ts) return -1;
     if (!len) return 0;
-    return merge_piece(b, ts, (const uint8_t *)piece, len, use_heap, out);
+    ts->plain = use_heap == 2;
+    long n = merge_piece(b, ts, (const uint8_t *)piece, len, use_heap == 2 ? 1 : use_heap, out);
+    ts->plain = 0;
+    return n;
 }
 
 // ---- encoding ----------------------------------------------------------------------------
@@ -1074,45 +1688,43 @@ static int output_reserve(Output *o, size_t more)
 static inline int output_tokens(const ByteLevelBpe *b, Output *o, const uint32_t *ids, size_t count, size_t at)
 {
     if (o->n + count > *o->cap && output_reserve(o, count) < 0) return -1;
-    for (size_t i = 0; i < count; i++) {
-        (*o->ids)[o->n] = ids[i];
-        if (o->offsets) (*o->offsets)[o->n] = (uint32_t)at;
-        at += b->tok[ids[i]].len;
-        o->n++;
-    }
+    memcpy(*o->ids + o->n, ids, count * sizeof *ids);
+    if (o->offsets)   // (token lengths are a random read each: only when asked for)
+        for (size_t i = 0; i < count; i++) {
+            (*o->offsets)[o->n + i] = (uint32_t)at;
+            at += b->tok[ids[i]].len;
+        }
+    o->n += count;
     return 0;
 }
 
 static int encode_piece(const ByteLevelBpe *b, ThreadState *ts, const uint8_t *piece, size_t len, size_t at, Output *o)
 {
     if (len == 1) return output_tokens(b, o, &b->byte_id[piece[0]], 1, at);
-    uint64_t h = hash_bytes(piece, len);
-    if (b->whole_piece_lookup) {
+    uint64_t h = len <= CACHE_BYTES || len <= b->max_token_len ? hash_bytes(piece, len) : 0;
+    if (b->whole_piece_lookup && len <= b->max_token_len) {
         uint32_t id = vocab_find_hashed(b, piece, len, h);
         if (id != NO_ID) return output_tokens(b, o, &id, 1, at);
     }
     CacheSlot *slot = NULL;
     if (len <= CACHE_BYTES) {
-        slot = &ts->cache[h & (CACHE_SLOTS - 1)];
-        if (slot->hash == h && slot->len == len && memcmp(slot->bytes, piece, len) == 0)
+        size_t i = h & (CACHE_SLOTS - 1);
+        slot = &ts->cache[i];
+        if (ts->cache_hash[i] == h && slot->len == len && memcmp(slot->bytes, piece, len) == 0)
             return output_tokens(b, o, slot->ids, slot->n_ids, at);
     }
-    uint32_t small[64];
-    uint32_t *ids = small;
-    if (len > 64) {
-        ids = malloc(len * sizeof *ids);
-        if (!ids) return -1;
-    }
+    if (grow_work(ts, len) < 0) return -1;
+    uint32_t *ids = ts->piece_ids;
     long count = merge_piece(b, ts, piece, len, -1, ids);
     int rc = count < 0 ? -1 : output_tokens(b, o, ids, (size_t)count, at);
     if (rc == 0 && slot && count <= CACHE_IDS) {
         slot->hash = h;
+        ts->cache_hash[slot - ts->cache] = h;
         slot->len = (uint16_t)len;
         slot->n_ids = (uint8_t)count;
         memcpy(slot->ids, ids, (size_t)count * sizeof *ids);
         memcpy(slot->bytes, piece, len);
     }
-    if (ids != small) free(ids);
     return rc;
 }
 
@@ -1247,8 +1859,8 @@ uint64_t bytelevel_fingerprint(const ByteLevelBpe *b)
     }
     if (!b->use_ranks && !b->merges_follow_ranks)
         for (uint32_t i = 0; i <= b->pair_mask; i++)
-            if (b->pair_rank[i]) {
-                uint64_t entry[2] = {b->pair_keys[i], b->pair_rank[i]};
+            if (b->pairs[i].rank) {
+                uint64_t entry[2] = {b->pairs[i].key, b->pairs[i].rank};
                 XXH3_64bits_update(&st, entry, sizeof entry);
             }
     return XXH3_64bits_digest(&st);

@@ -1,4 +1,4 @@
-// defines: ByteLevelBpe, bytelevel_json_is_bytelevel, bytelevel_load_json, bytelevel_load_tiktoken, bytelevel_add_token, bytelevel_add_llama3_specials, bytelevel_free, bytelevel_encode, bytelevel_decode, bytelevel_token_bytes, bytelevel_is_special, bytelevel_token_id, bytelevel_vocab_size, bytelevel_adds_bos_template, bytelevel_bos_template, bytelevel_fingerprint, bytelevel_bpe_piece
+// defines: ByteLevelBpe, bytelevel_json_is_bytelevel, bytelevel_load_json, bytelevel_load_json_text, bytelevel_load_tiktoken, bytelevel_add_token, bytelevel_add_llama3_specials, bytelevel_free, bytelevel_encode, bytelevel_decode, bytelevel_token_bytes, bytelevel_is_special, bytelevel_token_id, bytelevel_vocab_size, bytelevel_adds_bos_template, bytelevel_bos_template, bytelevel_fingerprint, bytelevel_bpe_piece
 // The byte-level BPE half of lib/tokenizer.h ("bpe-bytelevel"), for Llama 3 / 3.1 / 3.2. Two
 // sources, one engine:
 //   - tiktoken's tokenizer.model: one "base64(token bytes) rank" line per token; a pair of
@@ -11,8 +11,10 @@
 // (tiktoken always does this; Hugging Face when ignore_merges); else a per-thread cache of
 // piece -> ids; else BPE: a scan for pieces of up to 16 parts, a heap over a linked list above
 // (O(n log n) in the piece length, so 1 MB of one character is fine). Merging starts from whole
-// characters where that provably gives the same result (see find_whole_chars), and tiktoken's
-// "is the concatenation a token" answers are cached per thread by pair of ids.
+// characters where that provably gives the same result (see find_whole_chars); pairs of
+// "pure" tokens (whole non-ASCII characters only: CJK words) are answered by a small exact
+// table built at load (see build_pure_pairs); tiktoken's "is the concatenation a token"
+// answers for other pairs are cached per thread by pair of ids.
 // Thread safety: all per-thread state lives in ThreadState, found through a pthread key and
 // freed with the tokenizer; a loaded tokenizer is otherwise read-only.
 #ifndef BPE_BYTELEVEL_H
@@ -33,6 +35,13 @@ int bytelevel_json_is_bytelevel(const json_t *root);
 // Build from a parsed tokenizer.json (root; not kept). name is used in messages. NULL with a
 // message naming the unsupported part ("pre_tokenizer type Whitespace is not supported").
 ByteLevelBpe *bytelevel_load_json(const json_t *root, const char *name, Err *err);
+
+// The same from the text of a tokenizer.json, faster: jansson parses all but model.vocab and
+// model.merges, which are read straight from the text. NULL with *fallback = 1 when the text is
+// not a byte-level BPE or holds anything unexpected (parse it with jansson and call
+// bytelevel_load_json, which also gives the messages for malformed files); NULL with
+// *fallback = 0 and a message for an unsupported tokenizer.
+ByteLevelBpe *bytelevel_load_json_text(const char *text, size_t len, const char *name, int *fallback, Err *err);
 
 // Build from a tiktoken rank file. It holds no special tokens: add them with
 // bytelevel_add_token or bytelevel_add_llama3_specials.
@@ -71,8 +80,10 @@ int bytelevel_adds_bos_template(const ByteLevelBpe *b, int64_t *bos_id);
 uint64_t bytelevel_fingerprint(const ByteLevelBpe *b);
 
 // BPE of one piece (no whole-piece lookup, no cache): for tests comparing the heap merge with
-// the quadratic one. use_heap: 0 quadratic (pieces of at most 16 parts), 1 heap. Returns the
-// number of ids written to out (room for len ids), or -1.
+// the quadratic one, and both with the plain merge. use_heap: 0 quadratic (pieces of at most
+// 16 parts), 1 heap, 2 plain: heap from single bytes with the general pair lookup only (no
+// whole-character parts, no pure-pair table). Returns the number of ids written to out (room
+// for len ids), or -1.
 long bytelevel_bpe_piece(const ByteLevelBpe *b, const char *piece, size_t len, int use_heap, uint32_t *out);
 
 #endif

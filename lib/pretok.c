@@ -35,6 +35,10 @@ static inline size_t class_at(const uint8_t *s, uint32_t *cp, int *cls)
 static inline const uint8_t *skip_class(const uint8_t *p, const uint8_t *end, int cls)
 {
     while (p < end) {
+        if (cls == UNI_LETTER && utf8_lead_all_letters(*p)) {   // (valid UTF-8: 3 bytes are there)
+            p += 3;
+            continue;
+        }
         uint32_t cp;
         int c;
         size_t n = class_at(p, &cp, &c);

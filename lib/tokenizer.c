@@ -17,7 +17,10 @@
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "bpe_bytelevel.h"
 #include "bpe_spm.h"
@@ -105,12 +108,48 @@ static int add_config_tokens(ByteLevelBpe *b, const json_t *config, const char *
     return 0;
 }
 
+// The whole file, mapped read-only (a 9 MB tokenizer.json is not copied), or NULL with a
+// message. An empty file gives a page of zeros; unmap with munmap(text, *len ? *len : 1).
+static char *map_whole_file(const char *path, size_t *len, Err *err)
+{
+    int fd = open(path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        err_set(err, "%s: %s", path, strerror(errno));
+        if (fd >= 0) close(fd);
+        return NULL;
+    }
+    *len = (size_t)st.st_size;
+    void *p = *len ? mmap(NULL, *len, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0)
+                   : mmap(NULL, 1, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int saved = errno;
+    close(fd);
+    if (p == MAP_FAILED) {
+        err_set(err, "%s: %s", path, strerror(saved));
+        return NULL;
+    }
+    return p;
+}
+
 static int load_tokenizer_json(Tokenizer *t, const char *path, Err *err)
 {
-    json_error_t je;
-    json_t *root = json_load_file(path, 0, &je);
-    if (!root) return err_set(err, "%s:%d: %s", path, je.line, je.text);
+    size_t len;
+    char *text = map_whole_file(path, &len, err);
+    if (!text) return -1;
+    size_t map_len = len ? len : 1;
     const char *name = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    // Byte-level BPE files (Llama 3's is 9 MB) first without a full jansson tree; anything
+    // else, or anything unusual, through jansson.
+    int fallback;
+    t->bytelevel = bytelevel_load_json_text(text, len, name, &fallback, err);
+    if (t->bytelevel || !fallback) {
+        munmap(text, map_len);
+        return t->bytelevel ? 0 : -1;
+    }
+    json_error_t je;
+    json_t *root = json_loadb(text, len, 0, &je);
+    munmap(text, map_len);
+    if (!root) return err_set(err, "%s:%d: %s", path, je.line, je.text);
     if (bytelevel_json_is_bytelevel(root))
         t->bytelevel = bytelevel_load_json(root, name, err);
     else if (spm_json_is_sentencepiece(root))

@@ -18,6 +18,18 @@ size_t utf8_valid_prefix(const char *text, size_t len)
         if (i >= len) break;
         uint8_t b = s[i];
         if (b < 0x80) { i++; continue; }
+        // Fast paths: 2-byte sequences, and 3-byte ones whose lead byte allows every
+        // continuation (not E0: overlongs; not ED: surrogates), as in CJK text.
+        if (b >= 0xC2 && b <= 0xDF) {
+            if (i + 1 >= len || (s[i + 1] & 0xC0) != 0x80) return i;
+            i += 2;
+            continue;
+        }
+        if ((b >= 0xE1 && b <= 0xEC) || b == 0xEE || b == 0xEF) {
+            if (i + 2 >= len || (s[i + 1] & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80) return i;
+            i += 3;
+            continue;
+        }
         size_t need;
         uint32_t min;
         if (b >= 0xC2 && b <= 0xDF) { need = 1; min = 0x80; }

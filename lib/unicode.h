@@ -1,4 +1,4 @@
-// defines: unicode_class, UNI_OTHER/LETTER/NUMBER/SPACE, utf8_decode, utf8_valid_prefix
+// defines: unicode_class, UNI_OTHER/LETTER/NUMBER/SPACE, utf8_lead_all_letters, utf8_decode, utf8_valid_prefix
 // The three character classes of the Llama 3 pre-tokenizer regex (\p{L}, \p{N}, \s) for every
 // code point, as the references see them: Unicode 16.0.0 General_Category and White_Space, the
 // data of the Rust regex crate in tiktoken 0.14 and of Oniguruma in tokenizers 0.23.
@@ -17,6 +17,14 @@ extern const uint8_t unicode_blocks[][256];             // (n_blocks, 256) class
 static inline int unicode_class(uint32_t cp)
 {
     return cp < 0x110000 ? unicode_blocks[unicode_block_of[cp >> 8]][cp & 0xff] : UNI_OTHER;
+}
+
+// 1 when every code point of the 3-byte sequences with lead byte c is a letter (U+5000-U+9FFF,
+// CJK ideographs; U+B000-U+CFFF, Hangul): the pre-tokenizer skips runs of them undecoded.
+// tokenizer_test checks this against unicode_class.
+static inline int utf8_lead_all_letters(uint8_t c)
+{
+    return (c >= 0xE5 && c <= 0xE9) || c == 0xEB || c == 0xEC;
 }
 
 // Decode one code point of valid UTF-8 at s; returns its length in bytes (1-4).

@@ -42,7 +42,10 @@ ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write 
 
 
 def build_driver():
-    """make libalp.a, then the driver beside it (the Makefile does not know tests/tokenizer/)."""
+    """make libalp.a, then the driver beside it (the Makefile does not know tests/tokenizer/).
+    $TOKDRV names a driver built elsewhere instead."""
+    if os.environ.get("TOKDRV"):
+        return os.environ["TOKDRV"]
     subprocess.run(["make", "-s", "build/obj/libalp.a"], cwd=TOP, check=True)
     exe = os.path.join(TOP, "build", "obj", "test", "tokdrv")
     os.makedirs(os.path.dirname(exe), exist_ok=True)

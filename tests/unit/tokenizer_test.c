@@ -104,6 +104,19 @@ static void test_unicode(void)
     is_int(utf8_valid_prefix("\xf4\x90\x80\x80", 4), 0, "above U+10FFFF rejected");
     is_int(utf8_valid_prefix("abcdefgh\xe6\x97", 10), 8, "truncated sequence rejected");
     is_int(utf8_valid_prefix("\xf4\x8f\xbf\xbf\xef\xbf\xbf", 7), 7, "U+10FFFF and U+FFFF accepted");
+    is_int(utf8_valid_prefix("\xe6\x97\xa5\xc3\xa9\xe0\x9f\xbf", 8), 5, "overlong 3-byte rejected after fast paths");
+    is_int(utf8_valid_prefix("\xe6\x97", 2), 0, "truncated 3-byte sequence rejected");
+    is_int(utf8_valid_prefix("\xe6\x97\x41", 3), 0, "3-byte sequence with a bad continuation rejected");
+    is_int(utf8_valid_prefix("\xc3", 1), 0, "truncated 2-byte sequence rejected");
+    // utf8_lead_all_letters agrees with the tables for every 3-byte lead byte.
+    int leads_ok = 1;
+    for (uint32_t lead = 0xE0; lead <= 0xEF && leads_ok; lead++) {
+        int all = 1;
+        for (uint32_t cp = (lead & 0xF) << 12; cp < ((lead & 0xF) + 1) << 12; cp++)
+            if ((cp < 0xD800 || cp > 0xDFFF) && unicode_class(cp) != UNI_LETTER) all = 0;
+        if (utf8_lead_all_letters((uint8_t)lead) && !all) leads_ok = 0;
+    }
+    ok(leads_ok, "every lead byte utf8_lead_all_letters names starts letters only");
 }
 
 // ---- a tiny tokenizer in both formats ------------------------------------------------------
@@ -312,6 +325,124 @@ static void test_tiny(void)
     free(text);
     tokenizer_free(tt);
     tokenizer_free(tj);
+}
+
+// The whole of a file, NUL-terminated (NULL when unreadable).
+static char *slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = malloc((size_t)n + 1);
+    *len = text ? fread(text, 1, (size_t)n, f) : 0;
+    if (text) text[*len] = 0;
+    fclose(f);
+    return text;
+}
+
+// Both loaders of a tokenizer.json text: the scanner's (NULL when it falls back) and jansson's.
+static void load_both(const char *text, size_t len, ByteLevelBpe **fast, int *fallback, ByteLevelBpe **tree)
+{
+    Err err = {{0}};
+    *fast = bytelevel_load_json_text(text, len, "t.json", fallback, &err);
+    json_error_t je;
+    json_t *root = json_loadb(text, len, 0, &je);
+    *tree = root ? bytelevel_load_json(root, "t.json", &err) : NULL;
+    json_decref(root);
+}
+
+// Same ids for random texts over alphabet (NUL-separated UTF-8 strings), in every merge mode
+// of bytelevel_bpe_piece: the heap, the plain merge from bytes, and the other tokenizer's heap.
+static int same_merges(const ByteLevelBpe *a, const ByteLevelBpe *b, const char *const *alphabet, size_t n_alphabet,
+                       int trials, unsigned seed)
+{
+    srand(seed);
+    for (int trial = 0; trial < trials; trial++) {
+        char text[512];
+        size_t len = 0, parts = 1 + (size_t)rand() % 40;
+        for (size_t i = 0; i < parts; i++) {
+            const char *s = alphabet[(size_t)rand() % n_alphabet];
+            if (len + strlen(s) >= sizeof text) break;
+            memcpy(text + len, s, strlen(s));
+            len += strlen(s);
+        }
+        uint32_t x[512], y[512], z[512];
+        long nx = bytelevel_bpe_piece(a, text, len, 1, x), ny = bytelevel_bpe_piece(a, text, len, 2, y);
+        long nz = bytelevel_bpe_piece(b, text, len, 1, z);
+        if (nx < 0 || !ids_equal(x, nx, y, ny) || !ids_equal(x, nx, z, nz)) {
+            printf("# merges differ on '%.*s'\n", (int)len, text);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+// bytelevel_load_json_text reads what jansson reads, and falls back on anything unusual.
+static void test_json_scanner(void)
+{
+    write_tiny_json(tmp_path("scan.json"), 0);
+    size_t len;
+    char *text = slurp(tmp_path("scan.json"), &len);
+    json_error_t je;
+    json_t *root = json_loadb(text, len, 0, &je);
+    static const char *const tiny_alphabet[] = {"a", "b", "c", " ", "x", "1", "\n"};
+    // Layouts: as dumped; indented with every non-ASCII character escaped (\u0120 for the
+    // space's character); merges before vocab.
+    char *variants[3] = {text, json_dumps(root, JSON_INDENT(2) | JSON_ENSURE_ASCII), NULL};
+    json_t *model = json_object_get(root, "model"), *reordered = json_object();
+    json_object_set(reordered, "merges", json_object_get(model, "merges"));
+    json_object_set(reordered, "type", json_object_get(model, "type"));
+    json_object_set(reordered, "vocab", json_object_get(model, "vocab"));
+    json_object_set_new(root, "model", reordered);
+    variants[2] = json_dumps(root, JSON_COMPACT);
+    const char *names[] = {"as dumped", "indented, \\u escapes", "merges before vocab"};
+    for (int k = 0; k < 3; k++) {
+        ByteLevelBpe *fast, *tree;
+        int fallback;
+        load_both(variants[k], strlen(variants[k]), &fast, &fallback, &tree);
+        ok(fast && tree && bytelevel_fingerprint(fast) == bytelevel_fingerprint(tree) &&
+               same_merges(fast, tree, tiny_alphabet, 7, 300, 11),
+           "tokenizer.json scanner, %s: read without falling back, same tokenizer as jansson's", names[k]);
+        bytelevel_free(fast);
+        bytelevel_free(tree);
+    }
+    // Unusual text: the scanner hands it back, jansson's path decides.
+    struct {
+        const char *find, *replace, *what;
+        int loads;
+    } unusual[] = {
+        {"\"vocab\": {", "\"vocab\": {\"!\": 300, ", "a key twice (jansson keeps the last)", 1},
+        {"\"!\": 33", "\"!\": 33.0", "an id written as a real", 0},
+        {"\"vocab\": {", "\"vocab\": {\"\\u0000\": 300, ", "a key holding NUL", 0},
+        {"\"merges\": [", "\"merges\": [\"a b c\", ", "a merge of three parts", 0},
+        {"\"model\": {", "\"model\": {\"vocab\": {}, ", "model.vocab twice", 1},
+    };
+    for (size_t i = 0; i < sizeof unusual / sizeof *unusual; i++) {
+        const char *at = strstr(text, unusual[i].find);
+        if (!at) {
+            ok(0, "fixture has %s", unusual[i].find);
+            continue;
+        }
+        size_t head = (size_t)(at - text), find_len = strlen(unusual[i].find), rep_len = strlen(unusual[i].replace);
+        char *bad = malloc(len + rep_len + 1);
+        memcpy(bad, text, head);
+        memcpy(bad + head, unusual[i].replace, rep_len);
+        memcpy(bad + head + rep_len, at + find_len, len - head - find_len + 1);
+        ByteLevelBpe *fast, *tree;
+        int fallback;
+        load_both(bad, strlen(bad), &fast, &fallback, &tree);
+        ok(!fast && fallback && (tree != NULL) == unusual[i].loads, "tokenizer.json scanner falls back on %s (jansson: %s)",
+           unusual[i].what, tree ? "loads" : "rejects");
+        bytelevel_free(fast);
+        bytelevel_free(tree);
+        free(bad);
+    }
+    json_decref(root);
+    free(variants[1]);
+    free(variants[2]);
+    free(text);
 }
 
 static void test_load_errors(void)
@@ -635,6 +766,46 @@ static void test_linear(const Tokenizer *t)
     }
 }
 
+// Llama 3's merges three ways: the encoder's heap (whole characters, pure-pair table), the
+// plain merge from bytes, and the other loader (tokenizer.model against tokenizer.json read
+// by the scanner, and the scanner against jansson's tree), on random text rich in CJK, other
+// scripts and the punctuation around them.
+static void test_llama3_merges(const char *llama3)
+{
+    static const char *const alphabet[] = {
+        "的", "一", "是", "了", "我", "不", "人", "在", "他", "有", "这", "个", "上", "们", "来", "到", "时",
+        "大", "地", "为", "子", "中", "你", "说", "生", "国", "年", "着", "就", "那", "和", "要", "她", "出",
+        "也", "得", "里", "后", "自", "以", "会", "家", "可", "下", "而", "过", "天", "去", "能", "对", "小",
+        "多", "然", "于", "心", "学", "么", "之", "都", "好", "看", "起", "发", "当", "没", "成", "只", "如",
+        "事", "把", "还", "用", "第", "样", "道", "想", "作", "种", "开", "美", "总", "从", "无", "情", "己",
+        "面", "最", "女", "但", "现", "前", "些", "所", "同", "日", "手", "又", "行", "意", "动", "龘", "齉",
+        "鬱", "灪", "。", "，", "、", "：", "“", "”", "（", "）", "！", "？", "《", "》", "·", "…", "—",
+        "日本", "語", "の", "テ", "キ", "ス", "ト", "は", "で", "す", "한", "국", "어", "입", "니", "다",
+        "при", "вет", "мир", "ы", "й", "α", "β", "γ", "ω", "ά", "é", "è", "ü", "ß", "ñ", "ç", "ø", "å",
+        "ع", "ر", "ب", "ي", "ה", "ש", "ל", "ו", "ม", "า", "ก", "क", "ा", "न", "\u0301", "\u200d", "🦙", "👍",
+        "\u00a0", "\u3000", " ", "  ", "a", "b", "e", "s", "t", "the", "ing", "1", "2", "0", "x", "'", "\n", ".",
+    };
+    size_t n_alphabet = sizeof alphabet / sizeof *alphabet;
+    Err err = {{0}};
+    ByteLevelBpe *model = bytelevel_load_tiktoken(path_in(llama3, NULL, "tokenizer.model"), &err);
+    size_t len = 0;
+    char *text = slurp(path_in(llama3, NULL, "tokenizer.json"), &len);
+    ByteLevelBpe *fast = NULL, *tree = NULL;
+    int fallback = 0;
+    if (text) load_both(text, len, &fast, &fallback, &tree);
+    free(text);
+    ok(model && fast && tree, "Llama 3 loads: tokenizer.model, tokenizer.json by the scanner and by jansson");
+    if (model && fast && tree) {
+        ok(bytelevel_fingerprint(fast) == bytelevel_fingerprint(tree), "scanner and jansson: same fingerprint");
+        ok(same_merges(model, fast, alphabet, n_alphabet, 3000, 1), "tokenizer.model: heap == plain == tokenizer.json");
+        ok(same_merges(fast, tree, alphabet, n_alphabet, 3000, 2), "tokenizer.json: heap == plain == jansson's tree");
+        ok(same_merges(tree, model, alphabet, n_alphabet, 1000, 3), "jansson's tree: heap == plain == tokenizer.model");
+    }
+    bytelevel_free(model);
+    bytelevel_free(fast);
+    bytelevel_free(tree);
+}
+
 static void test_llama3(const char *data)
 {
     char *llama3 = strdup(path_in(data, NULL, "llama3"));
@@ -675,6 +846,8 @@ static void test_llama3(const char *data)
     run_case_file(json, meta, "meta official (tokenizer.json)");
     run_case_file(model, meta, "meta official (tokenizer.model)");
 
+    test_llama3_merges(llama3);
+
     run_fixture(json, "adversarial.jsonl.gz", "adversarial (tokenizer.json)");
     run_fixture(model, "adversarial.jsonl.gz", "adversarial (tokenizer.model)");
     run_fixture(json, "random-unicode.jsonl.gz", "random Unicode (tokenizer.json)");
@@ -700,6 +873,7 @@ int main(void)
     test_unicode();
     test_tiny();
     test_load_errors();
+    test_json_scanner();
     const char *data = tap_testdata();
     char probe[1024];
     snprintf(probe, sizeof probe, "%s/llama3/tokenizer.model", data);
