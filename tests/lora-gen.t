@@ -10,15 +10,15 @@ FIX="$TOP/tests/golden/gen"
 # ---- usage errors (exit 2): need no model ------------------------------------------------
 run_case "no model" 2 "model directory is required" -- "$G" -p x
 run_case "bad --device" 2 "--device: expected cpu, cuda or auto" -- "$G" -m . --device tpu -p x
-run_case "bad --temperature" 2 "--temperature: expected a number" -- "$G" -m . -t warm -p x
-run_case "negative --temperature" 2 "temperature must be a positive" -- "$G" -m . -t -1 -p x
+run_case "bad --temperature" 2 "--temperature: .* is not a number" -- "$G" -m . -t warm -p x
+run_case "negative --temperature" 2 "--temperature: .-1. is not a number" -- "$G" -m . -t -1 -p x
 run_case "bad --top-p" 2 "top-p must be in" -- "$G" -m . --top-p 1.5 -p x
 run_case "bad --min-p" 2 "min-p must be in" -- "$G" -m . --min-p 2 -p x
-run_case "bad --top-k" 2 "--top-k: expected an integer" -- "$G" -m . -k -3 -p x
+run_case "bad --top-k" 2 "--top-k: .* is not a whole number" -- "$G" -m . -k -3 -p x
 run_case "bad --repetition-penalty" 2 "repetition penalty must be" -- "$G" -m . --repetition-penalty 0 -p x
-run_case "bad --max-new-tokens" 2 "--max-new-tokens: expected an integer" -- "$G" -m . -n -1 -p x
+run_case "bad --max-new-tokens" 2 "--max-new-tokens: .* is not a whole number" -- "$G" -m . -n -1 -p x
 run_case "bad --seed" 2 "--seed: expected a non-negative integer" -- "$G" -m . -s -5 -p x
-run_case "bad --stop-id" 2 "--stop-id: expected an integer" -- "$G" -m . --stop-id x -p x
+run_case "bad --stop-id" 2 "--stop-id: .* is not a whole number" -- "$G" -m . --stop-id x -p x
 run_case "empty --stop" 2 "--stop: the text must not be empty" -- "$G" -m . --stop '' -p x
 run_case "--stop not UTF-8" 2 "--stop: the text is not valid UTF-8" -- "$G" -m . --stop "$(printf '\377')" -p x
 run_case "-p with files" 2 "-p gives the prompts" -- "$G" -m . -p x somefile

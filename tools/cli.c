@@ -1,6 +1,7 @@
 #include "cli.h"
 
 #include <errno.h>
+#include <math.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -62,6 +63,26 @@ void cli_usage_error(const char *usage, const char *fmt, ...)
     va_end(ap);
     fputs(usage, stderr);
     exit(EXIT_USAGE);
+}
+
+long cli_parse_long(const char *usage, const char *opt, const char *s, long lo, long hi)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || errno || v < lo || v > hi)
+        cli_usage_error(usage, "%s: '%s' is not a whole number from %ld to %ld", opt, s, lo, hi);
+    return v;
+}
+
+double cli_parse_double(const char *usage, const char *opt, const char *s, double lo, double hi, int hi_open)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end || errno || !isfinite(v) || v < lo || v > hi || (hi_open && v == hi))
+        cli_usage_error(usage, "%s: '%s' is not a number in [%g, %g%s", opt, s, lo, hi, hi_open ? ")" : "]");
+    return v;
 }
 
 int cli_refuse_tty(const char *hint)

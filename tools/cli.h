@@ -24,6 +24,10 @@ _Noreturn void cli_usage_error(const char *usage, const char *fmt, ...) __attrib
 int cli_refuse_tty(const char *hint);
 // "-" or NULL is stdin. On failure prints the error and returns NULL.
 FILE *cli_open_in(const char *path);
+// Option values: a whole number in [lo, hi], or a finite number in [lo, hi] (hi_open: below
+// hi); anything else is a usage error naming the option ("--rank: '4x' is not ...").
+long cli_parse_long(const char *usage, const char *opt, const char *s, long lo, long hi);
+double cli_parse_double(const char *usage, const char *opt, const char *s, double lo, double hi, int hi_open);
 // Flush stdout and check for a write error; returns the exit status to use.
 int cli_finish_stdout(int status);
 

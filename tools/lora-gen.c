@@ -94,26 +94,6 @@ typedef struct {
     size_t ids_cap;
 } Run;
 
-static long parse_long(const char *s, const char *what, long lo, long hi)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi)
-        cli_usage_error(usage, "%s: expected an integer in [%ld, %ld], got '%s'", what, lo, hi, s);
-    return v;
-}
-
-static float parse_float(const char *s, const char *what)
-{
-    char *end;
-    errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end)
-        cli_usage_error(usage, "%s: expected a number, got '%s'", what, s);
-    return v;
-}
-
 // Starts an output in text mode: the separator line when another output came before.
 static void start_output(Run *run)
 {
@@ -276,19 +256,19 @@ int main(int argc, char **argv)
                 cli_die(EXIT_DATA, "out of memory");
             prompts[n_prompts++] = optarg;
             break;
-        case 'n': max_new = parse_long(optarg, "--max-new-tokens", 0, INT_MAX); break;
+        case 'n': max_new = cli_parse_long(usage, "--max-new-tokens", optarg, 0, INT_MAX); break;
         case 'g': greedy = 1; break;
         case 't':
-            sp.temperature = parse_float(optarg, "--temperature");
+            sp.temperature = (float)cli_parse_double(usage, "--temperature", optarg, 0, 1e30, 0);
             if (sp.temperature == 0.0f)
                 greedy = 1;
             else
                 sampling = 1;
             break;
-        case 'k': sp.top_k = (int)parse_long(optarg, "--top-k", 0, INT_MAX); sampling = 1; break;
-        case OPT_TOP_P: sp.top_p = parse_float(optarg, "--top-p"); sampling = 1; break;
-        case OPT_MIN_P: sp.min_p = parse_float(optarg, "--min-p"); sampling = 1; break;
-        case OPT_REP: sp.repetition_penalty = parse_float(optarg, "--repetition-penalty"); break;
+        case 'k': sp.top_k = (int)cli_parse_long(usage, "--top-k", optarg, 0, INT_MAX); sampling = 1; break;
+        case OPT_TOP_P: sp.top_p = (float)cli_parse_double(usage, "--top-p", optarg, 0, 1e30, 0); sampling = 1; break;
+        case OPT_MIN_P: sp.min_p = (float)cli_parse_double(usage, "--min-p", optarg, 0, 1e30, 0); sampling = 1; break;
+        case OPT_REP: sp.repetition_penalty = (float)cli_parse_double(usage, "--repetition-penalty", optarg, 0, 1e30, 0); break;
         case 's': {
             char *end;
             errno = 0;
@@ -301,7 +281,7 @@ int main(int argc, char **argv)
             stop_ids = realloc(stop_ids, (n_stop_ids + 1) * sizeof *stop_ids);
             if (!stop_ids)
                 cli_die(EXIT_DATA, "out of memory");
-            stop_ids[n_stop_ids++] = parse_long(optarg, "--stop-id", 0, UINT32_MAX);
+            stop_ids[n_stop_ids++] = cli_parse_long(usage, "--stop-id", optarg, 0, UINT32_MAX);
             break;
         case OPT_STOP:
             if (!*optarg)

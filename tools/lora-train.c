@@ -93,28 +93,6 @@ static const struct option long_options[] = {
     {NULL, 0, NULL, 0},
 };
 
-// A whole number in [lo, hi] or a usage error naming the option.
-static long parse_long(const char *opt, const char *s, long lo, long hi)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || errno || v < lo || v > hi)
-        cli_usage_error(usage, "%s: '%s' is not a whole number from %ld to %ld", opt, s, lo, hi);
-    return v;
-}
-
-// A finite number in [lo, hi] (hi_open: strictly below hi) or a usage error.
-static double parse_double(const char *opt, const char *s, double lo, double hi, int hi_open)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (end == s || *end || errno || !isfinite(v) || v < lo || v > hi || (hi_open && v == hi))
-        cli_usage_error(usage, "%s: '%s' is not a number in [%g, %g%s", opt, s, lo, hi, hi_open ? ")" : "]");
-    return v;
-}
-
 static volatile sig_atomic_t stop_requested;
 
 // The first Ctrl-C asks for a checkpoint at the next step boundary; a second one kills.
@@ -213,41 +191,41 @@ int main(int argc, char **argv)
         case 'm': o.model_dir = optarg; break;
         case 'i': o.train_path = optarg; break;
         case 'o': o.out_dir = optarg; break;
-        case 'r': o.lora.rank = (int)parse_long("--rank", optarg, 1, 65536); break;
-        case OPT_ALPHA: o.lora.alpha = (float)parse_double("--alpha", optarg, 0, 1e6, 0); break;
-        case OPT_DROPOUT: o.lora.dropout = (float)parse_double("--dropout", optarg, 0, 1, 1); break;
+        case 'r': o.lora.rank = (int)cli_parse_long(usage, "--rank", optarg, 1, 65536); break;
+        case OPT_ALPHA: o.lora.alpha = (float)cli_parse_double(usage, "--alpha", optarg, 0, 1e6, 0); break;
+        case OPT_DROPOUT: o.lora.dropout = (float)cli_parse_double(usage, "--dropout", optarg, 0, 1, 1); break;
         case OPT_TARGETS:
             if (lora_parse_targets(optarg, &o.lora.targets, &err) < 0)
                 cli_usage_error(usage, "--targets: %s", err.msg);
             break;
         case OPT_RSLORA: o.lora.use_rslora = 1; break;
-        case 's': o.seed = (uint64_t)parse_long("--seed", optarg, 0, LONG_MAX); break;
-        case 'b': o.batch = (int)parse_long("--batch", optarg, 1, 1 << 16); break;
-        case 'a': o.accum = (int)parse_long("--accum", optarg, 1, 1 << 20); break;
-        case 'n': o.max_steps = parse_long("--max-steps", optarg, 1, LONG_MAX / 2); have_steps = 1; break;
-        case 'e': o.epochs = parse_double("--epochs", optarg, 1e-9, 1e6, 0); have_epochs = 1; break;
+        case 's': o.seed = (uint64_t)cli_parse_long(usage, "--seed", optarg, 0, LONG_MAX); break;
+        case 'b': o.batch = (int)cli_parse_long(usage, "--batch", optarg, 1, 1 << 16); break;
+        case 'a': o.accum = (int)cli_parse_long(usage, "--accum", optarg, 1, 1 << 20); break;
+        case 'n': o.max_steps = cli_parse_long(usage, "--max-steps", optarg, 1, LONG_MAX / 2); have_steps = 1; break;
+        case 'e': o.epochs = cli_parse_double(usage, "--epochs", optarg, 1e-9, 1e6, 0); have_epochs = 1; break;
         case OPT_WARMUP_STEPS:
-            o.warmup_steps = parse_long("--warmup-steps", optarg, 0, LONG_MAX / 2);
+            o.warmup_steps = cli_parse_long(usage, "--warmup-steps", optarg, 0, LONG_MAX / 2);
             have_warmup_steps = 1;
             break;
         case OPT_WARMUP_RATIO:
-            o.warmup_ratio = parse_double("--warmup-ratio", optarg, 0, 1, 0);
+            o.warmup_ratio = cli_parse_double(usage, "--warmup-ratio", optarg, 0, 1, 0);
             o.warmup_steps = -1;
             have_warmup_ratio = 1;
             break;
-        case OPT_LR: o.lr = parse_double("--lr", optarg, 0, 1e3, 0); break;
+        case OPT_LR: o.lr = cli_parse_double(usage, "--lr", optarg, 0, 1e3, 0); break;
         case OPT_SCHEDULER:
             if (schedule_parse(optarg, &o.schedule, &err) < 0)
                 cli_usage_error(usage, "--scheduler: %s", err.msg);
             break;
-        case OPT_WEIGHT_DECAY: o.adamw.weight_decay = (float)parse_double("--weight-decay", optarg, 0, 1e3, 0); break;
-        case OPT_MAX_GRAD_NORM: o.max_grad_norm = parse_double("--max-grad-norm", optarg, 0, 1e30, 0); break;
-        case OPT_BETA1: o.adamw.beta1 = (float)parse_double("--adam-beta1", optarg, 0, 1, 1); break;
-        case OPT_BETA2: o.adamw.beta2 = (float)parse_double("--adam-beta2", optarg, 0, 1, 1); break;
-        case OPT_EPS: o.adamw.eps = (float)parse_double("--adam-eps", optarg, 0, 1, 0); break;
+        case OPT_WEIGHT_DECAY: o.adamw.weight_decay = (float)cli_parse_double(usage, "--weight-decay", optarg, 0, 1e3, 0); break;
+        case OPT_MAX_GRAD_NORM: o.max_grad_norm = cli_parse_double(usage, "--max-grad-norm", optarg, 0, 1e30, 0); break;
+        case OPT_BETA1: o.adamw.beta1 = (float)cli_parse_double(usage, "--adam-beta1", optarg, 0, 1, 1); break;
+        case OPT_BETA2: o.adamw.beta2 = (float)cli_parse_double(usage, "--adam-beta2", optarg, 0, 1, 1); break;
+        case OPT_EPS: o.adamw.eps = (float)cli_parse_double(usage, "--adam-eps", optarg, 0, 1, 0); break;
         case OPT_EVAL: o.eval_path = optarg; break;
-        case OPT_EVAL_EVERY: o.eval_every = parse_long("--eval-every", optarg, 0, LONG_MAX / 2); break;
-        case OPT_SAVE_EVERY: o.save_every = parse_long("--save-every", optarg, 0, LONG_MAX / 2); break;
+        case OPT_EVAL_EVERY: o.eval_every = cli_parse_long(usage, "--eval-every", optarg, 0, LONG_MAX / 2); break;
+        case OPT_SAVE_EVERY: o.save_every = cli_parse_long(usage, "--save-every", optarg, 0, LONG_MAX / 2); break;
         case OPT_RESUME: resume = 1; resume_dir = optarg; break;
         case OPT_METRICS: o.metrics_path = optarg; break;
         case OPT_DEVICE: device = optarg; break;

@@ -28,16 +28,6 @@ static const char usage[] =
 
 static void warn_line(const char *msg) { cli_error("%s", msg); }
 
-static long parse_long(const char *s, const char *what, long min, long max)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < min || v > max)
-        cli_usage_error(usage, "%s: not a number in %ld..%ld: '%s'", what, min, max, s);
-    return v;
-}
-
 int main(int argc, char **argv)
 {
     cli_init(argv[0]);
@@ -56,10 +46,10 @@ int main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, ":m:j:bBe:dstqh", longopts, NULL)) != -1) {
         switch (c) {
         case 'm': model = optarg; break;
-        case 'j': o.threads = (int)parse_long(optarg, "--jobs", 1, 1024); break;
+        case 'j': o.threads = (int)cli_parse_long(usage, "--jobs", optarg, 1, 1024); break;
         case 'b': o.bos = 1; break;
         case 'B': o.bos = 0; break;
-        case 'e': o.eos_id = parse_long(optarg, "--eos-id", 0, UINT32_MAX); break;
+        case 'e': o.eos_id = cli_parse_long(usage, "--eos-id", optarg, 0, UINT32_MAX); break;
         case 'd': o.decode = 1; break;
         case 's': o.skip_special = 1; break;
         case 't': o.plain_text = 1; break;
