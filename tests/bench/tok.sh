@@ -9,7 +9,8 @@
 # the peers: time.process_time), not wall time: on a shared machine wall time measures the
 # neighbours too.
 # Ours is measured after one untimed pass over the corpus (steady state: per-thread caches
-# warm, as over any real data set); the peers have no such caches.
+# warm, as over any real data set); the peers have no such caches. The "cold" column is that
+# first pass alone (empty caches), the lower bound for a corpus seen once.
 # Also: load time (CPU) of each tokenizer file, and a 1 MB run of one character (linear time).
 set -eu
 TOP=$(cd "$(dirname "$0")/../.." && pwd)
@@ -50,9 +51,9 @@ for lang in ("en", "zh"):
 corpora["mixed"] = corpora["en"] + corpora["zh"]
 tmp = tempfile.mkdtemp()
 
-def ours(tok, path):
+def ours(tok, path, cold=False):
     out = subprocess.run([drv, tok, "-b", path, "-r", "3"], capture_output=True, text=True, check=True).stdout
-    return float(out.split()[0])
+    return float(out.split()[3 if cold else 0])
 
 def rate(fn, texts):
     n = sum(len(t.encode()) for t in texts)
@@ -72,16 +73,17 @@ if Tokenizer:
     t0 = time.process_time()
     hf = Tokenizer.from_file(f"{data}/llama3/tokenizer.json")
     peer_load["tokenizers (tokenizer.json)"] = (time.process_time() - t0) * 1e3
-print(f"{'corpus':8} {'MB':>5} {'ours(model)':>11} {'ours(json)':>10} {'tiktoken':>9} {'hf':>7}  {'vs tiktoken':>11} {'vs hf':>7}"
+print(f"{'corpus':8} {'MB':>5} {'ours(model)':>11} {'ours(json)':>10} {'cold':>6} {'tiktoken':>9} {'hf':>7}  {'vs tiktoken':>11} {'cold vs tt':>10} {'vs hf':>7}"
       f"   MB/s of CPU time, median of {rounds}")
 for name, texts in corpora.items():
     path = os.path.join(tmp, name + ".jsonl")
     with open(path, "w") as f:
         for t in texts:
             f.write(json.dumps({"text": t}) + "\n")
-    runs = {"model": [], "json": [], "tiktoken": [], "hf": []}
+    runs = {"model": [], "json": [], "cold": [], "tiktoken": [], "hf": []}
     for _ in range(rounds):
         runs["model"].append(ours(model, path))
+        runs["cold"].append(ours(model, path, cold=True))
         runs["json"].append(ours(tjson, path))
         if tt:
             runs["tiktoken"].append(rate(tt.encode_ordinary, texts))
@@ -89,8 +91,8 @@ for name, texts in corpora.items():
             runs["hf"].append(rate(lambda t: hf.encode(t, add_special_tokens=False), texts))
     med = {k: statistics.median(v) if v else float("nan") for k, v in runs.items()}
     mb = sum(len(t.encode()) for t in texts) / 1e6
-    print(f"{name:8} {mb:5.2f} {med['model']:11.1f} {med['json']:10.1f} {med['tiktoken']:9.1f} {med['hf']:7.1f}"
-          f"  {med['model'] / med['tiktoken']:10.1f}x {med['model'] / med['hf']:6.1f}x")
+    print(f"{name:8} {mb:5.2f} {med['model']:11.1f} {med['json']:10.1f} {med['cold']:6.1f} {med['tiktoken']:9.1f} {med['hf']:7.1f}"
+          f"  {med['model'] / med['tiktoken']:10.1f}x {med['cold'] / med['tiktoken']:9.1f}x {med['model'] / med['hf']:6.1f}x")
 for tok in (model, f"{data}/llama3/tokenizer.json"):
     ms = statistics.median([float(subprocess.run([drv, tok, "-l"], capture_output=True, text=True, check=True).stdout)
                             for _ in range(3)])
