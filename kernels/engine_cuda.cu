@@ -1,0 +1,672 @@
+// The CUDA training step (kernels/engine_cuda.cuh): the CPU reference's forward and backward
+// (lib/engine_cpu.c) with bf16 storage and fp32 accumulation. It reads in the order a step
+// runs: device state, weights, the products, attention for odd head sizes, then the model.
+//
+// Shapes: N = B*T positions (flattened row-major), D = dim, Hq/Hkv = query and key-value heads,
+// hd = head_dim, QD = Hq*hd, KD = Hkv*hd, F = hidden_dim, V = vocab, r = LoRA rank.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <vector>
+
+#include "attention.cuh"
+#include "cross_entropy.cuh"
+#include "cuda_check.cuh"
+#include "embedding.cuh"
+#include "engine_cuda.cuh"
+#include "rmsnorm.cuh"
+#include "rope.cuh"
+#include "swiglu.cuh"
+
+// The plain attention kernels hold one query and its accumulator in registers.
+#define NAIVE_ATTN_MAX_HD 128
+// Cross-entropy blocks: the (token_chunk, vocab_chunk) fp32 logits of one block live at a time.
+#define CE_TOKEN_CHUNK 4096
+#define CE_VOCAB_CHUNK 32768
+
+typedef struct {
+    bf16_t *attn_norm;               // (D)
+    bf16_t *proj[PROJ_COUNT];        // W (out, in), see model_proj_dims
+    bf16_t *ffn_norm;                // (D)
+} LayerDev;
+
+// Per layer activations kept for the backward pass (bf16 unless said).
+typedef struct {
+    bf16_t *x_in;                    // (N, D)  residual stream entering the layer
+    bf16_t *xn1;                     // (N, D)
+    float *rstd1;                    // (N)
+    bf16_t *q;                       // (N, QD) after RoPE
+    bf16_t *k, *v;                   // (N, KD) k after RoPE
+    bf16_t *attn;                    // (N, QD) attention output
+    float *lse;                      // (N, Hq) log-sum-exp of each query's scores
+    bf16_t *x_mid;                   // (N, D)
+    bf16_t *xn2;                     // (N, D)
+    float *rstd2;                    // (N)
+    bf16_t *gate, *up, *act;         // (N, F)
+    bf16_t *lora_u[PROJ_COUNT];      // (N, r) A x for targeted projections
+} LayerActs;
+
+struct CudaEngine {
+    ModelConfig c;
+    LoraConfig lc;
+    float scale;                     // LoRA scale
+    int max_B, max_T;
+    cudaStream_t stream;             // a blocking stream: the synchronous copies (weights, LoRA) order with it
+    cublasHandle_t blas;
+    std::vector<void *> *allocs;     // every cudaMalloc, freed together
+    size_t device_bytes;
+
+    bf16_t *embed, *lm_head, *final_norm;   // (V, D), (V, D) (= embed when tied), (D)
+    LayerDev *layers;                // (n_layers) host array of device pointers
+    LayerActs *acts;                 // (n_layers)
+    bf16_t *x_final, *xnf;           // (N, D)
+    float *rstdf;                    // (N)
+    float *inv_freq;                 // (hd/2)
+
+    // LoRA: flat fp32 parameters and gradients (lib/lora.h layout), a bf16 copy for products.
+    size_t n_params;
+    float *params, *grads;
+    bf16_t *params_bf16;
+    long *off_A, *off_B;             // (n_layers * PROJ_COUNT) offsets into the flat arrays; -1: untargeted
+
+    // The batch on the device, and host staging.
+    int32_t *tokens, *targets, *positions, *cu_seqlens, *seq_start;   // (N), cu_seqlens (N + 1)
+    int32_t *host_cu, *host_seq_start;                                // (N + 1), (N)
+    float *losses, *host_losses;     // (N)
+
+    // Backward scratch.
+    bf16_t *d_x, *d_xn;              // (N, D)
+    bf16_t *d_q, *d_attn;            // (N, QD)
+    bf16_t *d_k, *d_v;               // (N, KD)
+    bf16_t *d_gate, *d_up, *d_act;   // (N, F)
+    bf16_t *d_u;                     // (N, r)
+    float *d_k32, *d_v32;            // (N, KD) fp32 sums of the plain attention backward
+    void *attn_ws, *ce_ws;
+    size_t attn_ws_bytes, ce_ws_bytes;
+    int ce_token_chunk, ce_vocab_chunk;
+};
+
+static int dev_alloc(CudaEngine *e, void **p, size_t bytes, Err *err)
+{
+    *p = NULL;
+    CUDA_CHECK(cudaMalloc(p, bytes ? bytes : 16), err);
+    e->allocs->push_back(*p);
+    e->device_bytes += bytes;
+    return 0;
+}
+#define ALLOC(ptr, count)                                                                         \
+    do {                                                                                          \
+        if (dev_alloc(e, (void **)&(ptr), (size_t)(count) * sizeof *(ptr), err) < 0)              \
+            goto fail;                                                                            \
+    } while (0)
+
+void cuda_engine_free(CudaEngine *e)
+{
+    if (!e)
+        return;
+    if (e->allocs)
+        for (void *p : *e->allocs)
+            cudaFree(p);
+    delete e->allocs;
+    if (e->blas)
+        cublasDestroy(e->blas);
+    if (e->stream)
+        cudaStreamDestroy(e->stream);
+    free(e->layers);
+    free(e->acts);
+    free(e->off_A);
+    free(e->off_B);
+    free(e->host_cu);
+    free(e->host_seq_start);
+    free(e->host_losses);
+    free(e);
+}
+
+size_t cuda_engine_device_bytes(const CudaEngine *e) { return e->device_bytes; }
+
+// ---- weights --------------------------------------------------------------------------------
+
+static uint16_t host_bf16_bits(float f)  // round to nearest even, as __float2bfloat16
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// A model tensor as bf16 on the device: BF16 copied as is, F32/F16 converted in chunks.
+static int upload_weight(CudaEngine *e, bf16_t **out, const Tensor *t, Err *err)
+{
+    int64_t n = tensor_numel(t);
+    if (dev_alloc(e, (void **)out, (size_t)n * 2, err) < 0)
+        return -1;
+    if (t->dtype == DTYPE_BF16) {
+        CUDA_CHECK(cudaMemcpy(*out, t->data, (size_t)n * 2, cudaMemcpyHostToDevice), err);
+        return 0;
+    }
+    const int64_t chunk = 1 << 20;
+    std::vector<float> f32((size_t)(n < chunk ? n : chunk));
+    std::vector<uint16_t> bits(f32.size());
+    for (int64_t first = 0; first < n; first += chunk) {
+        int64_t cnt = n - first < chunk ? n - first : chunk;
+        tensor_to_f32(t, first, cnt, f32.data());
+        for (int64_t i = 0; i < cnt; i++)
+            bits[i] = host_bf16_bits(f32[i]);
+        CUDA_CHECK(cudaMemcpy(*out + first, bits.data(), (size_t)cnt * 2, cudaMemcpyHostToDevice), err);
+    }
+    return 0;
+}
+
+__global__ void f32_to_bf16_kernel(__nv_bfloat16 *out, const float *in, size_t n)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        out[i] = __float2bfloat16(in[i]);
+}
+
+static int f32_to_bf16(CudaEngine *e, bf16_t *out, const float *in, size_t n, Err *err)
+{
+    if (n == 0)
+        return 0;
+    f32_to_bf16_kernel<<<ceil_div(n, 256), 256, 0, e->stream>>>(out, in, n);
+    LAUNCH_CHECK(err);
+    return 0;
+}
+
+CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq, Err *err)
+{
+    const ModelConfig *c = &m->config;
+    if (max_batch < 1 || max_seq < 1)
+        return err_set(err, "cuda engine: batch %d x %d must be at least 1 x 1", max_batch, max_seq), (CudaEngine *)NULL;
+    if (lc->dropout > 0)
+        return err_set(err, "cuda engine: LoRA dropout %g is not supported on the GPU yet (use 0)", lc->dropout),
+               (CudaEngine *)NULL;
+    if (c->sliding_window > 0 && c->sliding_window < max_seq)
+        return err_set(err, "cuda engine: a sliding window (%d) shorter than the sequence (%d) is not supported",
+                       c->sliding_window, max_seq),
+               (CudaEngine *)NULL;
+    if (c->head_dim != 64 && c->head_dim != 128 && (c->head_dim > NAIVE_ATTN_MAX_HD || c->head_dim % 2))
+        return err_set(err, "cuda engine: head_dim %d is not supported", c->head_dim), (CudaEngine *)NULL;
+    if (lc->rank < 1 || !lc->targets)
+        return err_set(err, "cuda engine: LoRA rank %d, targets 0x%x", lc->rank, lc->targets), (CudaEngine *)NULL;
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        cudaGetLastError();
+        return err_set(err, "cuda engine: no CUDA device"), (CudaEngine *)NULL;
+    }
+
+    CudaEngine *e = (CudaEngine *)calloc(1, sizeof *e);
+    if (!e)
+        return err_set(err, "out of memory"), (CudaEngine *)NULL;
+    e->allocs = new std::vector<void *>();
+    e->c = *c;
+    e->lc = *lc;
+    e->scale = lora_scale(lc);
+    e->max_B = max_batch;
+    e->max_T = max_seq;
+    size_t N = (size_t)max_batch * max_seq, D = c->dim, F = c->hidden_dim, V = c->vocab_size;
+    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    int L = c->n_layers, r = lc->rank;
+    if (cudaStreamCreate(&e->stream) != cudaSuccess ||
+        cublasCreate(&e->blas) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetStream(e->blas, e->stream) != CUBLAS_STATUS_SUCCESS) {
+        err_set(err, "cuda engine: cannot create a stream and a cuBLAS handle");
+        goto fail;
+    }
+    e->layers = (LayerDev *)calloc(L, sizeof *e->layers);
+    e->acts = (LayerActs *)calloc(L, sizeof *e->acts);
+    e->off_A = (long *)malloc((size_t)L * PROJ_COUNT * sizeof *e->off_A);
+    e->off_B = (long *)malloc((size_t)L * PROJ_COUNT * sizeof *e->off_B);
+    e->host_cu = (int32_t *)malloc((N + 1) * sizeof(int32_t));
+    e->host_seq_start = (int32_t *)malloc(N * sizeof(int32_t));
+    e->host_losses = (float *)malloc(N * sizeof(float));
+    if (!e->layers || !e->acts || !e->off_A || !e->off_B || !e->host_cu || !e->host_seq_start || !e->host_losses) {
+        err_set(err, "out of memory");
+        goto fail;
+    }
+
+    // Base weights, bf16, frozen.
+    if (upload_weight(e, &e->embed, &m->weights.embed, err) < 0 ||
+        upload_weight(e, &e->final_norm, &m->weights.final_norm, err) < 0)
+        goto fail;
+    if (c->tie_embeddings)
+        e->lm_head = e->embed;
+    else if (upload_weight(e, &e->lm_head, &m->weights.lm_head, err) < 0)
+        goto fail;
+    for (int l = 0; l < L; l++) {
+        const LayerWeights *w = &m->weights.layers[l];
+        if (upload_weight(e, &e->layers[l].attn_norm, &w->attn_norm, err) < 0 ||
+            upload_weight(e, &e->layers[l].ffn_norm, &w->ffn_norm, err) < 0)
+            goto fail;
+        for (int p = 0; p < PROJ_COUNT; p++)
+            if (upload_weight(e, &e->layers[l].proj[p], &w->proj[p], err) < 0)
+                goto fail;
+    }
+    {
+        std::vector<float> inv_freq(c->head_dim / 2);
+        rope_inv_freq(c, inv_freq.data());
+        ALLOC(e->inv_freq, inv_freq.size());
+        if (cudaMemcpy(e->inv_freq, inv_freq.data(), inv_freq.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess) {
+            err_set(err, "cuda engine: copying RoPE frequencies failed");
+            goto fail;
+        }
+    }
+
+    // LoRA layout of lib/lora.h: layer by layer, targeted projections in Proj order, A then B.
+    e->n_params = 0;
+    for (int l = 0; l < L; l++)
+        for (int p = 0; p < PROJ_COUNT; p++) {
+            size_t i = (size_t)l * PROJ_COUNT + p;
+            e->off_A[i] = e->off_B[i] = -1;
+            if (!(lc->targets & (1u << p)))
+                continue;
+            int in, out;
+            model_proj_dims(c, (Proj)p, &in, &out);
+            e->off_A[i] = (long)e->n_params;
+            e->off_B[i] = (long)(e->n_params + (size_t)r * in);
+            e->n_params += (size_t)r * (in + out);
+        }
+    ALLOC(e->params, e->n_params);
+    ALLOC(e->grads, e->n_params);
+    ALLOC(e->params_bf16, e->n_params);
+    if (cudaMemset(e->params, 0, e->n_params * 4) != cudaSuccess ||
+        cudaMemset(e->grads, 0, e->n_params * 4) != cudaSuccess) {
+        err_set(err, "cuda engine: clearing LoRA buffers failed");
+        goto fail;
+    }
+
+    // Activations.
+    for (int l = 0; l < L; l++) {
+        LayerActs *a = &e->acts[l];
+        ALLOC(a->x_in, N * D);
+        ALLOC(a->xn1, N * D);
+        ALLOC(a->rstd1, N);
+        ALLOC(a->q, N * QD);
+        ALLOC(a->k, N * KD);
+        ALLOC(a->v, N * KD);
+        ALLOC(a->attn, N * QD);
+        ALLOC(a->lse, N * c->n_heads);
+        ALLOC(a->x_mid, N * D);
+        ALLOC(a->xn2, N * D);
+        ALLOC(a->rstd2, N);
+        ALLOC(a->gate, N * F);
+        ALLOC(a->up, N * F);
+        ALLOC(a->act, N * F);
+        for (int p = 0; p < PROJ_COUNT; p++)
+            if (lc->targets & (1u << p))
+                ALLOC(a->lora_u[p], N * r);
+    }
+    ALLOC(e->x_final, N * D);
+    ALLOC(e->xnf, N * D);
+    ALLOC(e->rstdf, N);
+    ALLOC(e->tokens, N);
+    ALLOC(e->targets, N);
+    ALLOC(e->positions, N);
+    ALLOC(e->cu_seqlens, N + 1);
+    ALLOC(e->seq_start, N);
+    ALLOC(e->losses, N);
+    ALLOC(e->d_x, N * D);
+    ALLOC(e->d_xn, N * D);
+    ALLOC(e->d_q, N * QD);
+    ALLOC(e->d_attn, N * QD);
+    ALLOC(e->d_k, N * KD);
+    ALLOC(e->d_v, N * KD);
+    ALLOC(e->d_gate, N * F);
+    ALLOC(e->d_up, N * F);
+    ALLOC(e->d_act, N * F);
+    ALLOC(e->d_u, N * r);
+    if (c->head_dim == 64 || c->head_dim == 128) {
+        e->attn_ws_bytes = cuda_attention_backward_workspace_bytes((int)N, c->n_heads, c->head_dim);
+        if (dev_alloc(e, &e->attn_ws, e->attn_ws_bytes, err) < 0)
+            goto fail;
+    } else {
+        ALLOC(e->d_k32, N * KD);
+        ALLOC(e->d_v32, N * KD);
+    }
+    e->ce_token_chunk = N < CE_TOKEN_CHUNK ? (int)N : CE_TOKEN_CHUNK;
+    e->ce_vocab_chunk = V < CE_VOCAB_CHUNK ? (int)V : CE_VOCAB_CHUNK;
+    e->ce_ws_bytes = cuda_cross_entropy_workspace_bytes((int)N, (int)D, (int)V, e->ce_token_chunk, e->ce_vocab_chunk);
+    if (dev_alloc(e, &e->ce_ws, e->ce_ws_bytes, err) < 0)
+        goto fail;
+    return e;
+fail:
+    cuda_engine_free(e);
+    return NULL;
+}
+
+int cuda_engine_upload_lora(CudaEngine *e, const Lora *lora, Err *err)
+{
+    if (lora->n_params != e->n_params || lora->config.rank != e->lc.rank || lora->config.targets != e->lc.targets)
+        return err_set(err, "cuda engine: LoRA of %zu parameters (rank %d, targets 0x%x), the engine's %zu (rank %d, "
+                       "targets 0x%x)", lora->n_params, lora->config.rank, lora->config.targets, e->n_params,
+                       e->lc.rank, e->lc.targets);
+    CUDA_CHECK(cudaMemcpy(e->params, lora->params, e->n_params * 4, cudaMemcpyHostToDevice), err);
+    return 0;
+}
+
+int cuda_engine_zero_grad(CudaEngine *e, Err *err)
+{
+    CUDA_CHECK(cudaMemsetAsync(e->grads, 0, e->n_params * 4, e->stream), err);
+    return 0;
+}
+
+int cuda_engine_download_grads(CudaEngine *e, float *grads, size_t n_params, Err *err)
+{
+    if (n_params != e->n_params)
+        return err_set(err, "cuda engine: %zu gradients asked for, the engine has %zu", n_params, e->n_params);
+    CUDA_CHECK(cudaStreamSynchronize(e->stream), err);
+    CUDA_CHECK(cudaMemcpy(grads, e->grads, n_params * 4, cudaMemcpyDeviceToHost), err);
+    return 0;
+}
+
+// ---- products -------------------------------------------------------------------------------
+
+// Row-major C (M, N) = alpha op(A) op(B) + beta C with bf16 A, B and fp32 accumulation; C is
+// bf16 (c_type CUDA_R_16BF) or fp32 (CUDA_R_32F). A is (M, K), or stored (K, M) when ta; B is
+// (K, N), or stored (N, K) when tb. cuBLAS is column-major, so it computes C^T = op(B)^T op(A)^T.
+static int gemm(CudaEngine *e, bool ta, bool tb, int M, int N, int K, float alpha, const bf16_t *A, const bf16_t *B,
+                float beta, void *C, cudaDataType c_type, Err *err)
+{
+    int lda = ta ? M : K, ldb = tb ? K : N;
+    CUBLAS_CHECK(cublasGemmEx(e->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
+                              B, CUDA_R_16BF, ldb, A, CUDA_R_16BF, lda, &beta, C, c_type, N, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT),
+                 err);
+    return 0;
+}
+
+// y (N, out) = x (N, in) W^T + beta y, plus scale * (x A^T) B^T when LoRA targets it (u = x A^T
+// kept for the backward).
+static int proj_forward(CudaEngine *e, int l, int p, bf16_t *y, const bf16_t *x, int N, float beta, Err *err)
+{
+    int in, out;
+    model_proj_dims(&e->c, (Proj)p, &in, &out);
+    if (gemm(e, false, true, N, out, in, 1.0f, x, e->layers[l].proj[p], beta, y, CUDA_R_16BF, err) < 0)
+        return -1;
+    long oa = e->off_A[(size_t)l * PROJ_COUNT + p], ob = e->off_B[(size_t)l * PROJ_COUNT + p];
+    if (oa < 0)
+        return 0;
+    int r = e->lc.rank;
+    bf16_t *u = e->acts[l].lora_u[p];
+    if (gemm(e, false, true, N, r, in, 1.0f, x, e->params_bf16 + oa, 0.0f, u, CUDA_R_16BF, err) < 0 ||
+        gemm(e, false, true, N, out, r, e->scale, u, e->params_bf16 + ob, 1.0f, y, CUDA_R_16BF, err) < 0)
+        return -1;
+    return 0;
+}
+
+// d_x (N, in) (+)= d_y W (when d_x is not NULL) plus LoRA's part; dA and dB accumulate in fp32:
+// dB += scale d_y^T u, du = scale d_y B, dA += du^T x, d_x += du A.
+static int proj_backward(CudaEngine *e, int l, int p, bf16_t *d_x, const bf16_t *d_y, const bf16_t *x, int N,
+                         int accumulate, Err *err)
+{
+    int in, out;
+    model_proj_dims(&e->c, (Proj)p, &in, &out);
+    if (d_x && gemm(e, false, false, N, in, out, 1.0f, d_y, e->layers[l].proj[p], accumulate ? 1.0f : 0.0f, d_x,
+                    CUDA_R_16BF, err) < 0)
+        return -1;
+    long oa = e->off_A[(size_t)l * PROJ_COUNT + p], ob = e->off_B[(size_t)l * PROJ_COUNT + p];
+    if (oa < 0)
+        return 0;
+    int r = e->lc.rank;
+    const bf16_t *u = e->acts[l].lora_u[p];
+    if (gemm(e, true, false, out, r, N, e->scale, d_y, u, 1.0f, e->grads + ob, CUDA_R_32F, err) < 0 ||
+        gemm(e, false, false, N, r, out, e->scale, d_y, e->params_bf16 + ob, 0.0f, e->d_u, CUDA_R_16BF, err) < 0 ||
+        gemm(e, true, false, r, in, N, 1.0f, e->d_u, x, 1.0f, e->grads + oa, CUDA_R_32F, err) < 0)
+        return -1;
+    if (d_x && gemm(e, false, false, N, in, r, 1.0f, e->d_u, e->params_bf16 + oa, 1.0f, d_x, CUDA_R_16BF, err) < 0)
+        return -1;
+    return 0;
+}
+
+// ---- attention for head sizes the flash kernels do not take ----------------------------------
+
+// One thread per (query n, head h): online softmax over keys [seq_start[n], n], fp32.
+__global__ void naive_attention_forward_kernel(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q,
+                                               const __nv_bfloat16 *k, const __nv_bfloat16 *v,
+                                               const int32_t *seq_start, int N, int Hq, int Hkv, int hd, float scale)
+{
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * Hq)
+        return;
+    int n = idx / Hq, h = idx % Hq, kvh = h / (Hq / Hkv);
+    float qi[NAIVE_ATTN_MAX_HD], acc[NAIVE_ATTN_MAX_HD];
+    for (int i = 0; i < hd; i++) {
+        qi[i] = __bfloat162float(q[(size_t)idx * hd + i]);
+        acc[i] = 0;
+    }
+    float mx = -INFINITY, sum = 0;
+    for (int j = seq_start[n]; j <= n; j++) {
+        const __nv_bfloat16 *kj = k + ((size_t)j * Hkv + kvh) * hd, *vj = v + ((size_t)j * Hkv + kvh) * hd;
+        float s = 0;
+        for (int i = 0; i < hd; i++)
+            s += qi[i] * __bfloat162float(kj[i]);
+        s *= scale;
+        float new_mx = fmaxf(mx, s), corr = expf(mx - new_mx), w = expf(s - new_mx);
+        sum = sum * corr + w;
+        for (int i = 0; i < hd; i++)
+            acc[i] = acc[i] * corr + w * __bfloat162float(vj[i]);
+        mx = new_mx;
+    }
+    for (int i = 0; i < hd; i++)
+        out[(size_t)idx * hd + i] = __float2bfloat16(acc[i] / sum);
+    lse[idx] = mx + logf(sum);
+}
+
+// One thread per (query, head): p_j = exp(s_j - lse), dp_j = dout . v_j, ds_j = p_j (dp_j -
+// dout . out) scale; dq = sum ds_j k_j; dk_j += ds_j q and dv_j += p_j dout by fp32 atomics.
+__global__ void naive_attention_backward_kernel(__nv_bfloat16 *dq, float *dk, float *dv, const __nv_bfloat16 *dout,
+                                                const __nv_bfloat16 *q, const __nv_bfloat16 *k,
+                                                const __nv_bfloat16 *v, const __nv_bfloat16 *out, const float *lse,
+                                                const int32_t *seq_start, int N, int Hq, int Hkv, int hd, float scale)
+{
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * Hq)
+        return;
+    int n = idx / Hq, h = idx % Hq, kvh = h / (Hq / Hkv);
+    float qi[NAIVE_ATTN_MAX_HD], doi[NAIVE_ATTN_MAX_HD], dqi[NAIVE_ATTN_MAX_HD];
+    float delta = 0;
+    for (int i = 0; i < hd; i++) {
+        qi[i] = __bfloat162float(q[(size_t)idx * hd + i]);
+        doi[i] = __bfloat162float(dout[(size_t)idx * hd + i]);
+        delta += doi[i] * __bfloat162float(out[(size_t)idx * hd + i]);
+        dqi[i] = 0;
+    }
+    float l = lse[idx];
+    for (int j = seq_start[n]; j <= n; j++) {
+        size_t kv = ((size_t)j * Hkv + kvh) * hd;
+        float s = 0, dp = 0;
+        for (int i = 0; i < hd; i++) {
+            s += qi[i] * __bfloat162float(k[kv + i]);
+            dp += doi[i] * __bfloat162float(v[kv + i]);
+        }
+        float p = expf(s * scale - l), ds = p * (dp - delta) * scale;
+        for (int i = 0; i < hd; i++) {
+            dqi[i] += ds * __bfloat162float(k[kv + i]);
+            atomicAdd(&dk[kv + i], ds * qi[i]);
+            atomicAdd(&dv[kv + i], p * doi[i]);
+        }
+    }
+    for (int i = 0; i < hd; i++)
+        dq[(size_t)idx * hd + i] = __float2bfloat16(dqi[i]);
+}
+
+static int attention_forward(CudaEngine *e, LayerActs *a, int N, int n_seqs, Err *err)
+{
+    const ModelConfig *c = &e->c;
+    if (c->head_dim == 64 || c->head_dim == 128)
+        return cuda_attention_forward(a->attn, a->lse, a->q, a->k, a->v, e->cu_seqlens, n_seqs, N, c->n_heads,
+                                      c->n_kv_heads, c->head_dim, e->stream, err);
+    naive_attention_forward_kernel<<<ceil_div((size_t)N * c->n_heads, 128), 128, 0, e->stream>>>(
+        a->attn, a->lse, a->q, a->k, a->v, e->seq_start, N, c->n_heads, c->n_kv_heads, c->head_dim,
+        1.0f / sqrtf((float)c->head_dim));
+    LAUNCH_CHECK(err);
+    return 0;
+}
+
+static int attention_backward(CudaEngine *e, LayerActs *a, int N, int n_seqs, Err *err)
+{
+    const ModelConfig *c = &e->c;
+    if (c->head_dim == 64 || c->head_dim == 128)
+        return cuda_attention_backward(e->d_q, e->d_k, e->d_v, e->d_attn, a->q, a->k, a->v, a->attn, a->lse,
+                                       e->cu_seqlens, n_seqs, N, c->n_heads, c->n_kv_heads, c->head_dim, e->attn_ws,
+                                       e->attn_ws_bytes, e->stream, err);
+    size_t nkv = (size_t)N * c->n_kv_heads * c->head_dim;
+    CUDA_CHECK(cudaMemsetAsync(e->d_k32, 0, nkv * 4, e->stream), err);
+    CUDA_CHECK(cudaMemsetAsync(e->d_v32, 0, nkv * 4, e->stream), err);
+    naive_attention_backward_kernel<<<ceil_div((size_t)N * c->n_heads, 128), 128, 0, e->stream>>>(
+        e->d_q, e->d_k32, e->d_v32, e->d_attn, a->q, a->k, a->v, a->attn, a->lse, e->seq_start, N, c->n_heads,
+        c->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim));
+    LAUNCH_CHECK(err);
+    if (f32_to_bf16(e, e->d_k, e->d_k32, nkv, err) < 0 || f32_to_bf16(e, e->d_v, e->d_v32, nkv, err) < 0)
+        return -1;
+    return 0;
+}
+
+// ---- the model --------------------------------------------------------------------------------
+
+// Check the batch as the CPU engine does, build cu_seqlens (one per row when NULL) and each
+// position's sequence start, and copy the batch to the device. Returns the number of sequences.
+static int prepare_batch(CudaEngine *e, const EngineBatch *b, long *n_trained, Err *err)
+{
+    if (b->B < 1 || b->T < 1 || b->B > e->max_B || b->T > e->max_T)
+        return err_set(err, "engine: batch %d x %d exceeds the engine's %d x %d", b->B, b->T, e->max_B, e->max_T);
+    if (!b->targets)
+        return err_set(err, "engine: a training batch needs targets");
+    int N = b->B * b->T;
+    long count = 0;
+    for (int n = 0; n < N; n++) {
+        if (b->tokens[n] < 0 || b->tokens[n] >= e->c.vocab_size)
+            return err_set(err, "engine: token %d at row %d position %d is outside the vocabulary (%d)", b->tokens[n],
+                           n / b->T, n % b->T, e->c.vocab_size);
+        if (b->targets[n] != LORA_IGNORE_TARGET && (b->targets[n] < 0 || b->targets[n] >= e->c.vocab_size))
+            return err_set(err, "engine: target %d at row %d position %d is outside the vocabulary (%d)",
+                           b->targets[n], n / b->T, n % b->T, e->c.vocab_size);
+        if (b->positions[n] < 0)
+            return err_set(err, "engine: negative position id at row %d position %d", n / b->T, n % b->T);
+        count += b->targets[n] != LORA_IGNORE_TARGET;
+    }
+    int n_seqs;
+    if (!b->cu_seqlens) {
+        n_seqs = b->B;
+        for (int s = 0; s <= b->B; s++)
+            e->host_cu[s] = s * b->T;
+    } else {
+        n_seqs = b->n_seqs;
+        if (n_seqs < 1 || n_seqs > N || b->cu_seqlens[0] != 0 || b->cu_seqlens[n_seqs] != N)
+            return err_set(err, "engine: cu_seqlens must run from 0 to B*T = %d", N);
+        for (int s = 0; s <= n_seqs; s++)
+            e->host_cu[s] = b->cu_seqlens[s];
+    }
+    for (int s = 0; s < n_seqs; s++) {
+        int lo = e->host_cu[s], hi = e->host_cu[s + 1];
+        if (hi < lo || (hi > lo && lo / b->T != (hi - 1) / b->T))
+            return err_set(err, "engine: sequence %d [%d, %d) is reversed or crosses a row end", s, lo, hi);
+        for (int n = lo; n < hi; n++)
+            e->host_seq_start[n] = lo;
+    }
+    size_t bytes = (size_t)N * 4;
+    CUDA_CHECK(cudaMemcpyAsync(e->tokens, b->tokens, bytes, cudaMemcpyHostToDevice, e->stream), err);
+    CUDA_CHECK(cudaMemcpyAsync(e->targets, b->targets, bytes, cudaMemcpyHostToDevice, e->stream), err);
+    CUDA_CHECK(cudaMemcpyAsync(e->positions, b->positions, bytes, cudaMemcpyHostToDevice, e->stream), err);
+    CUDA_CHECK(cudaMemcpyAsync(e->cu_seqlens, e->host_cu, (n_seqs + 1) * 4, cudaMemcpyHostToDevice, e->stream), err);
+    CUDA_CHECK(cudaMemcpyAsync(e->seq_start, e->host_seq_start, bytes, cudaMemcpyHostToDevice, e->stream), err);
+    *n_trained = count;
+    return n_seqs;
+}
+
+static int forward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
+{
+    const ModelConfig *c = &e->c;
+    int D = c->dim, F = c->hidden_dim;
+    size_t row_bytes = (size_t)N * D * 2;
+    if (cuda_embedding_forward(e->acts[0].x_in, e->tokens, e->embed, N, D, c->vocab_size, NULL, e->stream, err) < 0)
+        return -1;
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerActs *a = &e->acts[l];
+        const LayerDev *w = &e->layers[l];
+        bf16_t *x_out = l + 1 < c->n_layers ? e->acts[l + 1].x_in : e->x_final;
+        if (cuda_rmsnorm_forward(a->xn1, a->rstd1, a->x_in, w->attn_norm, N, D, c->norm_eps, e->stream, err) < 0 ||
+            proj_forward(e, l, PROJ_Q, a->q, a->xn1, N, 0, err) < 0 ||
+            proj_forward(e, l, PROJ_K, a->k, a->xn1, N, 0, err) < 0 ||
+            proj_forward(e, l, PROJ_V, a->v, a->xn1, N, 0, err) < 0 ||
+            cuda_rope_forward(a->q, e->positions, e->inv_freq, N, c->n_heads, c->head_dim, e->stream, err) < 0 ||
+            cuda_rope_forward(a->k, e->positions, e->inv_freq, N, c->n_kv_heads, c->head_dim, e->stream, err) < 0 ||
+            attention_forward(e, a, N, n_seqs, err) < 0)
+            return -1;
+        // The residual adds ride on the products' beta = 1.
+        CUDA_CHECK(cudaMemcpyAsync(a->x_mid, a->x_in, row_bytes, cudaMemcpyDeviceToDevice, e->stream), err);
+        if (proj_forward(e, l, PROJ_O, a->x_mid, a->attn, N, 1, err) < 0 ||
+            cuda_rmsnorm_forward(a->xn2, a->rstd2, a->x_mid, w->ffn_norm, N, D, c->norm_eps, e->stream, err) < 0 ||
+            proj_forward(e, l, PROJ_GATE, a->gate, a->xn2, N, 0, err) < 0 ||
+            proj_forward(e, l, PROJ_UP, a->up, a->xn2, N, 0, err) < 0 ||
+            cuda_swiglu_forward(a->act, a->gate, a->up, (size_t)N * F, e->stream, err) < 0)
+            return -1;
+        CUDA_CHECK(cudaMemcpyAsync(x_out, a->x_mid, row_bytes, cudaMemcpyDeviceToDevice, e->stream), err);
+        if (proj_forward(e, l, PROJ_DOWN, x_out, a->act, N, 1, err) < 0)
+            return -1;
+    }
+    return cuda_rmsnorm_forward(e->xnf, e->rstdf, e->x_final, e->final_norm, N, D, c->norm_eps, e->stream, err);
+}
+
+static int backward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
+{
+    const ModelConfig *c = &e->c;
+    int D = c->dim, F = c->hidden_dim;
+    // d_xn holds d(final norm output); the residual stream's gradient starts as its backward.
+    if (cuda_rmsnorm_backward(e->d_x, NULL, e->d_xn, e->x_final, e->final_norm, e->rstdf, N, D, 0, e->stream, err) < 0)
+        return -1;
+    for (int l = c->n_layers - 1; l >= 0; l--) {
+        LayerActs *a = &e->acts[l];
+        const LayerDev *w = &e->layers[l];
+        int need_input_grad = l > 0;   // every layer holds LoRA parameters (lora_create)
+        if (proj_backward(e, l, PROJ_DOWN, e->d_act, e->d_x, a->act, N, 0, err) < 0 ||
+            cuda_swiglu_backward(e->d_gate, e->d_up, e->d_act, a->gate, a->up, (size_t)N * F, e->stream, err) < 0 ||
+            proj_backward(e, l, PROJ_GATE, e->d_xn, e->d_gate, a->xn2, N, 0, err) < 0 ||
+            proj_backward(e, l, PROJ_UP, e->d_xn, e->d_up, a->xn2, N, 1, err) < 0 ||
+            cuda_rmsnorm_backward(e->d_x, NULL, e->d_xn, a->x_mid, w->ffn_norm, a->rstd2, N, D, 1, e->stream, err) < 0 ||
+            proj_backward(e, l, PROJ_O, e->d_attn, e->d_x, a->attn, N, 0, err) < 0 ||
+            attention_backward(e, a, N, n_seqs, err) < 0 ||
+            cuda_rope_backward(e->d_q, e->positions, e->inv_freq, N, c->n_heads, c->head_dim, e->stream, err) < 0 ||
+            cuda_rope_backward(e->d_k, e->positions, e->inv_freq, N, c->n_kv_heads, c->head_dim, e->stream, err) < 0)
+            return -1;
+        bf16_t *d_xn1 = need_input_grad ? e->d_xn : NULL;
+        if (proj_backward(e, l, PROJ_Q, d_xn1, e->d_q, a->xn1, N, 0, err) < 0 ||
+            proj_backward(e, l, PROJ_K, d_xn1, e->d_k, a->xn1, N, 1, err) < 0 ||
+            proj_backward(e, l, PROJ_V, d_xn1, e->d_v, a->xn1, N, 1, err) < 0)
+            return -1;
+        if (need_input_grad &&
+            cuda_rmsnorm_backward(e->d_x, NULL, e->d_xn, a->x_in, w->attn_norm, a->rstd1, N, D, 1, e->stream, err) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+int cuda_engine_train_micro_batch(CudaEngine *e, const EngineBatch *b, double *loss_sum, long *n_trained, Err *err)
+{
+    int n_seqs = prepare_batch(e, b, n_trained, err);
+    if (n_seqs < 0)
+        return -1;
+    int N = b->B * b->T;
+    const ModelConfig *c = &e->c;
+    if (f32_to_bf16(e, e->params_bf16, e->params, e->n_params, err) < 0 || forward_layers(e, N, n_seqs, err) < 0)
+        return -1;
+    // Loss and d(final norm output) (grad_scale 1: the gradient of the SUM).
+    if (cuda_fused_cross_entropy(e->losses, e->d_xn, e->xnf, e->lm_head, e->targets, N, c->dim, c->vocab_size,
+                                 e->ce_token_chunk, e->ce_vocab_chunk, 1.0f, e->ce_ws, e->ce_ws_bytes, e->blas,
+                                 e->stream, err) < 0)
+        return -1;
+    if (*n_trained > 0 && backward_layers(e, N, n_seqs, err) < 0)
+        return -1;
+    CUDA_CHECK(cudaMemcpyAsync(e->host_losses, e->losses, (size_t)N * 4, cudaMemcpyDeviceToHost, e->stream), err);
+    CUDA_CHECK(cudaStreamSynchronize(e->stream), err);
+    double total = 0;   // in position order, as the CPU engine sums
+    for (int n = 0; n < N; n++)
+        if (b->targets[n] != LORA_IGNORE_TARGET)
+            total += e->host_losses[n];
+    *loss_sum = total;
+    return 0;
+}

@@ -1,0 +1,50 @@
+// defines: CudaEngine, cuda_engine_create, cuda_engine_free, cuda_engine_upload_lora,
+//          cuda_engine_train_micro_batch, cuda_engine_zero_grad, cuda_engine_download_grads,
+//          cuda_engine_device_bytes (kernels/engine_cuda.cu; CPU twin lib/engine_cpu.c)
+// The CUDA training step: forward and backward of a Llama model with LoRA on one GPU, with the
+// semantics of the CPU reference (lib/engine.h): LoRA scale, per-document causal attention via
+// cu_seqlens, loss = SUM of -log p over the trained targets, LoRA gradients ACCUMULATED.
+//
+// Storage: base weights bf16 on the device (converted once from the safetensors map: F32, F16
+// or BF16), frozen; activations bf16; LoRA parameters and gradients fp32 in the flat layout of
+// lib/lora.h (one device array each), a bf16 copy of the parameters made per step for the
+// products. Products through cuBLAS (bf16 in, fp32 accumulate; LoRA gradients accumulate in
+// fp32 straight from the product). Attention: the flash kernels (kernels/attention.cuh) for
+// head_dim 64 or 128, a plain per-query kernel (fp32) for other head sizes (tiny test models).
+//
+// Not yet: LoRA dropout (refused: the CPU draws its masks from the trainer's Rng), Mistral's
+// sliding window (refused), activation recomputation, the optimizer step on the device.
+#ifndef ENGINE_CUDA_CUH
+#define ENGINE_CUDA_CUH
+
+#include "common.cuh"
+
+KERNELS_EXTERN_C_BEGIN
+#include "engine.h"
+
+typedef struct CudaEngine CudaEngine;
+
+// An engine for model m (the map may be freed after this returns: weights are copied) and LoRA
+// config lc, for micro-batches of up to max_batch rows of max_seq tokens. All device buffers
+// are allocated here; a step allocates nothing. NULL with a message on a bad shape, no device
+// or out of device memory.
+CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq, Err *err);
+void cuda_engine_free(CudaEngine *e);
+
+// Copies lora->params (host fp32, lib/lora.h layout; lora built for the same model and config)
+// to the device parameters.
+int cuda_engine_upload_lora(CudaEngine *e, const Lora *lora, Err *err);
+
+// As engine_train_micro_batch (lib/engine.h) without dropout: *loss_sum, *n_trained; the
+// gradient of loss_sum is added to the device gradients. Synchronises (the loss comes back).
+int cuda_engine_train_micro_batch(CudaEngine *e, const EngineBatch *b, double *loss_sum, long *n_trained,
+                                  Err *err);
+
+int cuda_engine_zero_grad(CudaEngine *e, Err *err);
+// grads (n_params) host fp32 <- the device gradients, lib/lora.h layout.
+int cuda_engine_download_grads(CudaEngine *e, float *grads, size_t n_params, Err *err);
+// Device bytes the engine allocated (weights, activations, scratch).
+size_t cuda_engine_device_bytes(const CudaEngine *e);
+KERNELS_EXTERN_C_END
+
+#endif
