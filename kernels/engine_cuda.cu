@@ -127,6 +127,14 @@ void cuda_engine_free(CudaEngine *e)
 
 size_t cuda_engine_device_bytes(const CudaEngine *e) { return e->device_bytes; }
 
+void cuda_engine_lora_buffers(CudaEngine *e, float **params, float **grads, size_t *n_params, GpuStream *stream)
+{
+    *params = e->params;
+    *grads = e->grads;
+    *n_params = e->n_params;
+    *stream = e->stream;
+}
+
 // ---- weights --------------------------------------------------------------------------------
 
 static uint16_t host_bf16_bits(float f)  // round to nearest even, as __float2bfloat16

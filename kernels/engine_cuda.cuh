@@ -1,6 +1,6 @@
 // defines: CudaEngine, cuda_engine_create, cuda_engine_free, cuda_engine_upload_lora,
 //          cuda_engine_train_micro_batch, cuda_engine_zero_grad, cuda_engine_download_grads,
-//          cuda_engine_device_bytes (kernels/engine_cuda.cu; CPU twin lib/engine_cpu.c)
+//          cuda_engine_device_bytes, cuda_engine_lora_buffers (kernels/engine_cuda.cu; CPU twin lib/engine_cpu.c)
 // The CUDA training step: forward and backward of a Llama model with LoRA on one GPU, with the
 // semantics of the CPU reference (lib/engine.h): LoRA scale, per-document causal attention via
 // cu_seqlens, loss = SUM of -log p over the trained targets, LoRA gradients ACCUMULATED.
@@ -45,6 +45,9 @@ int cuda_engine_zero_grad(CudaEngine *e, Err *err);
 int cuda_engine_download_grads(CudaEngine *e, float *grads, size_t n_params, Err *err);
 // Device bytes the engine allocated (weights, activations, scratch).
 size_t cuda_engine_device_bytes(const CudaEngine *e);
+// The device's flat fp32 LoRA parameters and gradients (n_params each) and the engine's stream,
+// for an optimizer that steps them in place (kernels/train_cuda.cu).
+void cuda_engine_lora_buffers(CudaEngine *e, float **params, float **grads, size_t *n_params, GpuStream *stream);
 KERNELS_EXTERN_C_END
 
 #endif

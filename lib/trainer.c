@@ -16,6 +16,7 @@
 #include "checkpoint.h"
 #include "dataset.h"
 #include "engine.h"
+#include "train_engine.h"
 #include "model.h"
 #include "tokenizer.h"
 
@@ -236,7 +237,7 @@ static EngineBatch engine_batch(const DatasetBatch *b)
 }
 
 // Mean loss over every trained target of the set, rows in stored order.
-static int evaluate(Engine *eng, const Lora *lora, Dataset *d, DatasetBatch *mb, double *loss, long *n, Err *err)
+static int evaluate(TrainEngine *eng, const Lora *lora, Dataset *d, DatasetBatch *mb, double *loss, long *n, Err *err)
 {
     DatasetCursor c;
     dataset_cursor_init(&c, 0, 0, 0, 1);
@@ -248,7 +249,7 @@ static int evaluate(Engine *eng, const Lora *lora, Dataset *d, DatasetBatch *mb,
         EngineBatch eb = engine_batch(mb);
         double s;
         long k;
-        if (engine_eval_micro_batch(eng, lora, &eb, &s, &k, err) < 0)
+        if (train_engine_eval_micro_batch(eng, lora, &eb, &s, &k, err) < 0)
             return -1;
         sum += s;
         *n += k;
@@ -272,7 +273,7 @@ typedef struct {
     void *ctx;
     Model *model;
     Dataset *train, *eval;
-    Engine *engine;
+    TrainEngine *engine;
     Lora *lora;
     AdamW opt;
     int opt_ready;
@@ -286,6 +287,8 @@ typedef struct {
 static int save_checkpoint(Run *r, TrainResult *res, Err *err)
 {
     r->st.adam_step = r->opt.step;
+    if (train_engine_download(r->engine, r->lora, &r->opt, err) < 0)
+        return -1;
     if (checkpoint_save(r->o->out_dir, &r->view, r->opt.m, r->opt.v, r->lora->n_params, &r->st, r->options_text,
                         res->checkpoint, sizeof res->checkpoint, err) < 0)
         return -1;
@@ -403,8 +406,9 @@ static int setup(Run *r, Err *err)
     json_decref(now);
     if (rc < 0)
         return -1;
-    r->engine = engine_cpu_create(r->model, o->batch, (int)ti->seq_len, err);
-    if (!r->engine)
+    r->engine = train_engine_create(train_device_resolve(o->device), r->model, &o->lora, o->batch,
+                                    (int)ti->seq_len, err);
+    if (!r->engine || train_engine_upload(r->engine, r->lora, &r->opt, err) < 0)
         return -1;
     if (dataset_batch_alloc(&r->mb, o->batch, (int)ti->seq_len, err) < 0)
         return -1;
@@ -439,14 +443,16 @@ static int train_loop(Run *r, TrainResult *res, Err *err)
     if (r->cb) {
         TrainProgress p = {.step = r->st.step, .start_step = r->st.step, .total_steps = total,
                            .n_params = r->lora->n_params, .train_rows = ti->n_rows,
-                           .eval_rows = r->eval ? dataset_info(r->eval)->n_rows : 0, .seq_len = (int)ti->seq_len};
+                           .eval_rows = r->eval ? dataset_info(r->eval)->n_rows : 0, .seq_len = (int)ti->seq_len,
+                           .device = train_engine_describe(r->engine)};
         r->cb(TRAIN_START, &p, r->ctx);
     }
     double t0 = now_s();
     uint64_t positions = 0;   // input positions processed by this process (for tokens/s)
     int saved_now = 0;
     while (r->st.step < total) {
-        lora_zero_grad(r->lora);
+        if (train_engine_zero_grad(r->engine, r->lora, err) < 0)
+            return -1;
         double loss_sum = 0;
         long n_trained = 0;
         for (int k = 0; k < o->accum; k++) {
@@ -455,22 +461,17 @@ static int train_loop(Run *r, TrainResult *res, Err *err)
             EngineBatch eb = engine_batch(&r->mb);
             double s;
             long n;
-            if (engine_train_micro_batch(r->engine, r->lora, &eb, &r->st.rng, &s, &n, err) < 0)
+            if (train_engine_micro_batch(r->engine, r->lora, &eb, &r->st.rng, &s, &n, err) < 0)
                 return -1;
             loss_sum += s;
             n_trained += n;
             positions += (uint64_t)r->mb.n_rows * r->mb.T;
         }
-        // Gradients so far are of the summed loss; the step's loss is the mean over its tokens.
-        if (n_trained > 0) {
-            float inv = (float)(1.0 / (double)n_trained);
-            for (size_t i = 0; i < r->lora->n_params; i++)
-                r->lora->grads[i] *= inv;
-        }
         double loss = n_trained ? loss_sum / n_trained : NAN;
-        double grad_norm = clip_grad_norm(r->lora->grads, r->lora->n_params, o->max_grad_norm);
         double lr = o->lr * schedule_lr_factor(o->schedule, r->st.step, warmup, total);
-        adamw_step(&r->opt, r->lora->params, r->lora->grads, (float)lr);
+        double grad_norm;
+        if (train_engine_step(r->engine, r->lora, &r->opt, n_trained, o->max_grad_norm, (float)lr, &grad_norm, err) < 0)
+            return -1;
         r->st.step++;
         r->st.tokens_seen += (uint64_t)n_trained;
         res->tokens += (uint64_t)n_trained;
@@ -515,6 +516,7 @@ static int train_loop(Run *r, TrainResult *res, Err *err)
         }
     }
     res->seconds = now_s() - t0;
+    res->device_bytes = train_engine_device_bytes(r->engine);
     if (res->stopped)
         return 0;
     // As transformers does with a save strategy: the last step is checkpointed too, so that a
@@ -525,6 +527,8 @@ static int train_loop(Run *r, TrainResult *res, Err *err)
         return -1;
     if (r->metrics && (fflush(r->metrics) != 0 || ferror(r->metrics)))
         return err_set(err, "%s: write failed", o->metrics_path);
+    if (train_engine_download(r->engine, r->lora, &r->opt, err) < 0)
+        return -1;
     return adapter_save(&r->view, o->out_dir, err);
 }
 
@@ -543,8 +547,7 @@ int trainer_run(const TrainOptions *o, TrainCallback cb, void *ctx, TrainResult 
     adapter_view_release(&r.view);
     if (r.opt_ready)
         adamw_free(&r.opt);
-    if (r.engine)
-        engine_free(r.engine);
+    train_engine_free(r.engine);
     if (r.lora)
         lora_free(r.lora);
     if (r.eval)

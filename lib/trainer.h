@@ -24,6 +24,7 @@
 #include "err.h"
 #include "lora.h"
 #include "optim.h"
+#include "train_engine.h"
 
 typedef struct {
     const char *model_dir;       // Hugging Face model directory
@@ -46,12 +47,14 @@ typedef struct {
     double max_grad_norm;        // <= 0: no clipping
     long eval_every;             // 0: evaluate only at the end (when eval_path is set)
     long save_every;             // checkpoint every N steps and after the last; 0: only when stopped
+    TrainDevice device;          // where the steps run (lib/train_engine.h); default CPU
     volatile sig_atomic_t *stop; // set (by a SIGINT handler): checkpoint at the next step boundary
 } TrainOptions;
 
 // Defaults (the Unsloth Alpaca notebook where it says, else PEFT / transformers): r 16, alpha 16,
 // dropout 0, all seven targets, no rsLoRA, seed 3407, batch 2, accum 4, 1 epoch, warmup 5 steps,
-// lr 2e-4, linear schedule, weight decay 0.01, max grad norm 1, betas 0.9 / 0.999, eps 1e-8.
+// lr 2e-4, linear schedule, weight decay 0.01, max grad norm 1, betas 0.9 / 0.999, eps 1e-8,
+// device CPU.
 void train_options_default(TrainOptions *o);
 
 typedef enum {
@@ -77,6 +80,7 @@ typedef struct {
     size_t n_params;             // TRAIN_START
     uint64_t train_rows, eval_rows;
     int seq_len;
+    const char *device;          // TRAIN_START: where the steps run ("cpu (N threads)", "cuda: NAME")
     const char *path;            // TRAIN_CHECKPOINT
     const char *message;         // TRAIN_NOTE
 } TrainProgress;
@@ -90,6 +94,7 @@ typedef struct {
     double eval_loss;            // NAN when no evaluation ran
     uint64_t tokens;             // trained targets consumed by this process
     double seconds;
+    size_t device_bytes;         // peak device memory of the run's buffers (0 on the CPU)
     int stopped;                 // 1: stopped early by *stop (a checkpoint was written)
     char checkpoint[4096];       // the last checkpoint written ("" none)
 } TrainResult;

@@ -58,7 +58,20 @@ run_case "steps and epochs" 2 "--max-steps or --epochs, not both" -- train -o "$
 run_case "two warmups" 2 "--warmup-steps or --warmup-ratio, not both" -- train -o "$O" --warmup-steps 1 --warmup-ratio 0.1
 run_case "eval-every without eval" 2 "--eval-every needs --eval" -- train -o "$O" --eval-every 2
 run_case "unknown device" 2 "^lora-train: --device: 'gpu'" -- train -o "$O" --device gpu
-run_case "--device cuda" 1 "^lora-train: the CUDA training path is not available in this build" -- train -o "$O" --device cuda
+run_case "dropout on the GPU" 2 "^lora-train: --dropout 0.1 is not supported on the GPU" -- \
+    train -o "$O" --device cuda --dropout 0.1
+# Without a GPU (or without CUDA in the build) --device cuda is refused and auto trains on the CPU;
+# tests/gpu/train.t covers the machine with one.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    skip "--device cuda without a GPU: this machine has one"
+    skip "--device auto without a GPU: this machine has one"
+else
+    run_case "--device cuda without a GPU" 1 \
+        "^lora-train: (the CUDA training path is not available in this build|--device cuda: no CUDA device found)" -- \
+        train -o "$O" --device cuda
+    "$LT" -m "$TINY" -i "$T/train" -o "$T/auto" -n 1 -r 2 --device auto 2>"$T/err" >/dev/null
+    ok "--device auto without a GPU trains on the CPU" grep -q "; on cpu (" "$T/err"
+fi
 
 # --- bad inputs and outputs ---------------------------------------------------------
 run_case "missing model" 1 "^lora-train: .*no-such-model" -- "$LT" -m "$T/no-such-model" -i "$T/train" -o "$O"

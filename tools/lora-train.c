@@ -49,7 +49,7 @@ static const char usage[] =
     "      --save-every N      steps between checkpoints, and one after the last (0: only when interrupted)\n"
     "      --resume[=DIR]      continue from checkpoint DIR (default: the latest in OUT_DIR)\n"
     "      --metrics FILE      write one JSON object per step and evaluation to FILE\n"
-    "      --device NAME       cpu, cuda or auto (auto: the CPU in this build)\n"
+    "      --device NAME       cpu, cuda or auto: the GPU when there is one, else the CPU (auto)\n"
     "  -q, --quiet             no progress and no summary, only errors\n"
     "  -h, --help              print this help and exit\n";
 
@@ -139,6 +139,7 @@ static void on_progress(TrainEvent ev, const TrainProgress *p, void *ctx)
                 (unsigned long long)p->train_rows, p->seq_len);
         if (p->eval_rows)
             fprintf(stderr, "; %llu validation rows", (unsigned long long)p->eval_rows);
+        fprintf(stderr, "; on %s", p->device);
         if (p->start_step)
             fprintf(stderr, "; resuming after step %ld of %ld\n", p->start_step, p->total_steps);
         else
@@ -248,10 +249,16 @@ int main(int argc, char **argv)
         cli_usage_error(usage, "give --warmup-steps or --warmup-ratio, not both");
     if (o.eval_every && !o.eval_path)
         cli_usage_error(usage, "--eval-every needs --eval SHARDS");
-    if (strcmp(device, "cuda") == 0)
-        cli_die(EXIT_DATA, "the CUDA training path is not available in this build (use --device cpu)");
-    if (strcmp(device, "cpu") != 0 && strcmp(device, "auto") != 0)
-        cli_usage_error(usage, "--device: '%s' is not cpu, cuda or auto", device);
+    TrainDevice dev;
+    if (train_device_parse(device, &dev, &err) < 0)
+        cli_usage_error(usage, "--device: %s", err.msg);
+    o.device = train_device_resolve(dev);
+    // The GPU would need the CPU's dropout masks (drawn from the run's Rng) to train the same run.
+    if (o.device == TRAIN_DEVICE_CUDA && o.lora.dropout > 0)
+        cli_usage_error(usage, "--dropout %g is not supported on the GPU yet (use --dropout 0, or --device cpu%s)",
+                        o.lora.dropout, dev == TRAIN_DEVICE_AUTO ? "; --device auto picked cuda" : "");
+    if (train_device_check(o.device, &err) < 0)
+        cli_die(EXIT_DATA, "%s", err.msg);
 
     char latest[4096];
     if (resume && !resume_dir) {
@@ -286,6 +293,8 @@ int main(int argc, char **argv)
                 res.steps_done, res.steps_done - res.start_step, took, (unsigned long long)res.tokens, res.last_loss);
         if (!isnan(res.eval_loss))
             fprintf(stderr, ", eval_loss %.4f", res.eval_loss);
+        if (res.device_bytes)
+            fprintf(stderr, ", peak device memory %.2f GiB", res.device_bytes / 1073741824.0);
         fprintf(stderr, "; adapter in %s\n", o.out_dir);
     }
     return EXIT_OK;

@@ -1,0 +1,61 @@
+// defines: TrainDevice, TrainEngine, train_device_parse, train_device_resolve, train_engine_create,
+//          train_engine_free, train_engine_upload, train_engine_zero_grad, train_engine_micro_batch,
+//          train_engine_eval_micro_batch, train_engine_step, train_engine_download,
+//          train_engine_describe, train_engine_device_bytes, train_device_check
+// Where lib/trainer.c's one loop computes: the float32 CPU engine (lib/engine.h) with the host
+// optimizer (lib/optim.h), or the CUDA engine with the optimizer on the device
+// (kernels/train_cuda.cuh, built with HAVE_CUDA). The loop calls the same functions for both:
+//   upload once after setup (the host LoRA parameters and AdamW moments, fresh or resumed),
+//   per step: zero_grad, micro_batch x accum, step (divide by the step's trained tokens, global
+//   norm, clip, AdamW), and download before a checkpoint or the final adapter.
+// On the CPU, upload and download do nothing: the host arrays are the engine's.
+#ifndef TRAIN_ENGINE_H
+#define TRAIN_ENGINE_H
+
+#include <stddef.h>
+
+#include "engine.h"
+#include "err.h"
+#include "lora.h"
+#include "optim.h"
+
+typedef enum { TRAIN_DEVICE_CPU, TRAIN_DEVICE_CUDA, TRAIN_DEVICE_AUTO } TrainDevice;
+
+// "cpu", "cuda", "auto"; -1 naming the bad value.
+int train_device_parse(const char *name, TrainDevice *d, Err *err);
+// AUTO -> CUDA when this build has CUDA and a GPU is present, else CPU; others unchanged.
+TrainDevice train_device_resolve(TrainDevice d);
+// -1 with a clear message when d is CUDA and this build has no CUDA or no GPU is present (so a
+// tool can refuse before loading anything).
+int train_device_check(TrainDevice d, Err *err);
+
+typedef struct TrainEngine TrainEngine;
+
+// An engine on device d (CPU or CUDA, not AUTO) for model m, LoRA config lc and micro-batches of
+// up to max_batch rows of max_seq tokens. CUDA: -1 with a clear message in a build without CUDA,
+// without a GPU, or with LoRA dropout > 0.
+TrainEngine *train_engine_create(TrainDevice d, const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
+                                 Err *err);
+void train_engine_free(TrainEngine *e);
+// Device <- lora->params and opt's moments.
+int train_engine_upload(TrainEngine *e, const Lora *lora, const AdamW *opt, Err *err);
+int train_engine_zero_grad(TrainEngine *e, Lora *lora, Err *err);
+// As engine_train_micro_batch (rng draws the CPU's dropout masks).
+int train_engine_micro_batch(TrainEngine *e, Lora *lora, const EngineBatch *b, Rng *rng, double *loss_sum,
+                             long *n_trained, Err *err);
+// The validation loss of a micro-batch (CUDA: a training pass whose gradients the next
+// zero_grad discards; call it between steps only).
+int train_engine_eval_micro_batch(TrainEngine *e, const Lora *lora, const EngineBatch *b, double *loss_sum,
+                                  long *n_trained, Err *err);
+// One optimizer step: gradients /= n_trained (when > 0), *grad_norm = their global L2 norm,
+// clipped to max_grad_norm (<= 0: not), AdamW at learning rate lr (opt->step counts it).
+int train_engine_step(TrainEngine *e, Lora *lora, AdamW *opt, long n_trained, double max_grad_norm, float lr,
+                      double *grad_norm, Err *err);
+// Host <- device: lora->params, opt->m, opt->v (for checkpoints and the adapter).
+int train_engine_download(TrainEngine *e, Lora *lora, AdamW *opt, Err *err);
+// "cpu (N threads)" or "cuda: NAME", for the progress display.
+const char *train_engine_describe(const TrainEngine *e);
+// Device memory the run's buffers take (all allocated at create); 0 on the CPU.
+size_t train_engine_device_bytes(const TrainEngine *e);
+
+#endif
