@@ -53,8 +53,7 @@ endif
 
 LIB_SRC  := $(wildcard lib/*.c)
 LIB_OBJ  := $(LIB_SRC:lib/%.c=$(BUILD)/lib/%.o)
-CLI_OBJ  := $(BUILD)/tools/cli.o
-TOOLS    := $(filter-out cli,$(basename $(notdir $(wildcard tools/*.c))))
+TOOLS    := $(basename $(notdir $(wildcard tools/*.c)))
 TOOL_BIN := $(TOOLS:%=$(BIN)/%)
 UNIT_SRC := $(wildcard tests/unit/*.c)
 UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/test/%.t)
@@ -77,9 +76,9 @@ $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.cuh lib/*.h)
 	$(NVCC) $(NVFLAGS) -c -o $@ $<
 $(BUILD)/libkernels.a: $(CUDA_OBJ)
 	$(AR) rcs $@ $^
-$(BIN)/%: $(BUILD)/tools/%.o $(CLI_OBJ) $(BUILD)/libalp.a $(CUDA_LIB)
+$(BIN)/%: $(BUILD)/tools/%.o $(BUILD)/libalp.a $(CUDA_LIB)
 	@mkdir -p $(@D)
-	$(CC) $(LDFLAGS) -o $@ $< $(CLI_OBJ) $(BUILD)/libalp.a $(CUDA_LIB) $(LDLIBS) $(CUDA_LDLIBS)
+	$(CC) $(LDFLAGS) -o $@ $< $(BUILD)/libalp.a $(CUDA_LIB) $(LDLIBS) $(CUDA_LDLIBS)
 $(BUILD)/test/%.t: tests/unit/%.c tests/unit/tap.h $(BUILD)/libalp.a $(CUDA_LIB)
 	@mkdir -p $(@D)
 	$(CC) $(CPPFLAGS) -Itests/unit $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libalp.a $(CUDA_LIB) $(LDLIBS) $(CUDA_LDLIBS)
