@@ -730,6 +730,25 @@ static const char *value_kind(unsigned char c)
     }
 }
 
+// An object member's key (at s->p) and its ':', for skip_value: the key is decoded to check
+// its UTF-8, then its arena space given back.
+static int skip_key(Scan *s, unsigned char *arena_mark)
+{
+    AlpacaStr scratch;
+    int r;
+    if (*s->p != '"')
+        return syntax(s, "expected a string key");
+    if ((r = scan_string(s, &scratch)) != SCAN_OK)
+        return r;
+    s->out = arena_mark;
+    skip_ws(s);
+    NEED(s);
+    if (*s->p != ':')
+        return syntax(s, "expected ':' after a key");
+    s->p++;
+    return SCAN_OK;
+}
+
 // Any JSON value at s->p (after whitespace), checked and passed over. Strings are decoded
 // into the arena scratch space (then given back), so their UTF-8 is checked too.
 static int skip_value(Scan *s)
@@ -764,18 +783,8 @@ static int skip_value(Scan *s)
                 break;
             }
             stack[depth++] = close;
-            if (close == '}') {
-                if (*s->p != '"')
-                    return syntax(s, "expected a string key");
-                if ((r = scan_string(s, &scratch)) != SCAN_OK)
-                    return r;
-                s->out = arena_mark;
-                skip_ws(s);
-                NEED(s);
-                if (*s->p != ':')
-                    return syntax(s, "expected ':' after a key");
-                s->p++;
-            }
+            if (close == '}' && (r = skip_key(s, arena_mark)) != SCAN_OK)
+                return r;
             continue;   // the first member's value
         }
         default:
@@ -804,16 +813,8 @@ static int skip_value(Scan *s)
             if (close == '}') {
                 skip_ws(s);
                 NEED(s);
-                if (*s->p != '"')
-                    return syntax(s, "expected a string key");
-                if ((r = scan_string(s, &scratch)) != SCAN_OK)
+                if ((r = skip_key(s, arena_mark)) != SCAN_OK)
                     return r;
-                s->out = arena_mark;
-                skip_ws(s);
-                NEED(s);
-                if (*s->p != ':')
-                    return syntax(s, "expected ':' after a key");
-                s->p++;
             }
             break;
         }

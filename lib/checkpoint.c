@@ -232,19 +232,29 @@ static int parse_state(const char *path, json_t *j, CheckpointState *s, char **o
     return 0;
 }
 
-int checkpoint_read_options(const char *dir, char **options_json, Err *err)
+// The checkpoint's trainer_state.json, parsed; its path goes to path. NULL with a message.
+static json_t *load_state_json(const char *dir, char *path, size_t path_cap, Err *err)
 {
-    char path[PATH_MAX + 64];
-    *options_json = NULL;
-    snprintf(path, sizeof path, "%s/%s", dir, STATE_NAME);
+    snprintf(path, path_cap, "%s/%s", dir, STATE_NAME);
     json_error_t jerr;
     json_t *j = json_load_file(path, 0, &jerr);
     if (!j) {
         struct stat sb;
         if (stat(path, &sb) != 0)
-            return err_set(err, "%s: not a complete checkpoint (no %s): %s", dir, STATE_NAME, strerror(errno));
-        return err_set(err, "%s:%d: %s", path, jerr.line, jerr.text);
+            err_set(err, "%s: not a complete checkpoint (no %s): %s", dir, STATE_NAME, strerror(errno));
+        else
+            err_set(err, "%s:%d: %s", path, jerr.line, jerr.text);
     }
+    return j;
+}
+
+int checkpoint_read_options(const char *dir, char **options_json, Err *err)
+{
+    char path[PATH_MAX + 64];
+    *options_json = NULL;
+    json_t *j = load_state_json(dir, path, sizeof path, err);
+    if (!j)
+        return -1;
     CheckpointState st;
     int rc = parse_state(path, j, &st, options_json, err);
     json_decref(j);
@@ -258,15 +268,9 @@ int checkpoint_load(const char *dir, Adapter **adapter, float **m, float **v, si
     *adapter = NULL;
     *m = *v = NULL;
     *options_json = NULL;
-    snprintf(path, sizeof path, "%s/%s", dir, STATE_NAME);
-    json_error_t jerr;
-    json_t *j = json_load_file(path, 0, &jerr);
-    if (!j) {
-        struct stat sb;
-        if (stat(path, &sb) != 0)
-            return err_set(err, "%s: not a complete checkpoint (no %s): %s", dir, STATE_NAME, strerror(errno));
-        return err_set(err, "%s:%d: %s", path, jerr.line, jerr.text);
-    }
+    json_t *j = load_state_json(dir, path, sizeof path, err);
+    if (!j)
+        return -1;
     int rc = parse_state(path, j, state, options_json, err);
     json_t *np = json_object_get(j, "n_params");
     if (rc == 0 && (!json_is_integer(np) || (uint64_t)json_integer_value(np) != n_params))

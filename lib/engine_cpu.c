@@ -4,6 +4,7 @@
 //
 // Shapes: N = B*T positions of a micro-batch (flattened row-major), D = dim, Hq/Hkv = query and
 // key-value heads, hd = head_dim, F = hidden_dim (MLP width), V = vocab, r = LoRA rank.
+#include "cpu_ops.h"
 #include "engine.h"
 
 #include <math.h>
@@ -305,23 +306,8 @@ static void matmul_backward_input(float *d_in, const float *d_out, const float *
     }
 }
 
-// y = w * x / rms(x), per position; rstd (N) kept for backward.
-static void rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, int N, int D, float eps)
-{
-    #pragma omp parallel for if (worth_threads((double)N * D * 4)) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *xi = x + (size_t)n * D;
-        float ss = 0;
-        for (int i = 0; i < D; i++)
-            ss += xi[i] * xi[i];
-        float r = 1.0f / sqrtf(ss / D + eps);
-        rstd[n] = r;
-        for (int i = 0; i < D; i++)
-            y[(size_t)n * D + i] = w[i] * (xi[i] * r);
-    }
-}
-
-// d_x (N, D) += the gradient through y = w * x * rstd given d_y.
+// d_x (N, D) += the gradient through y = w * x * rstd given d_y. It accumulates into the residual
+// gradient, where cpu_rmsnorm_backward (the kernel twin) overwrites, so it stays here.
 static void rmsnorm_backward(float *d_x, const float *d_y, const float *x, const float *w,
                              const float *rstd, int N, int D)
 {
@@ -462,27 +448,6 @@ static void attention_backward(const Engine *e, float *d_q, float *d_k, float *d
                     }
         free(p);
         free(dp);
-    }
-}
-
-static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-// act = silu(gate) * up, elementwise over (N, F).
-static void swiglu_forward(float *act, const float *gate, const float *up, size_t n)
-{
-    #pragma omp parallel for if (worth_threads((double)n * 8)) schedule(static)
-    for (size_t i = 0; i < n; i++)
-        act[i] = gate[i] * sigmoidf(gate[i]) * up[i];
-}
-
-static void swiglu_backward(float *d_gate, float *d_up, const float *d_act, const float *gate,
-                            const float *up, size_t n)
-{
-    #pragma omp parallel for if (worth_threads((double)n * 12)) schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float s = sigmoidf(gate[i]), silu = gate[i] * s;
-        d_up[i] = d_act[i] * silu;
-        d_gate[i] = d_act[i] * up[i] * s * (1.0f + gate[i] * (1.0f - s));
     }
 }
 
@@ -649,7 +614,7 @@ static void forward_layers(Engine *e, const Lora *lora, Rng *rng, const int32_t 
     for (int l = 0; l < c->n_layers; l++) {
         LayerActs *a = &e->acts[l];
         const LayerF32 *w = &e->layers[l];
-        rmsnorm_forward(a->xn1, a->rstd1, a->x_in, w->attn_norm, N, D, c->norm_eps);
+        cpu_rmsnorm_forward(a->xn1, a->rstd1, a->x_in, w->attn_norm, N, D, c->norm_eps);
         proj_forward(e, lora, rng, l, PROJ_Q, a->q, a->xn1, N, train);
         proj_forward(e, lora, rng, l, PROJ_K, a->k, a->xn1, N, train);
         proj_forward(e, lora, rng, l, PROJ_V, a->v, a->xn1, N, train);
@@ -659,16 +624,16 @@ static void forward_layers(Engine *e, const Lora *lora, Rng *rng, const int32_t 
         proj_forward(e, lora, rng, l, PROJ_O, a->x_mid, a->attn, N, train);
         for (size_t i = 0; i < (size_t)N * D; i++)
             a->x_mid[i] += a->x_in[i];
-        rmsnorm_forward(a->xn2, a->rstd2, a->x_mid, w->ffn_norm, N, D, c->norm_eps);
+        cpu_rmsnorm_forward(a->xn2, a->rstd2, a->x_mid, w->ffn_norm, N, D, c->norm_eps);
         proj_forward(e, lora, rng, l, PROJ_GATE, a->gate, a->xn2, N, train);
         proj_forward(e, lora, rng, l, PROJ_UP, a->up, a->xn2, N, train);
-        swiglu_forward(a->act, a->gate, a->up, (size_t)N * F);
+        cpu_swiglu_forward(a->act, a->gate, a->up, (size_t)N * F);
         float *x_out = l + 1 < c->n_layers ? e->acts[l + 1].x_in : e->x_final;
         proj_forward(e, lora, rng, l, PROJ_DOWN, x_out, a->act, N, train);
         for (size_t i = 0; i < (size_t)N * D; i++)
             x_out[i] += a->x_mid[i];
     }
-    rmsnorm_forward(e->xnf, e->rstdf, e->x_final, e->final_norm, N, D, c->norm_eps);
+    cpu_rmsnorm_forward(e->xnf, e->rstdf, e->x_final, e->final_norm, N, D, c->norm_eps);
 }
 
 // Cross-entropy over the trained targets. With d_xnf (N, D) not NULL, also writes the gradient
@@ -740,7 +705,7 @@ static void backward_layers(Engine *e, Lora *lora, int B, int T)
         int need_input_grad = l > lowest;
         // MLP: x_out = x_mid + down(silu(gate(xn2)) * up(xn2)); d_x is d x_out.
         proj_backward(e, lora, l, PROJ_DOWN, e->d_act, e->d_x, a->act, N, 0);
-        swiglu_backward(e->d_gate, e->d_up, e->d_act, a->gate, a->up, (size_t)N * F);
+        cpu_swiglu_backward(e->d_gate, e->d_up, e->d_act, a->gate, a->up, (size_t)N * F);
         proj_backward(e, lora, l, PROJ_GATE, e->d_xn, e->d_gate, a->xn2, N, 0);
         proj_backward(e, lora, l, PROJ_UP, e->d_xn, e->d_up, a->xn2, N, 1);
         rmsnorm_backward(e->d_x, e->d_xn, a->x_mid, w->ffn_norm, a->rstd2, N, D);   // d_x is now d x_mid
