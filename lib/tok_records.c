@@ -146,12 +146,6 @@ static long tokenize_record(const Tokenizer *t, const Record *rec, TokBuffers *b
     return encode_span(t, b, pos, total, 0, (size_t)n, err);
 }
 
-static uint64_t fingerprint_of(const Tokenizer *t, TokBuffers *b)
-{
-    if (!b->have_fingerprint) b->fingerprint = tokenizer_fingerprint(t), b->have_fingerprint = 1;
-    return b->fingerprint;
-}
-
 // Encodes the finished Record into b->out.
 static int emit_record(const Record *out, TokBuffers *b, Err *err)
 {
@@ -225,7 +219,7 @@ int tok_encode_record(const Tokenizer *t, const TokOptions *o, const Record *rec
     if (nseg == 0 && add_bos) {   // no segment to carry the BOS: it stays out
         m = 0;
     }
-    Record out = { .kind = REC_TOKENS, .origin_index = rec->origin_index, .fingerprint = fingerprint_of(t, b),
+    Record out = { .kind = REC_TOKENS, .origin_index = rec->origin_index, .fingerprint = tokenizer_fingerprint(t),
                    .origin = rec->origin, .origin_len = rec->origin_len, .nseg = nseg, .seg = b->seg };
     if (emit_record(&out, b, err)) return -1;
     st->records++;
@@ -240,7 +234,7 @@ int tok_decode_record(const Tokenizer *t, const TokOptions *o, const Record *rec
                       Err *err)
 {
     if (rec->kind != REC_TOKENS) return err_set(err, "a text record: tok -d wants token records");
-    uint64_t fp = fingerprint_of(t, b);
+    uint64_t fp = tokenizer_fingerprint(t);
     if (rec->fingerprint != 0 && rec->fingerprint != fp)
         return err_set(err, "tokens of another tokenizer (fingerprint %016llx, this model's %016llx)",
                        (unsigned long long)rec->fingerprint, (unsigned long long)fp);

@@ -58,8 +58,6 @@ typedef struct {
     size_t dec_cap;
     unsigned char *out;         // (out_cap) the output bytes; out_len used
     size_t out_cap, out_len;
-    uint64_t fingerprint;       // tokenizer_fingerprint, asked once (have_fingerprint)
-    int have_fingerprint;
 } TokBuffers;
 
 // One text record to one token record, written as record bytes into b->out / b->out_len;

@@ -30,6 +30,7 @@ struct Tokenizer {
     SpmTokenizer *spm;
     int64_t bos_id, eos_id;
     int adds_bos;
+    uint64_t fingerprint;        // computed once at load: hashing the vocabulary costs milliseconds
 };
 
 static int is_dir(const char *path)
@@ -252,6 +253,7 @@ Tokenizer *tokenizer_load(const char *path, Err *err)
     if (t->bos_id < 0) t->adds_bos = 0;
     json_decref(config);
     json_decref(generation);
+    t->fingerprint = t->spm ? spm_fingerprint(t->spm) : bytelevel_fingerprint(t->bytelevel);
     return t;
 fail:
     json_decref(config);
@@ -308,7 +310,7 @@ int64_t tokenizer_token_id(const Tokenizer *t, const char *s, size_t len)
 
 uint64_t tokenizer_fingerprint(const Tokenizer *t)
 {
-    return t->spm ? spm_fingerprint(t->spm) : bytelevel_fingerprint(t->bytelevel);
+    return t->fingerprint;
 }
 
 const char *tokenizer_kind(const Tokenizer *t)

@@ -30,7 +30,7 @@ if [ -z "${TOKDRV:-}" ]; then
     TOKDRV=build/obj/test/tokdrv
 fi
 export TESTDATA ROUNDS TOKDRV RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-exec python3 - <<'PY'
+python3 - <<'PY'
 import json, os, statistics, subprocess, tempfile, time
 data, rounds = os.environ["TESTDATA"], int(os.environ["ROUNDS"])
 drv = os.environ["TOKDRV"]
@@ -109,3 +109,25 @@ for ch in ("a", " ", "1", "\n", "日"):
         print(f", tiktoken {1 / rate(tt.encode_ordinary, [ch * (1000000 // len(ch.encode()))]) * 1e3:.0f} ms", end="")
     print()
 PY
+# Threads: the tok tool end to end (records in, records out) on the shared Alpaca data (4 copies), -j 1
+# against -j NPROC; the output bytes must not depend on -j.
+BIN=${BIN:-$TOP/bin}
+if [ -x "$BIN/tok" ] && [ -x "$BIN/alp-fmt" ]; then
+    t=$(mktemp -d)
+    for f in alpaca_en_demo alpaca_zh_demo gpteacher-toolformer-similarity-0.6; do
+        "$BIN/alp-fmt" "$TESTDATA/alpaca/$f.json"
+    done >"$t/one.rec" 2>/dev/null
+    cat "$t/one.rec" "$t/one.rec" "$t/one.rec" "$t/one.rec" >"$t/in.rec"   # 4 copies, ~14 MB
+    n=$(nproc)
+    for j in 1 "$n"; do
+        s0=$(date +%s.%N)
+        "$BIN/tok" -q -j "$j" -m "$TESTDATA/llama3/tokenizer.model" "$t/in.rec" >"$t/out$j.rec"
+        s1=$(date +%s.%N)
+        echo "$j $s0 $s1"
+    done | awk -v mb="$(wc -c <"$t/in.rec")" '{ s = $3 - $2; r[NR] = mb / 1e6 / s;
+        printf "tok -j %-3s %6.2f s  %6.1f MB/s of records (wall)\n", $1, s, r[NR] }
+        END { if (NR == 2) printf "threads: %.1fx with -j %s over -j 1\n", r[2] / r[1], $1 }'
+    cmp -s "$t/out1.rec" "$t/out$n.rec" && echo "output identical for -j 1 and -j $n" || echo "tok bench: OUTPUT DIFFERS between -j 1 and -j $n"
+    rm -rf "$t"
+fi
+
