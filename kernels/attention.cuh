@@ -1,5 +1,6 @@
 // defines: cuda_attention_forward, cuda_attention_backward, cuda_attention_backward_workspace_bytes,
-//          cuda_attention_set_version
+//          cuda_attention_set_version, cuda_attention_forward_plain, cuda_attention_backward_plain,
+//          ATTENTION_PLAIN_MAX_HEAD_DIM
 //          (kernels/attention.cu; CPU twins cpu_attention_forward, cpu_attention_backward)
 #ifndef ATTENTION_CUH
 #define ATTENTION_CUH
@@ -40,6 +41,20 @@ int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *do
 // same forward output bit for bit. Returns the previous version, or -1 (and changes nothing)
 // for an unknown one.
 int cuda_attention_set_version(int version);
+
+// Plain kernels for any head_dim up to ATTENTION_PLAIN_MAX_HEAD_DIM (kernels/attention_plain.cu;
+// one thread per (query, head), fp32: for the tiny test models, not for speed). Same layouts and
+// masking, but each position's document start is given directly: query t sees keys
+// [seq_start[t], t]. The backward ADDS dk and dv into fp32 accumulators (T, n_kv_heads,
+// head_dim) that the caller zeroes; dq is written.
+#define ATTENTION_PLAIN_MAX_HEAD_DIM 128
+int cuda_attention_forward_plain(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v,
+                                 const int32_t *seq_start, int T, int n_heads, int n_kv_heads, int head_dim,
+                                 GpuStream stream, Err *err);
+int cuda_attention_backward_plain(bf16_t *dq, float *dk, float *dv, const bf16_t *dout, const bf16_t *q,
+                                  const bf16_t *k, const bf16_t *v, const bf16_t *out, const float *lse,
+                                  const int32_t *seq_start, int T, int n_heads, int n_kv_heads, int head_dim,
+                                  GpuStream stream, Err *err);
 KERNELS_EXTERN_C_END
 
 #endif

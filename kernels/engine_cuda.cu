@@ -20,9 +20,8 @@
 #include "rmsnorm.cuh"
 #include "rope.cuh"
 #include "swiglu.cuh"
+#include "weights.cuh"
 
-// The plain attention kernels hold one query and its accumulator in registers.
-#define NAIVE_ATTN_MAX_HD 128
 // Cross-entropy blocks: the (token_chunk, vocab_chunk) fp32 logits of one block live at a time.
 #define CE_TOKEN_CHUNK 4096
 #define CE_VOCAB_CHUNK 32768
@@ -137,52 +136,16 @@ void cuda_engine_lora_buffers(CudaEngine *e, float **params, float **grads, size
 
 // ---- weights --------------------------------------------------------------------------------
 
-static uint16_t host_bf16_bits(float f)  // round to nearest even, as __float2bfloat16
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
-// A model tensor as bf16 on the device: BF16 copied as is, F32/F16 converted in chunks.
 static int upload_weight(CudaEngine *e, bf16_t **out, const Tensor *t, Err *err)
 {
-    int64_t n = tensor_numel(t);
-    if (dev_alloc(e, (void **)out, (size_t)n * 2, err) < 0)
+    if (dev_alloc(e, (void **)out, (size_t)tensor_numel(t) * 2, err) < 0)
         return -1;
-    if (t->dtype == DTYPE_BF16) {
-        CUDA_CHECK(cudaMemcpy(*out, t->data, (size_t)n * 2, cudaMemcpyHostToDevice), err);
-        return 0;
-    }
-    const int64_t chunk = 1 << 20;
-    std::vector<float> f32((size_t)(n < chunk ? n : chunk));
-    std::vector<uint16_t> bits(f32.size());
-    for (int64_t first = 0; first < n; first += chunk) {
-        int64_t cnt = n - first < chunk ? n - first : chunk;
-        tensor_to_f32(t, first, cnt, f32.data());
-        for (int64_t i = 0; i < cnt; i++)
-            bits[i] = host_bf16_bits(f32[i]);
-        CUDA_CHECK(cudaMemcpy(*out + first, bits.data(), (size_t)cnt * 2, cudaMemcpyHostToDevice), err);
-    }
-    return 0;
-}
-
-__global__ void f32_to_bf16_kernel(__nv_bfloat16 *out, const float *in, size_t n)
-{
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n)
-        out[i] = __float2bfloat16(in[i]);
+    return cuda_upload_tensor_bf16(*out, t, e->stream, err);
 }
 
 static int f32_to_bf16(CudaEngine *e, bf16_t *out, const float *in, size_t n, Err *err)
 {
-    if (n == 0)
-        return 0;
-    f32_to_bf16_kernel<<<ceil_div(n, 256), 256, 0, e->stream>>>(out, in, n);
-    LAUNCH_CHECK(err);
-    return 0;
+    return cuda_f32_to_bf16(out, in, n, e->stream, err);
 }
 
 CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq, Err *err)
@@ -197,7 +160,7 @@ CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_bat
         return err_set(err, "cuda engine: a sliding window (%d) shorter than the sequence (%d) is not supported",
                        c->sliding_window, max_seq),
                (CudaEngine *)NULL;
-    if (c->head_dim != 64 && c->head_dim != 128 && (c->head_dim > NAIVE_ATTN_MAX_HD || c->head_dim % 2))
+    if (c->head_dim != 64 && c->head_dim != 128 && (c->head_dim > ATTENTION_PLAIN_MAX_HEAD_DIM || c->head_dim % 2))
         return err_set(err, "cuda engine: head_dim %d is not supported", c->head_dim), (CudaEngine *)NULL;
     if (lc->rank < 1 || !lc->targets)
         return err_set(err, "cuda engine: LoRA rank %d, targets 0x%x", lc->rank, lc->targets), (CudaEngine *)NULL;
@@ -430,89 +393,14 @@ static int proj_backward(CudaEngine *e, int l, int p, bf16_t *d_x, const bf16_t 
     return 0;
 }
 
-// ---- attention for head sizes the flash kernels do not take ----------------------------------
-
-// One thread per (query n, head h): online softmax over keys [seq_start[n], n], fp32.
-__global__ void naive_attention_forward_kernel(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q,
-                                               const __nv_bfloat16 *k, const __nv_bfloat16 *v,
-                                               const int32_t *seq_start, int N, int Hq, int Hkv, int hd, float scale)
-{
-    int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= N * Hq)
-        return;
-    int n = idx / Hq, h = idx % Hq, kvh = h / (Hq / Hkv);
-    float qi[NAIVE_ATTN_MAX_HD], acc[NAIVE_ATTN_MAX_HD];
-    for (int i = 0; i < hd; i++) {
-        qi[i] = __bfloat162float(q[(size_t)idx * hd + i]);
-        acc[i] = 0;
-    }
-    float mx = -INFINITY, sum = 0;
-    for (int j = seq_start[n]; j <= n; j++) {
-        const __nv_bfloat16 *kj = k + ((size_t)j * Hkv + kvh) * hd, *vj = v + ((size_t)j * Hkv + kvh) * hd;
-        float s = 0;
-        for (int i = 0; i < hd; i++)
-            s += qi[i] * __bfloat162float(kj[i]);
-        s *= scale;
-        float new_mx = fmaxf(mx, s), corr = expf(mx - new_mx), w = expf(s - new_mx);
-        sum = sum * corr + w;
-        for (int i = 0; i < hd; i++)
-            acc[i] = acc[i] * corr + w * __bfloat162float(vj[i]);
-        mx = new_mx;
-    }
-    for (int i = 0; i < hd; i++)
-        out[(size_t)idx * hd + i] = __float2bfloat16(acc[i] / sum);
-    lse[idx] = mx + logf(sum);
-}
-
-// One thread per (query, head): p_j = exp(s_j - lse), dp_j = dout . v_j, ds_j = p_j (dp_j -
-// dout . out) scale; dq = sum ds_j k_j; dk_j += ds_j q and dv_j += p_j dout by fp32 atomics.
-__global__ void naive_attention_backward_kernel(__nv_bfloat16 *dq, float *dk, float *dv, const __nv_bfloat16 *dout,
-                                                const __nv_bfloat16 *q, const __nv_bfloat16 *k,
-                                                const __nv_bfloat16 *v, const __nv_bfloat16 *out, const float *lse,
-                                                const int32_t *seq_start, int N, int Hq, int Hkv, int hd, float scale)
-{
-    int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= N * Hq)
-        return;
-    int n = idx / Hq, h = idx % Hq, kvh = h / (Hq / Hkv);
-    float qi[NAIVE_ATTN_MAX_HD], doi[NAIVE_ATTN_MAX_HD], dqi[NAIVE_ATTN_MAX_HD];
-    float delta = 0;
-    for (int i = 0; i < hd; i++) {
-        qi[i] = __bfloat162float(q[(size_t)idx * hd + i]);
-        doi[i] = __bfloat162float(dout[(size_t)idx * hd + i]);
-        delta += doi[i] * __bfloat162float(out[(size_t)idx * hd + i]);
-        dqi[i] = 0;
-    }
-    float l = lse[idx];
-    for (int j = seq_start[n]; j <= n; j++) {
-        size_t kv = ((size_t)j * Hkv + kvh) * hd;
-        float s = 0, dp = 0;
-        for (int i = 0; i < hd; i++) {
-            s += qi[i] * __bfloat162float(k[kv + i]);
-            dp += doi[i] * __bfloat162float(v[kv + i]);
-        }
-        float p = expf(s * scale - l), ds = p * (dp - delta) * scale;
-        for (int i = 0; i < hd; i++) {
-            dqi[i] += ds * __bfloat162float(k[kv + i]);
-            atomicAdd(&dk[kv + i], ds * qi[i]);
-            atomicAdd(&dv[kv + i], p * doi[i]);
-        }
-    }
-    for (int i = 0; i < hd; i++)
-        dq[(size_t)idx * hd + i] = __float2bfloat16(dqi[i]);
-}
-
 static int attention_forward(CudaEngine *e, LayerActs *a, int N, int n_seqs, Err *err)
 {
     const ModelConfig *c = &e->c;
     if (c->head_dim == 64 || c->head_dim == 128)
         return cuda_attention_forward(a->attn, a->lse, a->q, a->k, a->v, e->cu_seqlens, n_seqs, N, c->n_heads,
                                       c->n_kv_heads, c->head_dim, e->stream, err);
-    naive_attention_forward_kernel<<<ceil_div((size_t)N * c->n_heads, 128), 128, 0, e->stream>>>(
-        a->attn, a->lse, a->q, a->k, a->v, e->seq_start, N, c->n_heads, c->n_kv_heads, c->head_dim,
-        1.0f / sqrtf((float)c->head_dim));
-    LAUNCH_CHECK(err);
-    return 0;
+    return cuda_attention_forward_plain(a->attn, a->lse, a->q, a->k, a->v, e->seq_start, N, c->n_heads,
+                                        c->n_kv_heads, c->head_dim, e->stream, err);
 }
 
 static int attention_backward(CudaEngine *e, LayerActs *a, int N, int n_seqs, Err *err)
@@ -525,10 +413,9 @@ static int attention_backward(CudaEngine *e, LayerActs *a, int N, int n_seqs, Er
     size_t nkv = (size_t)N * c->n_kv_heads * c->head_dim;
     CUDA_CHECK(cudaMemsetAsync(e->d_k32, 0, nkv * 4, e->stream), err);
     CUDA_CHECK(cudaMemsetAsync(e->d_v32, 0, nkv * 4, e->stream), err);
-    naive_attention_backward_kernel<<<ceil_div((size_t)N * c->n_heads, 128), 128, 0, e->stream>>>(
-        e->d_q, e->d_k32, e->d_v32, e->d_attn, a->q, a->k, a->v, a->attn, a->lse, e->seq_start, N, c->n_heads,
-        c->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim));
-    LAUNCH_CHECK(err);
+    if (cuda_attention_backward_plain(e->d_q, e->d_k32, e->d_v32, e->d_attn, a->q, a->k, a->v, a->attn, a->lse,
+                                      e->seq_start, N, c->n_heads, c->n_kv_heads, c->head_dim, e->stream, err) < 0)
+        return -1;
     if (f32_to_bf16(e, e->d_k, e->d_k32, nkv, err) < 0 || f32_to_bf16(e, e->d_v, e->d_v32, nkv, err) < 0)
         return -1;
     return 0;

@@ -1,0 +1,21 @@
+// defines: cuda_upload_tensor_bf16, cuda_f32_to_bf16 (kernels/weights.cu)
+// Model tensors to the device as bf16, as every GPU engine stores base weights. The destination
+// is allocated by the caller, so tensors can be stacked into one buffer (q, k and v rows one
+// after another: a (QD + 2 KD, D) matrix) by passing an offset pointer.
+#ifndef WEIGHTS_CUH
+#define WEIGHTS_CUH
+
+#include "common.cuh"
+
+KERNELS_EXTERN_C_BEGIN
+#include "safetensors.h"
+
+// dst (numel(t) bf16, device) <- t: BF16 copied as is, F32 and F16 rounded to nearest even.
+// Synchronous with respect to the host: t's memory may be unmapped when this returns.
+int cuda_upload_tensor_bf16(bf16_t *dst, const Tensor *t, GpuStream stream, Err *err);
+
+// out[i] = bf16(in[i]) for n device floats, on stream.
+int cuda_f32_to_bf16(bf16_t *out, const float *in, size_t n, GpuStream stream, Err *err);
+KERNELS_EXTERN_C_END
+
+#endif
