@@ -89,14 +89,15 @@ $(BUILD)/test-gpu/cpu_ops.o: lib/cpu_ops.c lib/cpu_ops.h
 $(BUILD)/test-gpu/%: tests/gpu/%.cu tests/gpu/harness.cuh $(BUILD)/test-gpu/cpu_ops.o $(CUDA_LIB) tests/unit/tap.h \
 		$(wildcard kernels/*.cuh)
 	$(NVCC) $(NVFLAGS) -Itests/unit -o $@ $< $(BUILD)/test-gpu/cpu_ops.o $(CUDA_LIB) -lcublas
-# The engine test also needs lib/ (models, LoRA, the CPU engine): nvcc compiles it, $(CC) links it
-# with libalp.a and the runtime libraries, so a GPU machine without their -dev headers runs the
-# binary built here.
-$(BUILD)/test-gpu/engine_test.o: tests/gpu/engine_test.cu tests/gpu/harness.cuh tests/unit/tap.h \
+# GPU tests that also need lib/ (models, LoRA, the CPU engine, the sampler): nvcc compiles them,
+# $(CC) links them with libalp.a and the runtime libraries, so a GPU machine without their -dev
+# headers runs the binaries built here.
+GPU_LIB_TESTS := engine_test gen_test sample_test
+$(GPU_LIB_TESTS:%=$(BUILD)/test-gpu/%.o): $(BUILD)/test-gpu/%.o: tests/gpu/%.cu tests/gpu/harness.cuh tests/unit/tap.h \
 		$(wildcard kernels/*.cuh lib/*.h)
 	@mkdir -p $(@D)
 	$(NVCC) $(NVFLAGS) -Itests/unit -c -o $@ $<
-$(BUILD)/test-gpu/engine_test: $(BUILD)/test-gpu/engine_test.o $(CUDA_LIB) $(BUILD)/libalp.a
+$(GPU_LIB_TESTS:%=$(BUILD)/test-gpu/%): $(BUILD)/test-gpu/%: $(BUILD)/test-gpu/%.o $(CUDA_LIB) $(BUILD)/libalp.a
 	$(CC) $(LDFLAGS) -o $@ $< $(CUDA_LIB) $(BUILD)/libalp.a $(CUDA_LIB) $(LDLIBS) $(CUDA_LDLIBS)
 
 # Tests read BIN (the tools under test) and TESTDATA (shared real inputs; skipped when absent).
