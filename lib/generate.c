@@ -60,7 +60,6 @@ struct Generator {
     int n_threads;
     float *scores;               // (n_threads, cache_cap) attention weights of one query head
     float *logits;               // (vocab)
-    Text text;                   // the last generate()'s output, which GenResult points into
 };
 
 // ---- kernels: the products here; RMSNorm, RoPE and SwiGLU are the trainer's (lib/cpu_ops.h) --
@@ -366,7 +365,6 @@ void generator_free(Generator *g)
     free(g->k_cache);
     free(g->v_cache);
     free(g->scores);
-    free(g->text.buf);
     free_activations(g);
     free(g);
 }
@@ -599,130 +597,171 @@ static int prompt_has_text(const Tokenizer *tok, const uint32_t *prompt, size_t 
     return len < 0 ? -1 : len > 0;
 }
 
-int generate(Generator *g, const Tokenizer *tok, Sampler *s, const uint32_t *prompt,
-             size_t n_prompt, uint64_t stream, const GenLimits *lim, GenEmit emit, void *ctx,
-             GenResult *res, Err *err)
+struct GenSeq {
+    const Tokenizer *tok;
+    const GenLimits *lim;
+    size_t max_stop;             // longest stop string
+    uint32_t *hist;              // (n_hist) prompt then output ids
+    size_t n_hist, hist_cap, n_prompt;
+    Text text;                   // the output so far
+    Utf8Stream u8;
+    size_t emitted;              // bytes of text already handed to emit
+    int first_piece;             // the next text may lose its leading space to the decoder
+    GenStop stop;
+};
+
+GenSeq *gen_seq_new(const Tokenizer *tok, const GenLimits *lim, Err *err)
 {
-    Text text = g->text;   // written back at the end, so the buffer is reused
-    const ModelConfig *c = &g->c;
-    size_t max_ctx = c->max_seq_len > 0 ? (size_t)c->max_seq_len : SIZE_MAX;
-    text.len = 0;
-    res->stop = GEN_STOP_LENGTH;
-    res->n_tokens = 0;
-    res->text = NULL;
-    res->len = 0;
-    if (n_prompt == 0)
+    GenSeq *s = calloc(1, sizeof *s);
+    if (!s)
+        return err_set(err, "out of memory"), (GenSeq *)NULL;
+    s->tok = tok;
+    s->lim = lim;
+    for (size_t i = 0; i < lim->n_stop_strings; i++)
+        if (strlen(lim->stop_strings[i]) > s->max_stop)
+            s->max_stop = strlen(lim->stop_strings[i]);
+    return s;
+}
+
+void gen_seq_free(GenSeq *s)
+{
+    if (!s)
+        return;
+    free(s->hist);
+    free(s->text.buf);
+    free(s);
+}
+
+int gen_seq_begin(GenSeq *s, const uint32_t *prompt, size_t n, Err *err)
+{
+    if (n == 0)
         return err_set(err, "empty prompt (no BOS and no text)");
-    if (n_prompt > max_ctx)
-        return err_set(err, "prompt of %zu tokens is longer than the model's context of %zu",
-                       n_prompt, max_ctx);
-    int has_text = prompt_has_text(tok, prompt, n_prompt, err);
+    int has_text = prompt_has_text(s->tok, prompt, n, err);
     if (has_text < 0)
         return -1;
+    if (ids_reserve(&s->hist, &s->hist_cap, n + (size_t)s->lim->max_new_tokens + 1, err) < 0)
+        return -1;
+    memcpy(s->hist, prompt, n * sizeof *prompt);
+    s->n_hist = s->n_prompt = n;
+    s->text.len = 0;
+    memset(&s->u8, 0, sizeof s->u8);
+    s->emitted = 0;
+    s->first_piece = !has_text;
+    s->stop = GEN_STOP_LENGTH;
+    return 0;
+}
 
-    size_t hist_cap = n_prompt + (size_t)lim->max_new_tokens;
-    uint32_t *hist = malloc((hist_cap ? hist_cap : 1) * sizeof *hist);
-    if (!hist)
-        return err_set(err, "out of memory");
-    memcpy(hist, prompt, n_prompt * sizeof *hist);
-    size_t n_hist = n_prompt;
+const uint32_t *gen_seq_history(const GenSeq *s, size_t *n)
+{
+    *n = s->n_hist;
+    return s->hist;
+}
 
-    size_t max_stop = 0;
-    for (size_t i = 0; i < lim->n_stop_strings; i++)
-        if (strlen(lim->stop_strings[i]) > max_stop)
-            max_stop = strlen(lim->stop_strings[i]);
+size_t gen_seq_new_tokens(const GenSeq *s) { return s->n_hist - s->n_prompt; }
 
-    Utf8Stream u8 = {0};
-    size_t emitted = 0;          // bytes of text already handed to emit
-    int first_piece = !has_text; // the next text may lose its leading space to the decoder
-    int rc = 0;
+int gen_seq_push(GenSeq *s, uint32_t id, GenEmit emit, void *ctx, Err *err)
+{
+    const GenLimits *lim = s->lim;
+    if (ids_reserve(&s->hist, &s->hist_cap, s->n_hist + 1, err) < 0)
+        return -1;
+    s->hist[s->n_hist++] = id;
+    if (is_stop_id(lim, id)) {
+        s->stop = GEN_STOP_EOS;
+        return 1;
+    }
+    if (tokenizer_is_special(s->tok, id))
+        return 0;
+    size_t nb = 0;
+    const char *bytes = tokenizer_token_bytes(s->tok, id, &nb);
+    if (!bytes)
+        return err_set(err, "token id %u has no text in the tokenizer", id);
+    if (nb == 0)
+        return 0;
+    if (s->first_piece) {
+        if (decoder_strips_space(s->tok, id, bytes, nb)) {
+            bytes++;
+            nb--;
+        }
+        s->first_piece = 0;
+    }
+    Text *text = &s->text;
+    if (text_reserve(text, 3 * (nb + 4), err) < 0)
+        return -1;
+    size_t old = text->len;
+    text->len += utf8_stream_feed(&s->u8, bytes, nb, text->buf + text->len);
+
+    // A stop string anywhere in the new bytes (or straddling into them) ends the output before it.
+    size_t from = old >= s->max_stop ? old - s->max_stop + 1 : 0, cut = SIZE_MAX;
+    for (size_t i = 0; i < lim->n_stop_strings; i++) {
+        const char *hit = memmem(text->buf + from, text->len - from, lim->stop_strings[i],
+                                 strlen(lim->stop_strings[i]));
+        if (hit && (size_t)(hit - text->buf) < cut)
+            cut = (size_t)(hit - text->buf);
+    }
+    if (cut != SIZE_MAX) {
+        text->len = cut;
+        s->u8.nheld = 0;
+        s->stop = GEN_STOP_STRING;
+        return 1;
+    }
+    size_t hold = 0;
+    for (size_t i = 0; i < lim->n_stop_strings; i++) {
+        size_t k = stop_prefix_at_end(text->buf, text->len, lim->stop_strings[i]);
+        if (k > hold)
+            hold = k;
+    }
+    if (text->len - hold > s->emitted) {
+        if (emit && emit(ctx, text->buf + s->emitted, text->len - hold - s->emitted) < 0)
+            return err_set(err, "output refused");
+        s->emitted = text->len - hold;
+    }
+    return 0;
+}
+
+int gen_seq_end(GenSeq *s, GenEmit emit, void *ctx, GenResult *res, Err *err)
+{
+    Text *text = &s->text;
+    // The end: bytes held for UTF-8 become U+FFFD, bytes held for a stop prefix are text.
+    if (text_reserve(text, 12, err) < 0)
+        return -1;
+    text->len += utf8_stream_finish(&s->u8, text->buf + text->len);
+    if (text->len > s->emitted && emit && emit(ctx, text->buf + s->emitted, text->len - s->emitted) < 0)
+        return err_set(err, "output refused");
+    s->emitted = text->len;
+    text->buf[text->len] = '\0';
+    res->stop = s->stop;
+    res->n_tokens = gen_seq_new_tokens(s);
+    res->text = text->buf;
+    res->len = text->len;
+    return 0;
+}
+
+int generate(Generator *g, GenSeq *seq, Sampler *s, const uint32_t *prompt, size_t n_prompt, uint64_t stream,
+             GenEmit emit, void *ctx, GenResult *res, Err *err)
+{
+    const ModelConfig *c = &g->c;
+    size_t max_ctx = c->max_seq_len > 0 ? (size_t)c->max_seq_len : SIZE_MAX;
+    if (n_prompt > max_ctx)
+        return err_set(err, "prompt of %zu tokens is longer than the model's context of %zu", n_prompt, max_ctx);
+    if (gen_seq_begin(seq, prompt, n_prompt, err) < 0)
+        return -1;
     generator_reset(g);
     float *logits = generator_forward(g, prompt, n_prompt, err);
     if (!logits)
-        rc = -1;
-    size_t n_new = 0;
-    while (rc == 0) {
-        if (n_new >= (size_t)lim->max_new_tokens || n_prompt + n_new >= max_ctx) {
-            res->stop = GEN_STOP_LENGTH;
+        return -1;
+    for (;;) {
+        size_t n_new = gen_seq_new_tokens(seq), n_hist;
+        if (n_new >= (size_t)seq->lim->max_new_tokens || n_prompt + n_new >= max_ctx)
             break;
-        }
-        if (n_new > 0 && !(logits = generator_forward(g, &hist[n_hist - 1], 1, err))) {
-            rc = -1;
-            break;
-        }
+        const uint32_t *hist = gen_seq_history(seq, &n_hist);
+        if (n_new > 0 && !(logits = generator_forward(g, &hist[n_hist - 1], 1, err)))
+            return -1;
         uint32_t id = sampler_pick(s, logits, hist, n_hist, stream, n_new);
-        hist[n_hist++] = id;
-        n_new++;
-        if (is_stop_id(lim, id)) {
-            res->stop = GEN_STOP_EOS;
+        int rc = gen_seq_push(seq, id, emit, ctx, err);
+        if (rc < 0)
+            return -1;
+        if (rc == 1)
             break;
-        }
-        if (tokenizer_is_special(tok, id))
-            continue;
-        size_t nb = 0;
-        const char *bytes = tokenizer_token_bytes(tok, id, &nb);
-        if (!bytes) {
-            rc = err_set(err, "token id %u has no text in the tokenizer", id);
-            break;
-        }
-        if (nb == 0)
-            continue;
-        if (first_piece) {
-            if (decoder_strips_space(tok, id, bytes, nb)) {
-                bytes++;
-                nb--;
-            }
-            first_piece = 0;
-        }
-        if (text_reserve(&text, 3 * (nb + 4), err) < 0) {
-            rc = -1;
-            break;
-        }
-        size_t old = text.len;
-        text.len += utf8_stream_feed(&u8, bytes, nb, text.buf + text.len);
-
-        // A stop string anywhere in the new bytes (or straddling into them) ends the output
-        // before it.
-        size_t from = old >= max_stop ? old - max_stop + 1 : 0, cut = SIZE_MAX;
-        for (size_t i = 0; i < lim->n_stop_strings; i++) {
-            const char *hit = memmem(text.buf + from, text.len - from, lim->stop_strings[i],
-                                     strlen(lim->stop_strings[i]));
-            if (hit && (size_t)(hit - text.buf) < cut)
-                cut = (size_t)(hit - text.buf);
-        }
-        if (cut != SIZE_MAX) {
-            text.len = cut;
-            u8.nheld = 0;
-            res->stop = GEN_STOP_STRING;
-            break;
-        }
-        size_t hold = 0;
-        for (size_t i = 0; i < lim->n_stop_strings; i++) {
-            size_t k = stop_prefix_at_end(text.buf, text.len, lim->stop_strings[i]);
-            if (k > hold)
-                hold = k;
-        }
-        if (text.len - hold > emitted) {
-            if (emit && emit(ctx, text.buf + emitted, text.len - hold - emitted) < 0) {
-                rc = err_set(err, "output refused");
-                break;
-            }
-            emitted = text.len - hold;
-        }
     }
-    free(hist);
-    res->n_tokens = n_new;
-    // The end: bytes held for UTF-8 become U+FFFD, bytes held for a stop prefix are text.
-    if (rc == 0 && text_reserve(&text, 12, err) < 0)
-        rc = -1;
-    if (rc == 0) {
-        text.len += utf8_stream_finish(&u8, text.buf + text.len);
-        if (text.len > emitted && emit && emit(ctx, text.buf + emitted, text.len - emitted) < 0)
-            rc = err_set(err, "output refused");
-        text.buf[text.len] = '\0';
-        res->text = text.buf;
-        res->len = text.len;
-    }
-    g->text = text;
-    return rc;
+    return gen_seq_end(seq, emit, ctx, res, err);
 }

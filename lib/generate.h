@@ -1,6 +1,7 @@
 // defines: PromptPiece, prompt_from_record, prompt_encode, Generator, generator_new,
 //          generator_free, generator_reset, generator_forward, generator_position, GenLimits,
-//          GenStop, GenResult, GenEmit, gen_stop_name, generate
+//          GenStop, GenResult, GenEmit, gen_stop_name, GenSeq, gen_seq_new, gen_seq_free,
+//          gen_seq_begin, gen_seq_push, gen_seq_end, gen_seq_history, gen_seq_new_tokens, generate
 // Text generation on the CPU: float32, plain loops (OpenMP over output features, dynamic teams
 // unless OMP_DYNAMIC says otherwise, so a busy machine does not stall it), a KV cache,
 // prefill of the whole prompt in one forward pass, then one token per decode step.
@@ -84,18 +85,37 @@ const char *gen_stop_name(GenStop s);   // "eos", "length", "stop-string"
 typedef struct {
     GenStop stop;
     size_t n_tokens;   // new tokens generated, the stop id included when one ended the output
-    char *text;        // (len) the whole output, NUL-terminated; valid until the next generate
+    char *text;        // (len) the whole output, NUL-terminated; valid until its GenSeq begins again
     size_t len;
 } GenResult;
 
 // A piece of output text (valid UTF-8, n > 0). Return -1 to stop (say, a write error).
 typedef int (*GenEmit)(void *ctx, const char *text, size_t n);
 
-// Generate from prompt (n_prompt >= 1 ids, BOS already applied) with stream as the sampler's
-// stream number (the prompt's index). The output also stops with GEN_STOP_LENGTH when the
-// context reaches the model's max_position_embeddings. -1 on error or when emit returned -1.
-int generate(Generator *g, const Tokenizer *tok, Sampler *s, const uint32_t *prompt,
-             size_t n_prompt, uint64_t stream, const GenLimits *lim, GenEmit emit, void *ctx,
-             GenResult *res, Err *err);
+// One output being generated: the history (prompt then new ids) for the sampler, and the text
+// of the new tokens as it may be shown: every piece valid UTF-8 and never a byte of a stop
+// string. The same object serves the CPU loop below and the batched loop (lib/gen_batch.h).
+typedef struct GenSeq GenSeq;
+// tok and lim must outlive the GenSeq.
+GenSeq *gen_seq_new(const Tokenizer *tok, const GenLimits *lim, Err *err);
+void gen_seq_free(GenSeq *s);
+// Start an output after prompt (n >= 1 ids, BOS already applied). -1: empty, invalid.
+int gen_seq_begin(GenSeq *s, const uint32_t *prompt, size_t n, Err *err);
+// Take the id just picked: 1 when it ended the output (a stop id, or a stop string in the
+// text), 0 when more may follow, -1 on an error or when emit returned -1. New text goes to emit
+// (which may be NULL).
+int gen_seq_push(GenSeq *s, uint32_t id, GenEmit emit, void *ctx, Err *err);
+// End the output (GEN_STOP_LENGTH unless a push ended it): what was held back goes to emit, and
+// *res describes the output (res->text valid until the next gen_seq_begin).
+int gen_seq_end(GenSeq *s, GenEmit emit, void *ctx, GenResult *res, Err *err);
+const uint32_t *gen_seq_history(const GenSeq *s, size_t *n);
+size_t gen_seq_new_tokens(const GenSeq *s);
+
+// Generate from prompt (n_prompt >= 1 ids, BOS already applied) on the CPU, one prompt at a
+// time, with stream as the sampler's stream number (the prompt's index) and seq's limits. The
+// output also stops with GEN_STOP_LENGTH when the context reaches the model's
+// max_position_embeddings. -1 on error or when emit returned -1.
+int generate(Generator *g, GenSeq *seq, Sampler *s, const uint32_t *prompt, size_t n_prompt, uint64_t stream,
+             GenEmit emit, void *ctx, GenResult *res, Err *err);
 
 #endif

@@ -3,8 +3,11 @@
 # adapter (fixtures from tests/golden/gen_reference.py), every kind of input, the stopping rules,
 # sampling, the man page's examples, and each error.
 . "$(dirname "$0")/tap.sh"
-G="$BIN/lora-gen"
-[ -x "$G" ] || skip_all "lora-gen not built"
+[ -x "$BIN/lora-gen" ] || skip_all "lora-gen not built"
+# These are the CPU path's tests (exact, float32): pinned to the CPU, so that a machine with a
+# GPU (where --device auto picks it) runs them too. tests/gpu/gen.t tests the GPU path.
+G="$T/lora-gen-cpu"
+printf '#!/bin/sh\nexec "%s" --device cpu "$@"\n' "$BIN/lora-gen" >"$G" && chmod +x "$G"
 FIX="$TOP/tests/golden/gen"
 
 # ---- usage errors (exit 2): need no model ------------------------------------------------
@@ -22,7 +25,10 @@ run_case "bad --stop-id" 2 "--stop-id: .* is not a whole number" -- "$G" -m . --
 run_case "empty --stop" 2 "--stop: the text must not be empty" -- "$G" -m . --stop '' -p x
 run_case "--stop not UTF-8" 2 "--stop: the text is not valid UTF-8" -- "$G" -m . --stop "$(printf '\377')" -p x
 run_case "-p with files" 2 "-p gives the prompts" -- "$G" -m . -p x somefile
-run_case "--device cuda is not built" 1 "not built yet" -- "$G" -m . --device cuda -p x
+run_case "--device cuda without CUDA or a GPU" 1 "not available in this build|no CUDA device found|config.json" \
+    -- "$G" -m . --device cuda -p x
+run_case "bad --batch" 2 "--batch: .* is not a whole number|--batch: .*out of range|--batch" -- "$G" -m . -b 0 -p x
+run_case "bad --context" 2 "--context" -- "$G" -m . -c x -p x
 run_case "missing model directory" 1 "no-such-model" -- "$G" -m "$T/no-such-model" -p x
 
 have_testdata stories260K/hf/config.json || { diag "stories260K missing: the model tests are skipped"; done_testing; }
@@ -145,6 +151,37 @@ ok "hot sampling with every filter runs" test -s "$T/hot"
 ok "its output is valid UTF-8" iconv -f UTF-8 -t UTF-8 "$T/hot" -o /dev/null
 "$G" -m "$M" --repetition-penalty 1.5 -n 48 -p 'Once upon a time' >"$T/rp" 2>/dev/null
 ok "a repetition penalty changes the greedy text" test "$(cat "$T/rp")" != "$(sed -n 3p "$FIX/base.txt")"
+
+# ---- many prompts at once (--batch): the same outputs, in input order ---------------------
+"$G" -m "$M" -b 3 -n 48 -l "$FIX/prompts.txt" >"$T/b3" 2>"$T/err"
+ok "--batch 3: greedy text still equals transformers'" cmp -s "$T/b3" "$FIX/base.txt"
+"$G" -m "$M" -a "$FIX/adapter" -b 8 -n 48 -l "$FIX/prompts.txt" >"$T/b8" 2>"$T/err"
+ok "--batch 8 with the adapter: equal to transformers + peft" cmp -s "$T/b8" "$FIX/adapter.txt"
+# Sampled outputs depend only on the seed and the prompt's index, not on the batch around it;
+# prompts of different lengths end at different steps, so later ones overtake earlier ones.
+for i in 1 2 3 4 5 6 7; do printf 'Once upon a time\nThe dog\n\nA\n'; done >"$T/many"
+"$G" -m "$M" -l -t 0.9 --top-p 0.95 --repetition-penalty 1.1 -s 9 -n 40 --stop ' the' --separator '--' "$T/many" >"$T/s1" 2>/dev/null
+"$G" -m "$M" -l -t 0.9 --top-p 0.95 --repetition-penalty 1.1 -s 9 -n 40 --stop ' the' --separator '--' -b 5 "$T/many" >"$T/s5" 2>/dev/null
+ok "sampled text with --batch 5 equals --batch 1, in the same order" cmp -s "$T/s1" "$T/s5"
+is "$(grep -c -- '^--$' "$T/s5")" 27 "28 outputs, 27 separators"
+if command -v jq >/dev/null; then
+    "$G" -m "$M" -l -j -t 0.9 -s 9 -n 40 "$T/many" >"$T/j1" 2>/dev/null
+    "$G" -m "$M" -l -j -t 0.9 -s 9 -n 40 -b 6 "$T/many" >"$T/j6" 2>/dev/null
+    ok "--jsonl with --batch 6 equals --batch 1" cmp -s "$T/j1" "$T/j6"
+    is "$(jq -r .index "$T/j6" | tr '\n' ' ')" "$(seq 1 28 | tr '\n' ' ')" "--jsonl lines in input order"
+else
+    for i in 1 2; do skip "jq not installed"; done
+fi
+printf 'Once upon a time there was a little dog named Max\nThe\n' >"$T/ctx"
+run_case "--context: a prompt that does not fit names file and line" 1 "ctx:1: prompt of [0-9]+ tokens is longer than the context of 6" \
+    -- "$G" -m "$M" -l -c 6 -n 5 "$T/ctx"
+is "$(grep -c . "$T/out")" 1 "... and the other prompt is answered"
+if command -v jq >/dev/null; then
+    "$G" -m "$M" -l -j -c 6 -n 50 "$T/ctx" 2>/dev/null | jq -c '[.tokens, .stop]' >"$T/c6"
+    is "$(cat "$T/c6")" '[4,"length"]' "--context 6: a 2-token prompt gets 4 tokens, then length"
+else
+    skip "jq not installed"
+fi
 
 # ---- the adapter's errors ----------------------------------------------------------------
 # A PEFT adapter written by hand: q_proj only, rank R, A (R, IN), B (OUT, R), LAYERS layers.

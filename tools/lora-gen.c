@@ -3,12 +3,15 @@
 #include <getopt.h>
 #include <jansson.h>
 #include <limits.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "adapter.h"
 #include "cli.h"
+#include "gen_batch.h"
 #include "generate.h"
 #include "model.h"
 #include "record.h"
@@ -16,11 +19,23 @@
 #include "tokenizer.h"
 #include "utf8_stream.h"
 
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// On the GPU every slot reserves its context's KV cache up front.
+#define GPU_DEFAULT_BATCH 64
+#define GPU_DEFAULT_CONTEXT 4096
+
 static const char usage[] =
     "usage: lora-gen -m dir [-a dir] [-l] [-p text] [-n count] [-g] [-t temp] [-k count]\n"
     "                [--top-p p] [--min-p p] [--repetition-penalty x] [-s seed] [--stop-id id]\n"
     "                [--stop text] [--bos | --no-bos] [--unmerged] [-j] [--separator text]\n"
-    "                [--device cpu|cuda|auto] [file ...]\n"
+    "                [--device cpu|cuda|auto] [-b count] [-c tokens] [--no-graphs] [-v]\n"
+    "                [file ...]\n"
     "Generate text for each prompt and stream it to standard output. Prompts are text records\n"
     "(alp-fmt --prompt-only), plain lines (-l) or -p arguments; no file or - reads standard input.\n"
     "  -m, --model dir               Hugging Face model directory (required)\n"
@@ -44,12 +59,20 @@ static const char usage[] =
     "      --unmerged                apply the adapter beside the weights instead of merging it\n"
     "  -j, --jsonl                   one JSON object per prompt instead of streamed text\n"
     "      --separator text          the line between two outputs in text mode (default empty)\n"
-    "      --device cpu|cuda|auto    where to run (default auto: cpu)\n"
+    "      --device cpu|cuda|auto    where to run (default auto: the GPU when there is one)\n"
+    "  -b, --batch count             prompts generated at once (default 64 on the GPU, 1 on\n"
+    "                                the CPU); outputs still come out in input order\n"
+    "  -c, --context tokens          room for prompt + output per prompt (default: the model's\n"
+    "                                context; on the GPU at most 4096)\n"
+    "      --no-graphs               GPU: launch each decode step's kernels instead of replaying\n"
+    "                                a captured CUDA graph (for timing; same results)\n"
+    "  -v, --verbose                 say on standard error where it runs, how long loading took,\n"
+    "                                and the prefill and decode rates at the end\n"
     "  -h, --help                    print this help and exit\n";
 
 enum {
     OPT_TOP_P = 256, OPT_MIN_P, OPT_REP, OPT_STOP_ID, OPT_STOP, OPT_BOS, OPT_NO_BOS,
-    OPT_UNMERGED, OPT_SEPARATOR, OPT_DEVICE,
+    OPT_UNMERGED, OPT_SEPARATOR, OPT_DEVICE, OPT_NO_GRAPHS,
 };
 
 static const struct option long_options[] = {
@@ -73,104 +96,169 @@ static const struct option long_options[] = {
     {"jsonl", no_argument, NULL, 'j'},
     {"separator", required_argument, NULL, OPT_SEPARATOR},
     {"device", required_argument, NULL, OPT_DEVICE},
+    {"batch", required_argument, NULL, 'b'},
+    {"context", required_argument, NULL, 'c'},
+    {"no-graphs", no_argument, NULL, OPT_NO_GRAPHS},
+    {"verbose", no_argument, NULL, 'v'},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
 
-// Everything one prompt needs, set up once.
+// Everything the prompts share, set up once.
 typedef struct {
     const Tokenizer *tok;
-    Generator *gen;
-    Sampler *sampler;
-    GenLimits limits;
+    GenBatch *batch;
+    int max_batch;
     int add_bos;          // 1 / 0
     int64_t bos_id, eos_id;
     int jsonl;
     const char *separator;
     uint64_t n_prompts;   // prompts read so far, good or bad: the sampler's stream number
     uint64_t n_outputs;   // outputs started, for the separator
-    int emitted;          // the current output has printed something
-    uint32_t *ids;        // the prompt's ids, grown as needed
+    int status;           // the exit status so far
+    uint32_t *ids;        // a prompt's ids, grown as needed
     size_t ids_cap;
 } Run;
 
+// One submitted prompt, until its output has been written.
+typedef struct {
+    Run *run;
+    char *origin;
+    size_t origin_len;
+    uint64_t index;
+    char *prompt;         // (prompt_len) the prompt's text, for --jsonl
+    size_t prompt_len;
+    int emitted;          // its output has printed something
+} Job;
+
 // Starts an output in text mode: the separator line when another output came before.
-static void start_output(Run *run)
+static void start_output(Job *job)
 {
-    if (!run->emitted && run->n_outputs++ > 0)
-        printf("%s\n", run->separator);
-    run->emitted = 1;
+    if (!job->emitted && job->run->n_outputs++ > 0)
+        printf("%s\n", job->run->separator);
+    job->emitted = 1;
 }
 
-static int emit_stdout(void *ctx, const char *text, size_t n)
+static int on_text(void *ctx, void *user, const char *text, size_t n)
 {
-    start_output(ctx);
+    (void)ctx;
+    start_output(user);
     if (fwrite(text, 1, n, stdout) != n || fflush(stdout) != 0)
         return -1;
     return 0;
 }
 
-// Generate for one prompt; messages name origin:index. Returns an exit status.
-static int run_prompt(Run *run, const char *origin, size_t origin_len, uint64_t index,
-                      const PromptPiece *pieces, size_t n_pieces)
+static void job_free(Job *job)
+{
+    free(job->origin);
+    free(job->prompt);
+    free(job);
+}
+
+static int on_done(void *ctx, void *user, const GenResult *res, const char *error)
+{
+    Run *run = ctx;
+    Job *job = user;
+    int rc = 0;
+    if (error) {
+        cli_error("%.*s:%llu: %s", (int)job->origin_len, job->origin, (unsigned long long)job->index, error);
+        run->status = EXIT_DATA;
+    } else if (!run->jsonl) {
+        start_output(job);   // an empty output still takes its line
+        putchar('\n');
+        rc = fflush(stdout) != 0 ? -1 : 0;
+    } else {
+        json_t *obj = json_pack("{s:s%, s:I, s:s%, s:s%, s:I, s:s}", "origin", job->origin, job->origin_len,
+                                "index", (json_int_t)job->index, "prompt", job->prompt, job->prompt_len, "output",
+                                res->text, res->len, "tokens", (json_int_t)res->n_tokens, "stop",
+                                gen_stop_name(res->stop));
+        char *line = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
+        json_decref(obj);
+        if (!line) {
+            cli_error("%.*s:%llu: cannot write the result as JSON (origin not UTF-8?)", (int)job->origin_len,
+                      job->origin, (unsigned long long)job->index);
+            run->status = EXIT_DATA;
+        } else {
+            puts(line);
+            free(line);
+            rc = fflush(stdout) != 0 ? -1 : 0;
+        }
+    }
+    job_free(job);
+    return rc;
+}
+
+// A step of the batch; a device failure or a write error ends the program.
+static void step(Run *run)
+{
+    Err err;
+    if (gen_batch_step(run->batch, &err) < 0) {
+        if (ferror(stdout))
+            exit(cli_finish_stdout(EXIT_DATA));
+        cli_die(EXIT_DATA, "%s", err.msg);
+    }
+}
+
+// Whether more input can be read without waiting (glibc's buffer, then the descriptor).
+static int input_ready(FILE *f)
+{
+#ifdef __GLIBC__
+    if (f->_IO_read_ptr < f->_IO_read_end)
+        return 1;
+#endif
+    struct pollfd p = {.fd = fileno(f), .events = POLLIN};
+    return poll(&p, 1, 0) != 0;
+}
+
+// Before reading the next prompt: keep at most a batch of prompts queued, and while the input
+// has nothing to give, generate rather than wait (so a prompt typed at a terminal is answered).
+// f NULL: the prompts are all at hand (-p).
+static void pump(Run *run, FILE *f)
+{
+    while (gen_batch_pending(run->batch) >= (size_t)run->max_batch)
+        step(run);
+    while (f && gen_batch_busy(run->batch) > 0 && !input_ready(f))
+        step(run);
+}
+
+// Encode one prompt and queue it; messages name origin:index.
+static void submit(Run *run, const char *origin, size_t origin_len, uint64_t index, const PromptPiece *pieces,
+                   size_t n_pieces)
 {
     Err err;
     uint64_t stream = run->n_prompts++;
-    long n = prompt_encode(run->tok, pieces, n_pieces, run->add_bos, run->bos_id, run->eos_id,
-                           &run->ids, &run->ids_cap, &err);
+    long n = prompt_encode(run->tok, pieces, n_pieces, run->add_bos, run->bos_id, run->eos_id, &run->ids,
+                           &run->ids_cap, &err);
     if (n == 0) {
         err_set(&err, "empty prompt and no BOS to start from");
         n = -1;
     }
     if (n < 0) {
         cli_error("%.*s:%llu: %s", (int)origin_len, origin, (unsigned long long)index, err.msg);
-        return EXIT_DATA;
+        run->status = EXIT_DATA;
+        return;
     }
-    GenResult res;
-    run->emitted = 0;
-    int rc = generate(run->gen, run->tok, run->sampler, run->ids, (size_t)n, stream, &run->limits,
-                      run->jsonl ? NULL : emit_stdout, run, &res, &err);
-    if (rc < 0) {
-        if (ferror(stdout))
-            exit(cli_finish_stdout(EXIT_DATA));
-        if (run->emitted)
-            putchar('\n');   // end the broken output's line before the message
-        cli_error("%.*s:%llu: %s", (int)origin_len, origin, (unsigned long long)index, err.msg);
-        return EXIT_DATA;
-    }
-    if (!run->jsonl) {
-        start_output(run);   // an empty output still takes its line
-        putchar('\n');
-        fflush(stdout);
-        return ferror(stdout) ? cli_finish_stdout(EXIT_DATA) : EXIT_OK;
-    }
-    size_t prompt_len = 0;
-    for (size_t i = 0; i < n_pieces; i++)
-        prompt_len += pieces[i].len;
-    char *prompt = malloc(prompt_len + 1);
-    if (!prompt)
+    Job *job = calloc(1, sizeof *job);
+    if (!job || !(job->origin = malloc(origin_len + 1)))
         cli_die(EXIT_DATA, "out of memory");
-    size_t at = 0;
-    for (size_t i = 0; i < n_pieces; i++) {
-        memcpy(prompt + at, pieces[i].text, pieces[i].len);
-        at += pieces[i].len;
+    memcpy(job->origin, origin, origin_len);
+    job->origin[origin_len] = '\0';
+    job->origin_len = origin_len;
+    job->index = index;
+    job->run = run;
+    if (run->jsonl) {
+        for (size_t i = 0; i < n_pieces; i++)
+            job->prompt_len += pieces[i].len;
+        if (!(job->prompt = malloc(job->prompt_len + 1)))
+            cli_die(EXIT_DATA, "out of memory");
+        size_t at = 0;
+        for (size_t i = 0; i < n_pieces; i++) {
+            memcpy(job->prompt + at, pieces[i].text, pieces[i].len);
+            at += pieces[i].len;
+        }
     }
-    json_t *obj = json_pack("{s:s%, s:I, s:s%, s:s%, s:I, s:s}", "origin", origin, origin_len,
-                            "index", (json_int_t)index, "prompt", prompt, prompt_len, "output",
-                            res.text, res.len, "tokens", (json_int_t)res.n_tokens, "stop",
-                            gen_stop_name(res.stop));
-    free(prompt);
-    char *line = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
-    json_decref(obj);
-    if (!line) {
-        cli_error("%.*s:%llu: cannot write the result as JSON (origin not UTF-8?)", (int)origin_len,
-                  origin, (unsigned long long)index);
-        return EXIT_DATA;
-    }
-    puts(line);
-    free(line);
-    fflush(stdout);
-    return ferror(stdout) ? cli_finish_stdout(EXIT_DATA) : EXIT_OK;
+    if (gen_batch_submit(run->batch, run->ids, (size_t)n, stream, job, &err) < 0)
+        cli_die(EXIT_DATA, "%s", err.msg);
 }
 
 static int read_lines(Run *run, FILE *f, const char *name)
@@ -180,14 +268,15 @@ static int read_lines(Run *run, FILE *f, const char *name)
     ssize_t len;
     uint64_t lineno = 0;
     int status = EXIT_OK;
-    while ((len = getline(&line, &cap, f)) >= 0) {
+    for (;;) {
+        pump(run, f);
+        if ((len = getline(&line, &cap, f)) < 0)
+            break;
         lineno++;
         if (len > 0 && line[len - 1] == '\n')
             len--;
         PromptPiece piece = {line, (size_t)len, 0, 0};
-        int st = run_prompt(run, name, strlen(name), lineno, &piece, 1);
-        if (st > status)
-            status = st;
+        submit(run, name, strlen(name), lineno, &piece, 1);
     }
     if (ferror(f)) {
         cli_error("%s: %s", name, strerror(errno));
@@ -210,7 +299,10 @@ static int read_records(Run *run, FILE *f, const char *name)
     size_t pieces_cap = 0;
     int status = EXIT_OK, rc;
     Record rec;
-    while ((rc = rec_read(r, &rec, &err)) == 1) {
+    for (;;) {
+        pump(run, f);
+        if ((rc = rec_read(r, &rec, &err)) != 1)
+            break;
         long n = prompt_from_record(&rec, &pieces, &pieces_cap, &err);
         if (n < 0) {
             cli_error("%s: record %llu (%.*s:%llu): %s", name, (unsigned long long)rec_reader_index(r),
@@ -219,9 +311,7 @@ static int read_records(Run *run, FILE *f, const char *name)
             status = EXIT_DATA;
             continue;
         }
-        int st = run_prompt(run, rec.origin, rec.origin_len, rec.origin_index, pieces, (size_t)n);
-        if (st > status)
-            status = st;
+        submit(run, rec.origin, rec.origin_len, rec.origin_index, pieces, (size_t)n);
     }
     if (rc < 0) {
         cli_error("%s", err.msg);
@@ -238,14 +328,16 @@ int main(int argc, char **argv)
 {
     cli_init(argv[0]);
     const char *model_dir = NULL, *adapter_dir = NULL, *separator = "", *device = "auto";
-    int lines = 0, jsonl = 0, greedy = 0, sampling = 0, bos = -1, unmerged = 0;
+    int lines = 0, jsonl = 0, greedy = 0, sampling = 0, bos = -1, unmerged = 0, graphs = 1;
+    long batch = 0, context = 0;
+    int verbose = 0;
     long max_new = 256;
     SampleParams sp = sample_defaults();
     const char **prompts = NULL, **stops = NULL;
     size_t n_prompts = 0, n_stops = 0, n_stop_ids = 0;
     long *stop_ids = NULL;
     int c;
-    while ((c = getopt_long(argc, argv, "m:a:lp:n:gt:k:s:jh", long_options, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "m:a:lp:n:gt:k:s:jb:c:vh", long_options, NULL)) != -1) {
         switch (c) {
         case 'm': model_dir = optarg; break;
         case 'a': adapter_dir = optarg; break;
@@ -299,6 +391,10 @@ int main(int argc, char **argv)
         case 'j': jsonl = 1; break;
         case OPT_SEPARATOR: separator = optarg; break;
         case OPT_DEVICE: device = optarg; break;
+        case 'b': batch = cli_parse_long(usage, "--batch", optarg, 1, 4096); break;
+        case 'c': context = cli_parse_long(usage, "--context", optarg, 1, INT_MAX); break;
+        case OPT_NO_GRAPHS: graphs = 0; break;
+        case 'v': verbose = 1; break;
         case 'h': cli_help(usage);
         default: cli_usage_error(usage, "unknown option (see --help)");
         }
@@ -313,11 +409,10 @@ int main(int argc, char **argv)
     Err err;
     if (sample_params_check(&sp, &err) < 0)
         cli_usage_error(usage, "%s", err.msg);
-    if (strcmp(device, "cuda") == 0) {
-        cli_error("--device cuda: generation on the GPU is not built yet");
-        cli_hint("use --device cpu (or auto)");
-        return EXIT_DATA;
-    }
+    double t_start = now_s();
+    GenDevice dev;
+    if (gen_device_parse(device, &dev, &err) < 0 || gen_device_resolve(&dev, &err) < 0)
+        cli_die(EXIT_DATA, "%s", err.msg);
 
     Model *model = model_load(model_dir, &err);
     if (!model)
@@ -331,13 +426,6 @@ int main(int argc, char **argv)
                 tokenizer_vocab_size(tok), mc->vocab_size);
     Adapter *adapter = NULL;
     if (adapter_dir && !(adapter = adapter_load(adapter_dir, &err)))
-        cli_die(EXIT_DATA, "%s", err.msg);
-    Generator *gen = generator_new(model, adapter, !unmerged, &err);
-    if (!gen)
-        cli_die(EXIT_DATA, "%s%s%s", adapter_dir ? adapter_dir : "", adapter_dir ? ": " : "", err.msg);
-    adapter_free(adapter);
-    Sampler *sampler = sampler_new((uint32_t)mc->vocab_size, &sp, &err);
-    if (!sampler)
         cli_die(EXIT_DATA, "%s", err.msg);
 
     // Stop ids: every EOS id of config.json and generation_config.json, then --stop-id.
@@ -354,22 +442,35 @@ int main(int argc, char **argv)
         all_stop[n_all++] = (uint32_t)stop_ids[i];
     }
 
+    GenLimits limits = {.max_new_tokens = (int)max_new, .stop_ids = all_stop, .n_stop_ids = n_all,
+                        .stop_strings = stops, .n_stop_strings = n_stops};
+    if (dev == GEN_DEVICE_CUDA && context == 0)
+        context = mc->max_seq_len > 0 && mc->max_seq_len < GPU_DEFAULT_CONTEXT ? mc->max_seq_len : GPU_DEFAULT_CONTEXT;
+    GenBatchConfig cfg = {
+        .device = dev, .max_batch = batch > 0 ? (int)batch : dev == GEN_DEVICE_CUDA ? GPU_DEFAULT_BATCH : 1,
+        .context = (int)context, .merge_adapter = !unmerged, .use_graphs = graphs,
+    };
     Run run = {
-        .tok = tok, .gen = gen, .sampler = sampler,
-        .limits = {.max_new_tokens = (int)max_new, .stop_ids = all_stop, .n_stop_ids = n_all,
-                   .stop_strings = stops, .n_stop_strings = n_stops},
+        .tok = tok, .max_batch = cfg.max_batch,
         .add_bos = bos >= 0 ? bos : tokenizer_adds_bos(tok),
         .bos_id = tokenizer_bos_id(tok) >= 0 ? tokenizer_bos_id(tok) : mc->bos_id,
         .eos_id = tokenizer_eos_id(tok),
-        .jsonl = jsonl, .separator = separator,
+        .jsonl = jsonl, .separator = separator, .status = EXIT_OK,
     };
+    GenOutput out = {.text = jsonl ? NULL : on_text, .done = on_done, .ctx = &run};
+    run.batch = gen_batch_new(model, adapter, tok, &sp, &limits, &cfg, &out, &err);
+    if (!run.batch)
+        cli_die(EXIT_DATA, "%s%s%s", adapter_dir ? adapter_dir : "", adapter_dir ? ": " : "", err.msg);
+    adapter_free(adapter);
+    if (verbose)
+        fprintf(stderr, "%s: %s; ready in %.2f s\n", prog, gen_batch_describe(run.batch), now_s() - t_start);
+
     int status = EXIT_OK;
     if (n_prompts > 0) {
         for (size_t i = 0; i < n_prompts; i++) {
+            pump(&run, NULL);
             PromptPiece piece = {prompts[i], strlen(prompts[i]), 0, 0};
-            int st = run_prompt(&run, "-p", 2, i + 1, &piece, 1);
-            if (st > status)
-                status = st;
+            submit(&run, "-p", 2, i + 1, &piece, 1);
         }
     } else {
         int nfiles = optind < argc ? argc - optind : 1;
@@ -388,13 +489,30 @@ int main(int argc, char **argv)
                 fclose(f);
         }
     }
+    if (gen_batch_finish(run.batch, &err) < 0) {
+        if (ferror(stdout))
+            return cli_finish_stdout(EXIT_DATA);
+        cli_die(EXIT_DATA, "%s", err.msg);
+    }
+    if (run.status > status)
+        status = run.status;
+    if (verbose) {
+        GenBatchStats st;
+        gen_batch_stats(run.batch, &st);
+        long decoded = st.new_tokens - st.prompts;
+        fprintf(stderr,
+                "%s: %ld prompts, %ld prompt tokens in %ld prefills, %.3f s (%.0f tokens/s); "
+                "%ld new tokens, %ld decode steps, %.3f s (%.1f tokens/s, %.2f ms a step)\n",
+                prog, st.prompts, st.prompt_tokens, st.prefills, st.prefill_s,
+                st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0, st.new_tokens, st.steps, st.decode_s,
+                st.decode_s > 0 ? decoded / st.decode_s : 0.0, st.steps > 0 ? 1e3 * st.decode_s / st.steps : 0.0);
+    }
     free(run.ids);
     free(all_stop);
     free(stop_ids);
     free(stops);
     free(prompts);
-    sampler_free(sampler);
-    generator_free(gen);
+    gen_batch_free(run.batch);
     tokenizer_free(tok);
     model_free(model);
     return cli_finish_stdout(status);
