@@ -501,7 +501,10 @@ int gen_batch_step(GenBatch *b, Err *err)
         double t0 = now_s();
         if (device_prefill(b, n, err) < 0)
             return -1;
-        b->stats.prefill_s += now_s() - t0;
+        double dt = now_s() - t0;
+        b->stats.prefill_s += dt;
+        if (b->stats.prefills == 0 || dt < b->stats.prefill_min_s)
+            b->stats.prefill_min_s = dt;
         b->stats.prefills++;
         b->stats.prompts += n;
         b->stats.new_tokens += n;

@@ -84,6 +84,7 @@ typedef struct {
     long prefills;         // prefill passes
     long prompt_tokens;    // tokens prefilled
     double prefill_s;      // time in prefill passes, each prompt's first token included
+    double prefill_min_s;  // the fastest prefill pass (a warm one: the time to first token)
     long steps;            // decode steps
     long new_tokens;       // tokens generated, first tokens included
     double decode_s;       // time in decode steps

@@ -501,10 +501,10 @@ int main(int argc, char **argv)
         gen_batch_stats(run.batch, &st);
         long decoded = st.new_tokens - st.prompts;
         fprintf(stderr,
-                "%s: %ld prompts, %ld prompt tokens in %ld prefills, %.3f s (%.0f tokens/s); "
+                "%s: %ld prompts, %ld prompt tokens in %ld prefills, %.3f s (%.0f tokens/s, fastest %.4f s); "
                 "%ld new tokens, %ld decode steps, %.3f s (%.1f tokens/s, %.2f ms a step)\n",
                 prog, st.prompts, st.prompt_tokens, st.prefills, st.prefill_s,
-                st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0, st.new_tokens, st.steps, st.decode_s,
+                st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0, st.prefill_min_s, st.new_tokens, st.steps, st.decode_s,
                 st.decode_s > 0 ? decoded / st.decode_s : 0.0, st.steps > 0 ? 1e3 * st.decode_s / st.steps : 0.0);
     }
     free(run.ids);
