@@ -1,10 +1,34 @@
 // Byte-level BPE (Llama 3): loading the two file formats, encoding, decoding. See bpe_bytelevel.h.
+//
+// Speed of a first pass (issue 3: per-thread caches empty, the case of a corpus tokenized once).
+// MB/s of one thread's CPU time over the Alpaca demo corpora of tests/bench/tok.sh, tokenizer.model,
+// cold pass / warm pass, medians of alternating runs on the 2-core dev VM (noise ~5%):
+//                                                 en            zh           mixed
+//   before                                     66-70 / 157     34 / 78     55-57 / 97-100
+//   Span.head: a pair of tokens of <= 8 bytes
+//     together is probed from the two heads,
+//     no copy of the bytes                        69-71 / 157   37.5 / 82       57 / 96
+//   piece cache in an append-only arena (was
+//     32K fixed 128-byte slots, 4 MiB: a page
+//     fault per piece inserted); pieces up to
+//     1024 bytes cached (was 52)                  87-90 / 174   43-45 / 97      65 / 106-110
+//   vocabulary Bloom filter (128 KB) before
+//     the probes of concat_rank and of whole
+//     pieces over 8 bytes                          95 / 176       48 / 108      68 / 112-114
+//   fixed per-thread tables in one mapping,
+//     populated at once (MAP_POPULATE)            101-111 / 181  51-55 / 109  73-78 / 114-121
+//   arena faulted in 256 KB at a time
+//     (MADV_POPULATE_WRITE)                       108-113 / 178  53-57 / 116  76-78 / 116-121
+// Tried and dropped: the caches on 2 MiB pages (MADV_HUGEPAGE: on this VM a first pass took
+// either 90 or 34 MB/s, by luck of the host); no pair cache for pairs of <= 8 bytes (cold +0-5%,
+// warm -10-15%); a 64K table of two-byte tokens (no change).
 #include "bpe_bytelevel.h"
 
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -15,14 +39,17 @@
 #define NO_ID UINT32_MAX
 #define NO_RANK UINT32_MAX
 #define SCAN_MAX_PARTS 16        // pieces of more parts merge with the heap, the others by scanning
-#define CACHE_SLOTS (1u << 15)   // per thread, direct-mapped: 32768 slots of 128 bytes = 4 MiB
-#define CACHE_IDS 16
+#define CACHE_SLOTS (1u << 15)        // per thread, direct-mapped index of the piece cache
+#define CACHE_ARENA_BYTES (4u << 20)  // per thread: the cached pieces, one after the other
+#define CACHE_MAX_PIECE 1024          // longest piece cached, bytes
+#define CACHE_ARENA_CHUNK (256u << 10)
 #define PAIR_CACHE_SLOTS (1u << 16)   // per thread, for tiktoken files: 64K pairs, 1 MiB
-#define CACHE_BYTES 52
 #define VOCAB_BLOOM_BITS (1u << 20)
 #define PURE_FILTER_BITS (1u << 18)
 
 typedef struct {
+    uint64_t head;               // the first min(len, 8) bytes, zero-padded (head8): a pair of short
+                                 // tokens is looked up from the two heads, without the blob
     uint32_t off, len;           // token bytes: blob[off, off + len); len 0 for an unused id
 } Span;
 
@@ -57,14 +84,11 @@ typedef struct {
     uint32_t left_plus1, right, rank, new_id;
 } PurePair;
 
-// One cached piece -> ids result.
+// One cached piece -> ids result in the arena: this header, ids[n_ids], then the len bytes of
+// the piece, padded to 4 bytes.
 typedef struct {
-    uint64_t hash;
-    uint16_t len;                // piece length in bytes; 0 = empty slot
-    uint8_t n_ids;
-    uint32_t ids[CACHE_IDS];
-    uint8_t bytes[CACHE_BYTES];
-} CacheSlot;
+    uint32_t len, n_ids;
+} CacheEntry;
 
 // Heap entry of the O(n log n) merge: the pair starting at node pos.
 typedef struct {
@@ -80,8 +104,17 @@ typedef struct {
 } PairCacheSlot;
 
 typedef struct ThreadState {
-    CacheSlot *cache;            // (CACHE_SLOTS)
-    uint64_t *cache_hash;        // (CACHE_SLOTS) each slot's hash, apart: a miss reads 8 bytes, not 128
+    void *tables;                // one mapping: pairs, cache_key and cache_at (see thread_state)
+    size_t tables_len;
+    // Piece cache. Entries are appended to the arena, so a first pass over a text, which
+    // inserts nearly every piece, touches new memory in order (a page fault per ~150 pieces)
+    // instead of a 4 MiB table of fixed slots all over (a page fault per piece). When the arena
+    // is full, the cache starts again empty.
+    uint64_t *cache_key;         // (CACHE_SLOTS) piece hash | 1 of the slot's entry; 0 = empty
+    uint32_t *cache_at;          // (CACHE_SLOTS) the slot's entry: its offset in the arena
+    uint8_t *cache_arena;        // (CACHE_ARENA_BYTES) CacheEntry records
+    size_t cache_used;           // arena bytes used
+    size_t cache_ready;          // arena bytes faulted in (MADV_POPULATE_WRITE)
     PairCacheSlot *pairs;        // (PAIR_CACHE_SLOTS) when the rule is tiktoken's, else NULL
     uint32_t *node_id, *node_next, *node_prev;   // (work_cap) heap merge: node i = the part at byte i
     uint32_t *part_start, *part_id;              // (work_cap + 1) the initial parts of a piece
@@ -194,30 +227,31 @@ static long string_to_bytes_valid(const char *s, size_t len, uint8_t *out)
 // ---- vocabulary hash ---------------------------------------------------------------------
 
 // Most lookups are of a few bytes (a word, a pair of parts): those get a multiply-xor hash of
-// two 8-byte loads; longer ones XXH3.
-static inline uint64_t hash_bytes(const void *p, size_t n)
+// at most two 8-byte loads; longer ones XXH3.
+static inline uint64_t mix_hash(uint64_t lo, uint64_t hi, size_t n)
 {
-    if (n > 16) return XXH3_64bits(p, n);
-    const uint8_t *s = p;
-    uint64_t lo, hi;
-    if (n >= 8) {   // two overlapping loads cover 8..16 bytes
-        memcpy(&lo, s, 8);
-        memcpy(&hi, s + n - 8, 8);
-    } else if (n >= 4) {
-        uint32_t a, c;
-        memcpy(&a, s, 4);
-        memcpy(&c, s + n - 4, 4);
-        lo = a;
-        hi = c;
-    } else {
-        lo = n ? (uint64_t)s[0] << 16 | (uint64_t)s[n / 2] << 8 | s[n - 1] : 0;
-        hi = 0;
-    }
     uint64_t h = (lo ^ 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull;
     h ^= (hi + n) * 0x94D049BB133111EBull;
     h ^= h >> 31;
     h *= 0xD6E8FEB86659FD93ull;
     return h ^ (h >> 32);
+}
+
+static inline uint64_t head8(const void *p, size_t n);
+
+// The hash of n <= 8 bytes is a function of their head8 value alone (concat_rank builds that
+// value from two tokens' heads, without their bytes).
+static inline uint64_t hash_head(uint64_t head, size_t n) { return mix_hash(head, 0, n); }
+
+static inline uint64_t hash_bytes(const void *p, size_t n)
+{
+    if (n > 16) return XXH3_64bits(p, n);
+    if (n <= 8) return hash_head(head8(p, n), n);
+    const uint8_t *s = p;
+    uint64_t lo, hi;   // two overlapping loads cover 9..16 bytes
+    memcpy(&lo, s, 8);
+    memcpy(&hi, s + n - 8, 8);
+    return mix_hash(lo, hi, n);
 }
 
 // memcmp(x, y, n) == 0 without a call for the short strings most tokens are.
@@ -263,6 +297,21 @@ static inline uint64_t head8(const void *p, size_t n)
 static inline uint32_t tag_len(uint64_t h, size_t n)
 {
     return (uint32_t)(h >> 40) << 8 | (uint32_t)(n < 255 ? n : 255);
+}
+
+static inline int vocab_maybe(const ByteLevelBpe *b, uint64_t h);
+
+// The token of n <= 8 bytes whose head8 value is head, or NO_ID.
+static inline uint32_t vocab_find_head(const ByteLevelBpe *b, uint64_t head, size_t n)
+{
+    uint64_t h = hash_head(head, n);
+    if (!vocab_maybe(b, h)) return NO_ID;
+    uint32_t tl = tag_len(h, n);
+    for (uint32_t i = (uint32_t)h & b->vocab_mask;; i = (i + 1) & b->vocab_mask) {
+        const VocabSlot *s = &b->vocab_slots[i];
+        if (!s->id_plus1) return NO_ID;
+        if (s->tag_len == tl && s->head == head) return s->id_plus1 - 1;
+    }
 }
 
 static inline uint32_t vocab_find_hashed(const ByteLevelBpe *b, const void *p, size_t n, uint64_t h)
@@ -375,6 +424,7 @@ static int set_token_bytes(ByteLevelBpe *b, uint32_t id, const void *p, size_t l
         b->blob_cap = cap;
     }
     memcpy(b->blob + b->blob_len, p, len);
+    b->tok[id].head = head8(p, len);
     b->tok[id].off = (uint32_t)b->blob_len;
     b->tok[id].len = (uint32_t)len;
     b->blob_len += len;
@@ -441,9 +491,8 @@ void bytelevel_free(ByteLevelBpe *b)
     if (b->threads) {
         for (ThreadState *s = b->threads->states, *next; s; s = next) {
             next = s->next_state;
-            free(s->cache);
-            free(s->cache_hash);
-            free(s->pairs);
+            munmap(s->tables, s->tables_len);
+            munmap(s->cache_arena, CACHE_ARENA_BYTES);
             free(s->node_id);
             free(s->node_next);
             free(s->node_prev);
@@ -1223,12 +1272,15 @@ static __attribute__((noinline)) uint32_t concat_rank(const ByteLevelBpe *b, Pai
 {
     const Span *l = &b->tok[left], *r = &b->tok[right];
     uint32_t rank = NO_RANK;
-    if (l->len + r->len <= b->max_token_len) {
+    if (l->len + r->len <= 8)   // (both len >= 1: the shift is at most 56)
+        rank = vocab_find_head(b, l->head | r->head << (8 * l->len), l->len + r->len);
+    else if (l->len + r->len <= b->max_token_len) {
         char both[512];
         if (l->len + r->len <= sizeof both) {
             memcpy(both, b->blob + l->off, l->len);
             memcpy(both + l->len, b->blob + r->off, r->len);
-            rank = vocab_find(b, both, l->len + r->len);
+            uint64_t h = hash_bytes(both, l->len + r->len);
+            if (vocab_maybe(b, h)) rank = vocab_find_hashed(b, both, l->len + r->len, h);
         }
     }
     if (slot) *slot = (PairCacheSlot){key, rank};
@@ -1600,16 +1652,25 @@ static ThreadState *thread_state(const ByteLevelBpe *b)
     if (ts) return ts;
     ts = calloc(1, sizeof *ts);
     if (!ts) return NULL;
-    ts->cache = calloc(CACHE_SLOTS, sizeof *ts->cache);
-    ts->cache_hash = calloc(CACHE_SLOTS, sizeof *ts->cache_hash);
-    if (b->use_ranks) ts->pairs = calloc(PAIR_CACHE_SLOTS, sizeof *ts->pairs);
-    if (!ts->cache || !ts->cache_hash || (b->use_ranks && !ts->pairs)) {
-        free(ts->cache);
-        free(ts->cache_hash);
-        free(ts->pairs);
+    // The fixed tables (1.4 MiB) in one mapping, populated at once: lookups hit them all over,
+    // and a page fault on first touch of each of their ~350 pages costs more than this.
+    size_t key_len = CACHE_SLOTS * sizeof *ts->cache_key, at_len = CACHE_SLOTS * sizeof *ts->cache_at;
+    size_t pairs_len = b->use_ranks ? PAIR_CACHE_SLOTS * sizeof *ts->pairs : 0;
+    ts->tables_len = key_len + at_len + pairs_len;
+    char *tables = mmap(NULL, ts->tables_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    // The arena: untouched until used, faulted in as it fills.
+    void *arena = mmap(NULL, CACHE_ARENA_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ts->cache_arena = arena == MAP_FAILED ? NULL : arena;
+    if (tables == MAP_FAILED || !ts->cache_arena) {
+        if (tables != MAP_FAILED) munmap(tables, ts->tables_len);
+        if (ts->cache_arena) munmap(ts->cache_arena, CACHE_ARENA_BYTES);
         free(ts);
         return NULL;
     }
+    ts->tables = tables;   // (zero as mapped)
+    ts->pairs = b->use_ranks ? (PairCacheSlot *)tables : NULL;
+    ts->cache_key = (uint64_t *)(tables + pairs_len);
+    ts->cache_at = (uint32_t *)(tables + pairs_len + key_len);
     pthread_mutex_lock(&all->lock);
     ts->next_state = all->states;
     all->states = ts;
@@ -1698,34 +1759,54 @@ static inline int output_tokens(const ByteLevelBpe *b, Output *o, const uint32_t
     return 0;
 }
 
+// Remember piece -> ids (count of them) in the thread's cache, at index slot i.
+static void cache_insert(ThreadState *ts, size_t i, uint64_t key, const uint8_t *piece, size_t len, const uint32_t *ids,
+                         size_t count)
+{
+    size_t need = sizeof(CacheEntry) + count * sizeof *ids + (len + 3) / 4 * 4;
+    if (need > CACHE_ARENA_BYTES / 16) return;
+    if (ts->cache_used + need > CACHE_ARENA_BYTES) {   // full: start again
+        memset(ts->cache_key, 0, CACHE_SLOTS * sizeof *ts->cache_key);
+        ts->cache_used = 0;
+    }
+#ifdef MADV_POPULATE_WRITE
+    // Fault in the arena ahead, a chunk at a time: one call instead of a fault per page.
+    if (ts->cache_used + need > ts->cache_ready && ts->cache_ready < CACHE_ARENA_BYTES) {
+        madvise(ts->cache_arena + ts->cache_ready, CACHE_ARENA_CHUNK, MADV_POPULATE_WRITE);   // (advice)
+        ts->cache_ready += CACHE_ARENA_CHUNK;
+    }
+#endif
+    CacheEntry *e = (CacheEntry *)(ts->cache_arena + ts->cache_used);
+    e->len = (uint32_t)len;
+    e->n_ids = (uint32_t)count;
+    memcpy(e + 1, ids, count * sizeof *ids);
+    memcpy((uint32_t *)(e + 1) + count, piece, len);
+    ts->cache_key[i] = key;
+    ts->cache_at[i] = (uint32_t)ts->cache_used;
+    ts->cache_used += need;
+}
+
 static int encode_piece(const ByteLevelBpe *b, ThreadState *ts, const uint8_t *piece, size_t len, size_t at, Output *o)
 {
     if (len == 1) return output_tokens(b, o, &b->byte_id[piece[0]], 1, at);
-    uint64_t h = len <= CACHE_BYTES || len <= b->max_token_len ? hash_bytes(piece, len) : 0;
-    if (b->whole_piece_lookup && len <= b->max_token_len) {
+    uint64_t h = len <= CACHE_MAX_PIECE || len <= b->max_token_len ? hash_bytes(piece, len) : 0;
+    if (b->whole_piece_lookup && len <= b->max_token_len && (len <= 8 || vocab_maybe(b, h))) {
         uint32_t id = vocab_find_hashed(b, piece, len, h);
         if (id != NO_ID) return output_tokens(b, o, &id, 1, at);
     }
-    CacheSlot *slot = NULL;
-    if (len <= CACHE_BYTES) {
-        size_t i = h & (CACHE_SLOTS - 1);
-        slot = &ts->cache[i];
-        if (ts->cache_hash[i] == h && slot->len == len && memcmp(slot->bytes, piece, len) == 0)
-            return output_tokens(b, o, slot->ids, slot->n_ids, at);
+    uint64_t key = h | 1;
+    size_t slot = (size_t)(h >> 20) & (CACHE_SLOTS - 1);   // (the low bits picked the vocabulary slot)
+    if (len <= CACHE_MAX_PIECE && ts->cache_key[slot] == key) {
+        const CacheEntry *e = (const CacheEntry *)(ts->cache_arena + ts->cache_at[slot]);
+        const uint32_t *ids = (const uint32_t *)(e + 1);
+        if (e->len == len && memcmp(ids + e->n_ids, piece, len) == 0) return output_tokens(b, o, ids, e->n_ids, at);
     }
     if (grow_work(ts, len) < 0) return -1;
     uint32_t *ids = ts->piece_ids;
     long count = merge_piece(b, ts, piece, len, -1, ids);
-    int rc = count < 0 ? -1 : output_tokens(b, o, ids, (size_t)count, at);
-    if (rc == 0 && slot && count <= CACHE_IDS) {
-        slot->hash = h;
-        ts->cache_hash[slot - ts->cache] = h;
-        slot->len = (uint16_t)len;
-        slot->n_ids = (uint8_t)count;
-        memcpy(slot->ids, ids, (size_t)count * sizeof *ids);
-        memcpy(slot->bytes, piece, len);
-    }
-    return rc;
+    if (count < 0 || output_tokens(b, o, ids, (size_t)count, at) < 0) return -1;
+    if (len <= CACHE_MAX_PIECE) cache_insert(ts, slot, key, piece, len, ids, (size_t)count);
+    return 0;
 }
 
 // Text without added tokens: pieces, then each piece to ids.
