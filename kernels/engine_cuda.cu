@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <chrono>
 #include <vector>
 
 #include "attention.cuh"
@@ -32,7 +33,8 @@ typedef struct {
     bf16_t *ffn_norm;                // (D)
 } LayerDev;
 
-// Per layer activations kept for the backward pass (bf16 unless said).
+// Per layer activations kept for the backward pass (bf16 unless said). With CUDA_RECOMPUTE_LAYER
+// each layer owns only x_in; every other pointer is the same one set, shared by all layers.
 typedef struct {
     bf16_t *x_in;                    // (N, D)  residual stream entering the layer
     bf16_t *xn1;                     // (N, D)
@@ -53,6 +55,11 @@ struct CudaEngine {
     LoraConfig lc;
     float scale;                     // LoRA scale
     int max_B, max_T;
+    CudaRecompute recompute;         // NONE or LAYER
+    bool dry_run;                    // planning: dev_alloc only counts bytes
+    int last_N;                      // positions of the last micro-batch
+    size_t weight_bytes;             // base weights on the device
+    double load_seconds;             // their upload
     cudaStream_t stream;             // a blocking stream: the synchronous copies (weights, LoRA) order with it
     cublasHandle_t blas;
     std::vector<void *> *allocs;     // every cudaMalloc, freed together
@@ -91,6 +98,10 @@ struct CudaEngine {
 static int dev_alloc(CudaEngine *e, void **p, size_t bytes, Err *err)
 {
     *p = NULL;
+    if (e->dry_run) {
+        e->device_bytes += bytes;
+        return 0;
+    }
     CUDA_CHECK(cudaMalloc(p, bytes ? bytes : 16), err);
     e->allocs->push_back(*p);
     e->device_bytes += bytes;
@@ -126,6 +137,19 @@ void cuda_engine_free(CudaEngine *e)
 
 size_t cuda_engine_device_bytes(const CudaEngine *e) { return e->device_bytes; }
 
+CudaRecompute cuda_engine_recompute(const CudaEngine *e) { return e->recompute; }
+
+const char *cuda_recompute_name(CudaRecompute r)
+{
+    return r == CUDA_RECOMPUTE_NONE ? "none" : r == CUDA_RECOMPUTE_LAYER ? "layer" : "auto";
+}
+
+void cuda_engine_load_stats(const CudaEngine *e, size_t *weight_bytes, double *seconds)
+{
+    *weight_bytes = e->weight_bytes;
+    *seconds = e->load_seconds;
+}
+
 void cuda_engine_lora_buffers(CudaEngine *e, float **params, float **grads, size_t *n_params, GpuStream *stream)
 {
     *params = e->params;
@@ -136,124 +160,64 @@ void cuda_engine_lora_buffers(CudaEngine *e, float **params, float **grads, size
 
 // ---- weights --------------------------------------------------------------------------------
 
-static int upload_weight(CudaEngine *e, bf16_t **out, const Tensor *t, Err *err)
+// Allocates out for t and queues it for the one batched upload (kernels/weights.cuh).
+static int plan_weight(CudaEngine *e, std::vector<CudaTensorUpload> *jobs, bf16_t **out, const Tensor *t, Err *err)
 {
     if (dev_alloc(e, (void **)out, (size_t)tensor_numel(t) * 2, err) < 0)
         return -1;
-    return cuda_upload_tensor_bf16(*out, t, e->stream, err);
+    CudaTensorUpload job = {*out, t};
+    jobs->push_back(job);
+    e->weight_bytes += (size_t)tensor_numel(t) * 2;
+    return 0;
 }
 
-static int f32_to_bf16(CudaEngine *e, bf16_t *out, const float *in, size_t n, Err *err)
+static int upload_weights(CudaEngine *e, const Model *m, Err *err)
 {
-    return cuda_f32_to_bf16(out, in, n, e->stream, err);
-}
-
-CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq, Err *err)
-{
-    const ModelConfig *c = &m->config;
-    if (max_batch < 1 || max_seq < 1)
-        return err_set(err, "cuda engine: batch %d x %d must be at least 1 x 1", max_batch, max_seq), (CudaEngine *)NULL;
-    if (lc->dropout > 0)
-        return err_set(err, "cuda engine: LoRA dropout %g is not supported on the GPU yet (use 0)", lc->dropout),
-               (CudaEngine *)NULL;
-    if (c->sliding_window > 0 && c->sliding_window < max_seq)
-        return err_set(err, "cuda engine: a sliding window (%d) shorter than the sequence (%d) is not supported",
-                       c->sliding_window, max_seq),
-               (CudaEngine *)NULL;
-    if (c->head_dim != 64 && c->head_dim != 128 && (c->head_dim > ATTENTION_PLAIN_MAX_HEAD_DIM || c->head_dim % 2))
-        return err_set(err, "cuda engine: head_dim %d is not supported", c->head_dim), (CudaEngine *)NULL;
-    if (lc->rank < 1 || !lc->targets)
-        return err_set(err, "cuda engine: LoRA rank %d, targets 0x%x", lc->rank, lc->targets), (CudaEngine *)NULL;
-    int n_dev = 0;
-    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
-        cudaGetLastError();
-        return err_set(err, "cuda engine: no CUDA device"), (CudaEngine *)NULL;
-    }
-
-    CudaEngine *e = (CudaEngine *)calloc(1, sizeof *e);
-    if (!e)
-        return err_set(err, "out of memory"), (CudaEngine *)NULL;
-    e->allocs = new std::vector<void *>();
-    e->c = *c;
-    e->lc = *lc;
-    e->scale = lora_scale(lc);
-    e->max_B = max_batch;
-    e->max_T = max_seq;
-    size_t N = (size_t)max_batch * max_seq, D = c->dim, F = c->hidden_dim, V = c->vocab_size;
-    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
-    int L = c->n_layers, r = lc->rank;
-    if (cudaStreamCreate(&e->stream) != cudaSuccess ||
-        cublasCreate(&e->blas) != CUBLAS_STATUS_SUCCESS ||
-        cublasSetStream(e->blas, e->stream) != CUBLAS_STATUS_SUCCESS) {
-        err_set(err, "cuda engine: cannot create a stream and a cuBLAS handle");
-        goto fail;
-    }
-    e->layers = (LayerDev *)calloc(L, sizeof *e->layers);
-    e->acts = (LayerActs *)calloc(L, sizeof *e->acts);
-    e->off_A = (long *)malloc((size_t)L * PROJ_COUNT * sizeof *e->off_A);
-    e->off_B = (long *)malloc((size_t)L * PROJ_COUNT * sizeof *e->off_B);
-    e->host_cu = (int32_t *)malloc((N + 1) * sizeof(int32_t));
-    e->host_seq_start = (int32_t *)malloc(N * sizeof(int32_t));
-    e->host_losses = (float *)malloc(N * sizeof(float));
-    if (!e->layers || !e->acts || !e->off_A || !e->off_B || !e->host_cu || !e->host_seq_start || !e->host_losses) {
-        err_set(err, "out of memory");
-        goto fail;
-    }
-
-    // Base weights, bf16, frozen.
-    if (upload_weight(e, &e->embed, &m->weights.embed, err) < 0 ||
-        upload_weight(e, &e->final_norm, &m->weights.final_norm, err) < 0)
-        goto fail;
-    if (c->tie_embeddings)
+    std::vector<CudaTensorUpload> jobs;
+    if (plan_weight(e, &jobs, &e->embed, &m->weights.embed, err) < 0 ||
+        plan_weight(e, &jobs, &e->final_norm, &m->weights.final_norm, err) < 0)
+        return -1;
+    if (e->c.tie_embeddings)
         e->lm_head = e->embed;
-    else if (upload_weight(e, &e->lm_head, &m->weights.lm_head, err) < 0)
-        goto fail;
-    for (int l = 0; l < L; l++) {
+    else if (plan_weight(e, &jobs, &e->lm_head, &m->weights.lm_head, err) < 0)
+        return -1;
+    for (int l = 0; l < e->c.n_layers; l++) {
         const LayerWeights *w = &m->weights.layers[l];
-        if (upload_weight(e, &e->layers[l].attn_norm, &w->attn_norm, err) < 0 ||
-            upload_weight(e, &e->layers[l].ffn_norm, &w->ffn_norm, err) < 0)
-            goto fail;
+        if (plan_weight(e, &jobs, &e->layers[l].attn_norm, &w->attn_norm, err) < 0 ||
+            plan_weight(e, &jobs, &e->layers[l].ffn_norm, &w->ffn_norm, err) < 0)
+            return -1;
         for (int p = 0; p < PROJ_COUNT; p++)
-            if (upload_weight(e, &e->layers[l].proj[p], &w->proj[p], err) < 0)
-                goto fail;
+            if (plan_weight(e, &jobs, &e->layers[l].proj[p], &w->proj[p], err) < 0)
+                return -1;
     }
-    {
-        std::vector<float> inv_freq(c->head_dim / 2);
-        rope_inv_freq(c, inv_freq.data());
-        ALLOC(e->inv_freq, inv_freq.size());
-        if (cudaMemcpy(e->inv_freq, inv_freq.data(), inv_freq.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess) {
-            err_set(err, "cuda engine: copying RoPE frequencies failed");
-            goto fail;
-        }
-    }
+    auto t0 = std::chrono::steady_clock::now();
+    if (cuda_upload_tensors_bf16(jobs.data(), (int)jobs.size(), e->stream, err) < 0)
+        return -1;
+    e->load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return 0;
+}
 
-    // LoRA layout of lib/lora.h: layer by layer, targeted projections in Proj order, A then B.
-    e->n_params = 0;
-    for (int l = 0; l < L; l++)
-        for (int p = 0; p < PROJ_COUNT; p++) {
-            size_t i = (size_t)l * PROJ_COUNT + p;
-            e->off_A[i] = e->off_B[i] = -1;
-            if (!(lc->targets & (1u << p)))
-                continue;
-            int in, out;
-            model_proj_dims(c, (Proj)p, &in, &out);
-            e->off_A[i] = (long)e->n_params;
-            e->off_B[i] = (long)(e->n_params + (size_t)r * in);
-            e->n_params += (size_t)r * (in + out);
-        }
+// Every buffer but the base weights: RoPE table, LoRA, activations (per e->recompute), batch,
+// scratch. Under dry_run only e->device_bytes moves.
+static int alloc_buffers(CudaEngine *e, Err *err)
+{
+    const ModelConfig *c = &e->c;
+    size_t N = (size_t)e->max_B * e->max_T, D = c->dim, F = c->hidden_dim, V = c->vocab_size;
+    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    int L = c->n_layers, r = e->lc.rank;
+    ALLOC(e->inv_freq, c->head_dim / 2);
     ALLOC(e->params, e->n_params);
     ALLOC(e->grads, e->n_params);
     ALLOC(e->params_bf16, e->n_params);
-    if (cudaMemset(e->params, 0, e->n_params * 4) != cudaSuccess ||
-        cudaMemset(e->grads, 0, e->n_params * 4) != cudaSuccess) {
-        err_set(err, "cuda engine: clearing LoRA buffers failed");
-        goto fail;
-    }
-
-    // Activations.
     for (int l = 0; l < L; l++) {
         LayerActs *a = &e->acts[l];
         ALLOC(a->x_in, N * D);
+        if (l > 0 && e->recompute == CUDA_RECOMPUTE_LAYER) {
+            bf16_t *own_x_in = a->x_in;
+            *a = e->acts[0];
+            a->x_in = own_x_in;
+            continue;
+        }
         ALLOC(a->xn1, N * D);
         ALLOC(a->rstd1, N);
         ALLOC(a->q, N * QD);
@@ -268,7 +232,7 @@ CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_bat
         ALLOC(a->up, N * F);
         ALLOC(a->act, N * F);
         for (int p = 0; p < PROJ_COUNT; p++)
-            if (lc->targets & (1u << p))
+            if (e->lc.targets & (1u << p))
                 ALLOC(a->lora_u[p], N * r);
     }
     ALLOC(e->x_final, N * D);
@@ -303,6 +267,141 @@ CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_bat
     e->ce_ws_bytes = cuda_cross_entropy_workspace_bytes((int)N, (int)D, (int)V, e->ce_token_chunk, e->ce_vocab_chunk);
     if (dev_alloc(e, &e->ce_ws, e->ce_ws_bytes, err) < 0)
         goto fail;
+    return 0;
+fail:
+    return -1;
+}
+
+// Bytes of the base weights as bf16, without touching the device.
+static size_t weights_bytes(const Model *m)
+{
+    const ModelConfig *c = &m->config;
+    size_t n = tensor_numel(&m->weights.embed) + tensor_numel(&m->weights.final_norm);
+    if (!c->tie_embeddings)
+        n += tensor_numel(&m->weights.lm_head);
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerWeights *w = &m->weights.layers[l];
+        n += tensor_numel(&w->attn_norm) + tensor_numel(&w->ffn_norm);
+        for (int p = 0; p < PROJ_COUNT; p++)
+            n += tensor_numel(&w->proj[p]);
+    }
+    return n * 2;
+}
+
+// AUTO -> NONE when the no-recompute plan fits the free device memory with a margin, else LAYER.
+static int choose_recompute(CudaEngine *e, const Model *m, CudaRecompute asked, Err *err)
+{
+    if (asked == CUDA_RECOMPUTE_NONE || asked == CUDA_RECOMPUTE_LAYER) {
+        e->recompute = asked;
+        return 0;
+    }
+    e->dry_run = true;
+    e->recompute = CUDA_RECOMPUTE_NONE;
+    e->device_bytes = 0;
+    int rc = alloc_buffers(e, err);
+    size_t planned_none = e->device_bytes + weights_bytes(m);
+    e->dry_run = false;
+    e->device_bytes = 0;
+    if (rc < 0)
+        return -1;
+    size_t free_bytes = 0, total_bytes = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes), err);
+    size_t margin = ((size_t)2 << 30) + e->n_params * 8;
+    e->recompute = planned_none + margin <= free_bytes ? CUDA_RECOMPUTE_NONE : CUDA_RECOMPUTE_LAYER;
+    return 0;
+}
+
+static int f32_to_bf16(CudaEngine *e, bf16_t *out, const float *in, size_t n, Err *err)
+{
+    return cuda_f32_to_bf16(out, in, n, e->stream, err);
+}
+
+CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
+                               const CudaEngineOptions *opt, Err *err)
+{
+    CudaRecompute asked = opt ? opt->recompute : CUDA_RECOMPUTE_AUTO;
+    if (asked != CUDA_RECOMPUTE_AUTO && asked != CUDA_RECOMPUTE_NONE && asked != CUDA_RECOMPUTE_LAYER)
+        return err_set(err, "cuda engine: unknown recompute mode %d", (int)asked), (CudaEngine *)NULL;
+    const ModelConfig *c = &m->config;
+    if (max_batch < 1 || max_seq < 1)
+        return err_set(err, "cuda engine: batch %d x %d must be at least 1 x 1", max_batch, max_seq), (CudaEngine *)NULL;
+    if (lc->dropout > 0)
+        return err_set(err, "cuda engine: LoRA dropout %g is not supported on the GPU yet (use 0)", lc->dropout),
+               (CudaEngine *)NULL;
+    if (c->sliding_window > 0 && c->sliding_window < max_seq)
+        return err_set(err, "cuda engine: a sliding window (%d) shorter than the sequence (%d) is not supported",
+                       c->sliding_window, max_seq),
+               (CudaEngine *)NULL;
+    if (c->head_dim != 64 && c->head_dim != 128 && (c->head_dim > ATTENTION_PLAIN_MAX_HEAD_DIM || c->head_dim % 2))
+        return err_set(err, "cuda engine: head_dim %d is not supported", c->head_dim), (CudaEngine *)NULL;
+    if (lc->rank < 1 || !lc->targets)
+        return err_set(err, "cuda engine: LoRA rank %d, targets 0x%x", lc->rank, lc->targets), (CudaEngine *)NULL;
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        cudaGetLastError();
+        return err_set(err, "cuda engine: no CUDA device"), (CudaEngine *)NULL;
+    }
+
+    CudaEngine *e = (CudaEngine *)calloc(1, sizeof *e);
+    if (!e)
+        return err_set(err, "out of memory"), (CudaEngine *)NULL;
+    e->allocs = new std::vector<void *>();
+    e->c = *c;
+    e->lc = *lc;
+    e->scale = lora_scale(lc);
+    e->max_B = max_batch;
+    e->max_T = max_seq;
+    size_t N = (size_t)max_batch * max_seq;
+    int L = c->n_layers, r = lc->rank;
+    if (cudaStreamCreate(&e->stream) != cudaSuccess ||
+        cublasCreate(&e->blas) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetStream(e->blas, e->stream) != CUBLAS_STATUS_SUCCESS) {
+        err_set(err, "cuda engine: cannot create a stream and a cuBLAS handle");
+        goto fail;
+    }
+    e->layers = (LayerDev *)calloc(L, sizeof *e->layers);
+    e->acts = (LayerActs *)calloc(L, sizeof *e->acts);
+    e->off_A = (long *)malloc((size_t)L * PROJ_COUNT * sizeof *e->off_A);
+    e->off_B = (long *)malloc((size_t)L * PROJ_COUNT * sizeof *e->off_B);
+    e->host_cu = (int32_t *)malloc((N + 1) * sizeof(int32_t));
+    e->host_seq_start = (int32_t *)malloc(N * sizeof(int32_t));
+    e->host_losses = (float *)malloc(N * sizeof(float));
+    if (!e->layers || !e->acts || !e->off_A || !e->off_B || !e->host_cu || !e->host_seq_start || !e->host_losses) {
+        err_set(err, "out of memory");
+        goto fail;
+    }
+
+    // LoRA layout of lib/lora.h: layer by layer, targeted projections in Proj order, A then B.
+    e->n_params = 0;
+    for (int l = 0; l < L; l++)
+        for (int p = 0; p < PROJ_COUNT; p++) {
+            size_t i = (size_t)l * PROJ_COUNT + p;
+            e->off_A[i] = e->off_B[i] = -1;
+            if (!(lc->targets & (1u << p)))
+                continue;
+            int in, out;
+            model_proj_dims(c, (Proj)p, &in, &out);
+            e->off_A[i] = (long)e->n_params;
+            e->off_B[i] = (long)(e->n_params + (size_t)r * in);
+            e->n_params += (size_t)r * (in + out);
+        }
+
+    // Plan, then base weights (bf16, frozen) and every other buffer.
+    if (choose_recompute(e, m, asked, err) < 0 || upload_weights(e, m, err) < 0 || alloc_buffers(e, err) < 0)
+        goto fail;
+    {
+        std::vector<float> inv_freq(c->head_dim / 2);
+        rope_inv_freq(c, inv_freq.data());
+        if (cudaMemcpy(e->inv_freq, inv_freq.data(), inv_freq.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess) {
+            err_set(err, "cuda engine: copying RoPE frequencies failed");
+            goto fail;
+        }
+    }
+    if (cudaMemset(e->params, 0, e->n_params * 4) != cudaSuccess ||
+        cudaMemset(e->grads, 0, e->n_params * 4) != cudaSuccess) {
+        err_set(err, "cuda engine: clearing LoRA buffers failed");
+        goto fail;
+    }
     return e;
 fail:
     cuda_engine_free(e);
@@ -350,23 +449,33 @@ static int gemm(CudaEngine *e, bool ta, bool tb, int M, int N, int K, float alph
     return 0;
 }
 
+// u (N, r) = x (N, in) A^T for a LoRA-targeted projection (kept for the backward); nothing
+// for an untargeted one.
+static int lora_down_forward(CudaEngine *e, int l, int p, const bf16_t *x, int N, Err *err)
+{
+    long oa = e->off_A[(size_t)l * PROJ_COUNT + p];
+    if (oa < 0)
+        return 0;
+    int in, out;
+    model_proj_dims(&e->c, (Proj)p, &in, &out);
+    return gemm(e, false, true, N, e->lc.rank, in, 1.0f, x, e->params_bf16 + oa, 0.0f, e->acts[l].lora_u[p],
+                CUDA_R_16BF, err);
+}
+
 // y (N, out) = x (N, in) W^T + beta y, plus scale * (x A^T) B^T when LoRA targets it (u = x A^T
 // kept for the backward).
 static int proj_forward(CudaEngine *e, int l, int p, bf16_t *y, const bf16_t *x, int N, float beta, Err *err)
 {
     int in, out;
     model_proj_dims(&e->c, (Proj)p, &in, &out);
-    if (gemm(e, false, true, N, out, in, 1.0f, x, e->layers[l].proj[p], beta, y, CUDA_R_16BF, err) < 0)
+    if (gemm(e, false, true, N, out, in, 1.0f, x, e->layers[l].proj[p], beta, y, CUDA_R_16BF, err) < 0 ||
+        lora_down_forward(e, l, p, x, N, err) < 0)
         return -1;
-    long oa = e->off_A[(size_t)l * PROJ_COUNT + p], ob = e->off_B[(size_t)l * PROJ_COUNT + p];
-    if (oa < 0)
+    long ob = e->off_B[(size_t)l * PROJ_COUNT + p];
+    if (ob < 0)
         return 0;
-    int r = e->lc.rank;
-    bf16_t *u = e->acts[l].lora_u[p];
-    if (gemm(e, false, true, N, r, in, 1.0f, x, e->params_bf16 + oa, 0.0f, u, CUDA_R_16BF, err) < 0 ||
-        gemm(e, false, true, N, out, r, e->scale, u, e->params_bf16 + ob, 1.0f, y, CUDA_R_16BF, err) < 0)
-        return -1;
-    return 0;
+    return gemm(e, false, true, N, out, e->lc.rank, e->scale, e->acts[l].lora_u[p], e->params_bf16 + ob, 1.0f, y,
+                CUDA_R_16BF, err);
 }
 
 // d_x (N, in) (+)= d_y W (when d_x is not NULL) plus LoRA's part; dA and dB accumulate in fp32:
@@ -473,38 +582,49 @@ static int prepare_batch(CudaEngine *e, const EngineBatch *b, long *n_trained, E
     return n_seqs;
 }
 
-static int forward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
+// Layer l's forward from acts[l].x_in. Normally it writes the layer's output (the next layer's
+// x_in, or x_final); when recomputing (before the layer's backward) it stops at what the backward
+// reads: the down projection's LoRA u, not its product.
+static int layer_forward(CudaEngine *e, int l, int N, int n_seqs, bool recomputing, Err *err)
 {
     const ModelConfig *c = &e->c;
     int D = c->dim, F = c->hidden_dim;
     size_t row_bytes = (size_t)N * D * 2;
-    if (cuda_embedding_forward(e->acts[0].x_in, e->tokens, e->embed, N, D, c->vocab_size, NULL, e->stream, err) < 0)
+    LayerActs *a = &e->acts[l];
+    const LayerDev *w = &e->layers[l];
+    if (cuda_rmsnorm_forward(a->xn1, a->rstd1, a->x_in, w->attn_norm, N, D, c->norm_eps, e->stream, err) < 0 ||
+        proj_forward(e, l, PROJ_Q, a->q, a->xn1, N, 0, err) < 0 ||
+        proj_forward(e, l, PROJ_K, a->k, a->xn1, N, 0, err) < 0 ||
+        proj_forward(e, l, PROJ_V, a->v, a->xn1, N, 0, err) < 0 ||
+        cuda_rope_forward(a->q, e->positions, e->inv_freq, N, c->n_heads, c->head_dim, e->stream, err) < 0 ||
+        cuda_rope_forward(a->k, e->positions, e->inv_freq, N, c->n_kv_heads, c->head_dim, e->stream, err) < 0 ||
+        attention_forward(e, a, N, n_seqs, err) < 0)
         return -1;
-    for (int l = 0; l < c->n_layers; l++) {
-        LayerActs *a = &e->acts[l];
-        const LayerDev *w = &e->layers[l];
-        bf16_t *x_out = l + 1 < c->n_layers ? e->acts[l + 1].x_in : e->x_final;
-        if (cuda_rmsnorm_forward(a->xn1, a->rstd1, a->x_in, w->attn_norm, N, D, c->norm_eps, e->stream, err) < 0 ||
-            proj_forward(e, l, PROJ_Q, a->q, a->xn1, N, 0, err) < 0 ||
-            proj_forward(e, l, PROJ_K, a->k, a->xn1, N, 0, err) < 0 ||
-            proj_forward(e, l, PROJ_V, a->v, a->xn1, N, 0, err) < 0 ||
-            cuda_rope_forward(a->q, e->positions, e->inv_freq, N, c->n_heads, c->head_dim, e->stream, err) < 0 ||
-            cuda_rope_forward(a->k, e->positions, e->inv_freq, N, c->n_kv_heads, c->head_dim, e->stream, err) < 0 ||
-            attention_forward(e, a, N, n_seqs, err) < 0)
+    // The residual adds ride on the products' beta = 1.
+    CUDA_CHECK(cudaMemcpyAsync(a->x_mid, a->x_in, row_bytes, cudaMemcpyDeviceToDevice, e->stream), err);
+    if (proj_forward(e, l, PROJ_O, a->x_mid, a->attn, N, 1, err) < 0 ||
+        cuda_rmsnorm_forward(a->xn2, a->rstd2, a->x_mid, w->ffn_norm, N, D, c->norm_eps, e->stream, err) < 0 ||
+        proj_forward(e, l, PROJ_GATE, a->gate, a->xn2, N, 0, err) < 0 ||
+        proj_forward(e, l, PROJ_UP, a->up, a->xn2, N, 0, err) < 0 ||
+        cuda_swiglu_forward(a->act, a->gate, a->up, (size_t)N * F, e->stream, err) < 0)
+        return -1;
+    if (recomputing)
+        return lora_down_forward(e, l, PROJ_DOWN, a->act, N, err);
+    bf16_t *x_out = l + 1 < c->n_layers ? e->acts[l + 1].x_in : e->x_final;
+    CUDA_CHECK(cudaMemcpyAsync(x_out, a->x_mid, row_bytes, cudaMemcpyDeviceToDevice, e->stream), err);
+    return proj_forward(e, l, PROJ_DOWN, x_out, a->act, N, 1, err);
+}
+
+static int forward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
+{
+    const ModelConfig *c = &e->c;
+    if (cuda_embedding_forward(e->acts[0].x_in, e->tokens, e->embed, N, c->dim, c->vocab_size, NULL, e->stream,
+                               err) < 0)
+        return -1;
+    for (int l = 0; l < c->n_layers; l++)
+        if (layer_forward(e, l, N, n_seqs, false, err) < 0)
             return -1;
-        // The residual adds ride on the products' beta = 1.
-        CUDA_CHECK(cudaMemcpyAsync(a->x_mid, a->x_in, row_bytes, cudaMemcpyDeviceToDevice, e->stream), err);
-        if (proj_forward(e, l, PROJ_O, a->x_mid, a->attn, N, 1, err) < 0 ||
-            cuda_rmsnorm_forward(a->xn2, a->rstd2, a->x_mid, w->ffn_norm, N, D, c->norm_eps, e->stream, err) < 0 ||
-            proj_forward(e, l, PROJ_GATE, a->gate, a->xn2, N, 0, err) < 0 ||
-            proj_forward(e, l, PROJ_UP, a->up, a->xn2, N, 0, err) < 0 ||
-            cuda_swiglu_forward(a->act, a->gate, a->up, (size_t)N * F, e->stream, err) < 0)
-            return -1;
-        CUDA_CHECK(cudaMemcpyAsync(x_out, a->x_mid, row_bytes, cudaMemcpyDeviceToDevice, e->stream), err);
-        if (proj_forward(e, l, PROJ_DOWN, x_out, a->act, N, 1, err) < 0)
-            return -1;
-    }
-    return cuda_rmsnorm_forward(e->xnf, e->rstdf, e->x_final, e->final_norm, N, D, c->norm_eps, e->stream, err);
+    return cuda_rmsnorm_forward(e->xnf, e->rstdf, e->x_final, e->final_norm, N, c->dim, c->norm_eps, e->stream, err);
 }
 
 static int backward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
@@ -518,6 +638,11 @@ static int backward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
         LayerActs *a = &e->acts[l];
         const LayerDev *w = &e->layers[l];
         int need_input_grad = l > 0;   // every layer holds LoRA parameters (lora_create)
+        // The shared set still holds the last layer's activations from the forward (the loss
+        // touches none of them); every other layer's are made again here.
+        if (e->recompute == CUDA_RECOMPUTE_LAYER && l + 1 < c->n_layers &&
+            layer_forward(e, l, N, n_seqs, true, err) < 0)
+            return -1;
         if (proj_backward(e, l, PROJ_DOWN, e->d_act, e->d_x, a->act, N, 0, err) < 0 ||
             cuda_swiglu_backward(e->d_gate, e->d_up, e->d_act, a->gate, a->up, (size_t)N * F, e->stream, err) < 0 ||
             proj_backward(e, l, PROJ_GATE, e->d_xn, e->d_gate, a->xn2, N, 0, err) < 0 ||
@@ -546,6 +671,7 @@ int cuda_engine_train_micro_batch(CudaEngine *e, const EngineBatch *b, double *l
     if (n_seqs < 0)
         return -1;
     int N = b->B * b->T;
+    e->last_N = N;
     const ModelConfig *c = &e->c;
     if (f32_to_bf16(e, e->params_bf16, e->params, e->n_params, err) < 0 || forward_layers(e, N, n_seqs, err) < 0)
         return -1;
@@ -563,5 +689,48 @@ int cuda_engine_train_micro_batch(CudaEngine *e, const EngineBatch *b, double *l
         if (b->targets[n] != LORA_IGNORE_TARGET)
             total += e->host_losses[n];
     *loss_sum = total;
+    return 0;
+}
+
+// FNV-1a, 64 bits, over n bytes.
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = (const unsigned char *)p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
+int cuda_engine_activation_digest(CudaEngine *e, int layer, uint64_t *digest, Err *err)
+{
+    const ModelConfig *c = &e->c;
+    if (layer < 0 || layer >= c->n_layers)
+        return err_set(err, "cuda engine: layer %d of %d", layer, c->n_layers);
+    size_t N = (size_t)e->last_N, D = c->dim, F = c->hidden_dim;
+    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    const LayerActs *a = &e->acts[layer];
+    struct {
+        const void *p;
+        size_t bytes;
+    } parts[13 + PROJ_COUNT] = {
+        {a->xn1, N * D * 2}, {a->rstd1, N * 4},  {a->q, N * QD * 2},   {a->k, N * KD * 2},    {a->v, N * KD * 2},
+        {a->attn, N * QD * 2}, {a->lse, N * c->n_heads * 4}, {a->x_mid, N * D * 2}, {a->xn2, N * D * 2},
+        {a->rstd2, N * 4},   {a->gate, N * F * 2}, {a->up, N * F * 2}, {a->act, N * F * 2},
+    };
+    for (int p = 0; p < PROJ_COUNT; p++) {
+        parts[13 + p].p = a->lora_u[p];
+        parts[13 + p].bytes = a->lora_u[p] ? N * e->lc.rank * 2 : 0;
+    }
+    CUDA_CHECK(cudaStreamSynchronize(e->stream), err);
+    uint64_t h = 0xcbf29ce484222325ull;
+    std::vector<unsigned char> host;
+    for (auto &part : parts) {
+        if (!part.bytes)
+            continue;
+        host.resize(part.bytes);
+        CUDA_CHECK(cudaMemcpy(host.data(), part.p, part.bytes, cudaMemcpyDeviceToHost), err);
+        h = fnv1a(h, host.data(), part.bytes);
+    }
+    *digest = h;
     return 0;
 }

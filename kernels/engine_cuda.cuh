@@ -1,19 +1,27 @@
 // defines: CudaEngine, cuda_engine_create, cuda_engine_free, cuda_engine_upload_lora,
 //          cuda_engine_train_micro_batch, cuda_engine_zero_grad, cuda_engine_download_grads,
-//          cuda_engine_device_bytes, cuda_engine_lora_buffers (kernels/engine_cuda.cu; CPU twin lib/engine_cpu.c)
+//          cuda_engine_device_bytes, cuda_engine_lora_buffers, CudaRecompute, CudaEngineOptions,
+//          cuda_engine_recompute, cuda_recompute_name, cuda_engine_load_stats,
+//          cuda_engine_activation_digest (kernels/engine_cuda.cu; CPU twin lib/engine_cpu.c)
 // The CUDA training step: forward and backward of a Llama model with LoRA on one GPU, with the
 // semantics of the CPU reference (lib/engine.h): LoRA scale, per-document causal attention via
 // cu_seqlens, loss = SUM of -log p over the trained targets, LoRA gradients ACCUMULATED.
 //
-// Storage: base weights bf16 on the device (converted once from the safetensors map: F32, F16
-// or BF16), frozen; activations bf16; LoRA parameters and gradients fp32 in the flat layout of
-// lib/lora.h (one device array each), a bf16 copy of the parameters made per step for the
-// products. Products through cuBLAS (bf16 in, fp32 accumulate; LoRA gradients accumulate in
+// Storage: base weights bf16 on the device (uploaded once from the safetensors map through the
+// pinned, overlapped pipeline of weights.cuh; F32 and F16 rounded on the device), frozen;
+// activations bf16; LoRA parameters and gradients fp32 in the flat layout of lib/lora.h (one
+// device array each), a bf16 copy of the parameters made per step for the products. Products through cuBLAS (bf16 in, fp32 accumulate; LoRA gradients accumulate in
 // fp32 straight from the product). Attention: the flash kernels (kernels/attention.cuh) for
 // head_dim 64 or 128, a plain per-query kernel (fp32) for other head sizes (tiny test models).
 //
+// Memory: with recomputation off every layer keeps its activations for the backward; per layer
+// (CUDA_RECOMPUTE_LAYER) only each layer's input x_in (N, D) is kept, plus ONE layer's set of
+// activations that the backward refills by rerunning that layer's forward (products, LoRA u,
+// RoPE, attention with its lse, SwiGLU) just before its backward. The forward is deterministic,
+// so the recomputed activations are bit for bit the ones the forward made.
+//
 // Not yet: LoRA dropout (refused: the CPU draws its masks from the trainer's Rng), Mistral's
-// sliding window (refused), activation recomputation, the optimizer step on the device.
+// sliding window (refused), the optimizer step on the device.
 #ifndef ENGINE_CUDA_CUH
 #define ENGINE_CUDA_CUH
 
@@ -24,11 +32,29 @@ KERNELS_EXTERN_C_BEGIN
 
 typedef struct CudaEngine CudaEngine;
 
+// AUTO: NONE when the no-recompute plan plus a margin (2 GiB and the AdamW moments, 8 bytes a
+// LoRA parameter) fits in the device's free memory at create time, else LAYER.
+typedef enum { CUDA_RECOMPUTE_AUTO = 0, CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_LAYER } CudaRecompute;
+const char *cuda_recompute_name(CudaRecompute r);   // "auto", "none", "layer"
+
+typedef struct {
+    CudaRecompute recompute;
+} CudaEngineOptions;
+
 // An engine for model m (the map may be freed after this returns: weights are copied) and LoRA
-// config lc, for micro-batches of up to max_batch rows of max_seq tokens. All device buffers
-// are allocated here; a step allocates nothing. NULL with a message on a bad shape, no device
-// or out of device memory.
-CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq, Err *err);
+// config lc, for micro-batches of up to max_batch rows of max_seq tokens; opt NULL: defaults
+// (recompute AUTO). All device buffers are allocated here; a step allocates nothing. NULL with
+// a message on a bad shape, no device or out of device memory.
+CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
+                               const CudaEngineOptions *opt, Err *err);
+// The mode in use (NONE or LAYER: AUTO resolved at create).
+CudaRecompute cuda_engine_recompute(const CudaEngine *e);
+// Base weights uploaded at create: bytes on the device (bf16) and wall seconds it took.
+void cuda_engine_load_stats(const CudaEngine *e, size_t *weight_bytes, double *seconds);
+// For tests: a 64-bit FNV-1a digest of layer l's kept activations (all but x_in) over the last
+// micro-batch's positions, as the buffers hold them now. With LAYER the buffers are shared: after
+// a training step they hold layer 0's activations as the backward recomputed them.
+int cuda_engine_activation_digest(CudaEngine *e, int layer, uint64_t *digest, Err *err);
 void cuda_engine_free(CudaEngine *e);
 
 // Copies lora->params (host fp32, lib/lora.h layout; lora built for the same model and config)

@@ -33,14 +33,17 @@ extern "C" void cuda_trainer_free(CudaTrainer *t)
     free(t);
 }
 
-extern "C" CudaTrainer *cuda_trainer_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq, Err *err)
+extern "C" CudaEngine *cuda_trainer_engine(CudaTrainer *t) { return t->engine; }
+
+extern "C" CudaTrainer *cuda_trainer_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
+                                            const CudaEngineOptions *opt, Err *err)
 {
     CudaTrainer *t = (CudaTrainer *)calloc(1, sizeof *t);
     if (!t) {
         err_set(err, "out of memory");
         return NULL;
     }
-    t->engine = cuda_engine_create(m, lc, max_batch, max_seq, err);
+    t->engine = cuda_engine_create(m, lc, max_batch, max_seq, opt, err);
     if (!t->engine) {
         free(t);
         return NULL;

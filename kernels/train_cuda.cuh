@@ -1,6 +1,6 @@
 // defines: CudaTrainer, cuda_trainer_create, cuda_trainer_free, cuda_trainer_upload,
 //          cuda_trainer_download, cuda_trainer_micro_batch, cuda_trainer_zero_grad,
-//          cuda_trainer_step, cuda_trainer_device_bytes (kernels/train_cuda.cu)
+//          cuda_trainer_step, cuda_trainer_device_bytes, cuda_trainer_engine (kernels/train_cuda.cu)
 // The GPU side of lora-train's loop (lib/train_engine.h): the CUDA engine (engine_cuda.cuh)
 // plus the AdamW moments m, v as flat fp32 device buffers (lib/lora.h layout), so a whole
 // optimizer step stays on the device. The host copies (lora->params, AdamW m/v) are written
@@ -10,14 +10,19 @@
 
 #include "adamw.cuh"
 #include "common.cuh"
+#include "engine_cuda.cuh"
 
 KERNELS_EXTERN_C_BEGIN
 #include "engine.h"
 
 typedef struct CudaTrainer CudaTrainer;
 
-// NULL with a message (no device, out of memory, dropout > 0: see cuda_engine_create).
-CudaTrainer *cuda_trainer_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq, Err *err);
+// NULL with a message (no device, out of memory, dropout > 0: see cuda_engine_create); opt as
+// there (NULL: defaults).
+CudaTrainer *cuda_trainer_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
+                                 const CudaEngineOptions *opt, Err *err);
+// The engine inside (for its recompute mode and load statistics).
+CudaEngine *cuda_trainer_engine(CudaTrainer *t);
 void cuda_trainer_free(CudaTrainer *t);
 // Device <- host: LoRA parameters and the AdamW moments m, v (n_params each).
 int cuda_trainer_upload(CudaTrainer *t, const Lora *lora, const float *m, const float *v, Err *err);

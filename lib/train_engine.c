@@ -16,7 +16,7 @@ struct TrainEngine {
 #ifdef HAVE_CUDA
     CudaTrainer *cuda;
 #endif
-    char description[160];
+    char description[320];
 };
 
 int train_device_parse(const char *name, TrainDevice *d, Err *err)
@@ -29,6 +29,19 @@ int train_device_parse(const char *name, TrainDevice *d, Err *err)
         *d = TRAIN_DEVICE_AUTO;
     else
         return err_set(err, "'%s' is not cpu, cuda or auto", name);
+    return 0;
+}
+
+int train_recompute_parse(const char *name, TrainRecompute *r, Err *err)
+{
+    if (!strcmp(name, "auto"))
+        *r = TRAIN_RECOMPUTE_AUTO;
+    else if (!strcmp(name, "none"))
+        *r = TRAIN_RECOMPUTE_NONE;
+    else if (!strcmp(name, "layer"))
+        *r = TRAIN_RECOMPUTE_LAYER;
+    else
+        return err_set(err, "'%s' is not none, layer or auto", name);
     return 0;
 }
 
@@ -57,13 +70,13 @@ int train_device_check(TrainDevice d, Err *err)
 }
 
 TrainEngine *train_engine_create(TrainDevice d, const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
-                                 Err *err)
+                                 TrainRecompute rc, Err *err)
 {
     d = train_device_resolve(d);
     if (train_device_check(d, err) < 0)
         return NULL;
 #ifndef HAVE_CUDA
-    (void)lc;
+    (void)lc, (void)rc;
 #endif
     TrainEngine *e = calloc(1, sizeof *e);
     if (!e) {
@@ -90,12 +103,23 @@ TrainEngine *train_engine_create(TrainDevice d, const Model *m, const LoraConfig
         free(e);
         return NULL;
     }
-    e->cuda = cuda_trainer_create(m, lc, max_batch, max_seq, err);
+    CudaEngineOptions opt = {.recompute = rc == TRAIN_RECOMPUTE_NONE    ? CUDA_RECOMPUTE_NONE
+                                          : rc == TRAIN_RECOMPUTE_LAYER ? CUDA_RECOMPUTE_LAYER
+                                                                        : CUDA_RECOMPUTE_AUTO};
+    e->cuda = cuda_trainer_create(m, lc, max_batch, max_seq, &opt, err);
     if (!e->cuda) {
         free(e);
         return NULL;
     }
-    snprintf(e->description, sizeof e->description, "cuda: %s (%.0f GiB)", name, total / 1073741824.0);
+    CudaEngine *engine = cuda_trainer_engine(e->cuda);
+    size_t weight_bytes;
+    double load_s;
+    cuda_engine_load_stats(engine, &weight_bytes, &load_s);
+    snprintf(e->description, sizeof e->description,
+             "cuda: %s (%.0f GiB); recompute %s%s, %.3f GiB of buffers; weights %.2f GiB loaded in %.2f s (%.1f GB/s)",
+             name, total / 1073741824.0, cuda_recompute_name(cuda_engine_recompute(engine)),
+             rc == TRAIN_RECOMPUTE_AUTO ? " (auto)" : "", cuda_trainer_device_bytes(e->cuda) / 1073741824.0,
+             weight_bytes / 1073741824.0, load_s, load_s > 0 ? weight_bytes / load_s / 1e9 : 0.0);
 #endif
     return e;
 }

@@ -1,7 +1,8 @@
 // defines: TrainDevice, TrainEngine, train_device_parse, train_device_resolve, train_engine_create,
 //          train_engine_free, train_engine_upload, train_engine_zero_grad, train_engine_micro_batch,
 //          train_engine_eval_micro_batch, train_engine_step, train_engine_download,
-//          train_engine_describe, train_engine_device_bytes, train_device_check
+//          train_engine_describe, train_engine_device_bytes, train_device_check, TrainRecompute,
+//          train_recompute_parse
 // Where lib/trainer.c's one loop computes: the float32 CPU engine (lib/engine.h) with the host
 // optimizer (lib/optim.h), or the CUDA engine with the optimizer on the device
 // (kernels/train_cuda.cuh, built with HAVE_CUDA). The loop calls the same functions for both:
@@ -29,13 +30,20 @@ TrainDevice train_device_resolve(TrainDevice d);
 // tool can refuse before loading anything).
 int train_device_check(TrainDevice d, Err *err);
 
+// Activation recomputation on CUDA (kernels/engine_cuda.cuh): NONE keeps every layer's
+// activations, LAYER keeps each layer's input and recomputes its forward before its backward,
+// AUTO picks NONE when that fits the device's free memory with a margin. No effect on the CPU.
+typedef enum { TRAIN_RECOMPUTE_AUTO = 0, TRAIN_RECOMPUTE_NONE, TRAIN_RECOMPUTE_LAYER } TrainRecompute;
+// "auto", "none", "layer"; -1 naming the bad value.
+int train_recompute_parse(const char *name, TrainRecompute *r, Err *err);
+
 typedef struct TrainEngine TrainEngine;
 
 // An engine on device d (CPU or CUDA, not AUTO) for model m, LoRA config lc and micro-batches of
-// up to max_batch rows of max_seq tokens. CUDA: -1 with a clear message in a build without CUDA,
-// without a GPU, or with LoRA dropout > 0.
+// up to max_batch rows of max_seq tokens, recomputing as rc says (CUDA only). CUDA: -1 with a
+// clear message in a build without CUDA, without a GPU, or with LoRA dropout > 0.
 TrainEngine *train_engine_create(TrainDevice d, const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
-                                 Err *err);
+                                 TrainRecompute rc, Err *err);
 void train_engine_free(TrainEngine *e);
 // Device <- lora->params and opt's moments.
 int train_engine_upload(TrainEngine *e, const Lora *lora, const AdamW *opt, Err *err);
@@ -53,7 +61,8 @@ int train_engine_step(TrainEngine *e, Lora *lora, AdamW *opt, long n_trained, do
                       double *grad_norm, Err *err);
 // Host <- device: lora->params, opt->m, opt->v (for checkpoints and the adapter).
 int train_engine_download(TrainEngine *e, Lora *lora, AdamW *opt, Err *err);
-// "cpu (N threads)" or "cuda: NAME", for the progress display.
+// "cpu (N threads)", or "cuda: NAME (TOTAL GiB); recompute MODE[ (auto)], X GiB of buffers;
+// weights Y GiB loaded in S s (R GB/s)", for the progress display.
 const char *train_engine_describe(const TrainEngine *e);
 // Device memory the run's buffers take (all allocated at create); 0 on the CPU.
 size_t train_engine_device_bytes(const TrainEngine *e);

@@ -19,7 +19,7 @@ static const char usage[] =
     "                  [--warmup-steps N | --warmup-ratio X] [--lr X] [--scheduler NAME]\n"
     "                  [--weight-decay X] [--max-grad-norm X] [--adam-beta1 X] [--adam-beta2 X]\n"
     "                  [--adam-eps X] [--eval SHARDS] [--eval-every N] [--save-every N]\n"
-    "                  [--resume[=DIR]] [--metrics FILE] [--device NAME]\n"
+    "                  [--resume[=DIR]] [--metrics FILE] [--device NAME] [--recompute MODE]\n"
     "Train a LoRA adapter of the model on packed shards (pack(1)); write a PEFT adapter\n"
     "directory (adapter_model.safetensors, adapter_config.json) to OUT_DIR.\n"
     "  -m, --model DIR         Hugging Face model directory\n"
@@ -50,13 +50,15 @@ static const char usage[] =
     "      --resume[=DIR]      continue from checkpoint DIR (default: the latest in OUT_DIR)\n"
     "      --metrics FILE      write one JSON object per step and evaluation to FILE\n"
     "      --device NAME       cpu, cuda or auto: the GPU when there is one, else the CPU (auto)\n"
+    "      --recompute MODE    none, layer or auto: recompute each layer's activations in the\n"
+    "                          backward to save GPU memory; auto: only when needed (auto)\n"
     "  -q, --quiet             no progress and no summary, only errors\n"
     "  -h, --help              print this help and exit\n";
 
 enum {
     OPT_ALPHA = 256, OPT_DROPOUT, OPT_TARGETS, OPT_RSLORA, OPT_WARMUP_STEPS, OPT_WARMUP_RATIO, OPT_LR,
     OPT_SCHEDULER, OPT_WEIGHT_DECAY, OPT_MAX_GRAD_NORM, OPT_BETA1, OPT_BETA2, OPT_EPS, OPT_EVAL,
-    OPT_EVAL_EVERY, OPT_SAVE_EVERY, OPT_RESUME, OPT_METRICS, OPT_DEVICE,
+    OPT_EVAL_EVERY, OPT_SAVE_EVERY, OPT_RESUME, OPT_METRICS, OPT_DEVICE, OPT_RECOMPUTE,
 };
 
 static const struct option long_options[] = {
@@ -88,6 +90,7 @@ static const struct option long_options[] = {
     {"resume", optional_argument, NULL, OPT_RESUME},
     {"metrics", required_argument, NULL, OPT_METRICS},
     {"device", required_argument, NULL, OPT_DEVICE},
+    {"recompute", required_argument, NULL, OPT_RECOMPUTE},
     {"quiet", no_argument, NULL, 'q'},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
@@ -230,6 +233,10 @@ int main(int argc, char **argv)
         case OPT_RESUME: resume = 1; resume_dir = optarg; break;
         case OPT_METRICS: o.metrics_path = optarg; break;
         case OPT_DEVICE: device = optarg; break;
+        case OPT_RECOMPUTE:
+            if (train_recompute_parse(optarg, &o.recompute, &err) < 0)
+                cli_usage_error(usage, "--recompute: %s", err.msg);
+            break;
         case 'q': quiet = 1; break;
         case 'h': cli_help(usage);
         default: cli_usage_error(usage, "unknown option");
@@ -294,7 +301,7 @@ int main(int argc, char **argv)
         if (!isnan(res.eval_loss))
             fprintf(stderr, ", eval_loss %.4f", res.eval_loss);
         if (res.device_bytes)
-            fprintf(stderr, ", peak device memory %.2f GiB", res.device_bytes / 1073741824.0);
+            fprintf(stderr, ", peak device memory %.3f GiB", res.device_bytes / 1073741824.0);
         fprintf(stderr, "; adapter in %s\n", o.out_dir);
     }
     return EXIT_OK;

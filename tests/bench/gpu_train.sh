@@ -6,12 +6,14 @@
 #    weights written to $W/model (HF directory), then HF transformers + PEFT (LoRA r 16, alpha 16,
 #    all seven projections, SDPA, gradient checkpointing, fused AdamW) on each shape;
 # 3. lora-train --device cuda on the same model and shapes (-a 1, $STEPS steps; the first 2 are
-#    warm-up and not timed);
+#    warm-up and not timed), once per recompute mode: --recompute layer (memory at or below the
+#    peer's) and --recompute none (faster, more memory), two rows a shape;
 # 4. one table: tokens/s, ratio to the peer, peak GPU memory, achieved TFLOP/s of the FLOP model
 #    against the measured matmul rate.
 # Every stage runs under a time limit; a stage that fails or runs out of time is a row of the
 # table ("out of memory", "time limit"), and the others still run. Skips (exit 0) without a GPU.
-# Environment: GPU_TRAIN_SHAPES (2x2048,8x512,1x8192), GPU_TRAIN_STEPS (6), GPU_TRAIN_DIR
+# Environment: GPU_TRAIN_SHAPES (2x2048,8x512,1x8192), GPU_TRAIN_RECOMPUTE (layer,none),
+# GPU_TRAIN_STEPS (6), GPU_TRAIN_DIR
 # (/tmp/gpu_train), PEER_LIMIT (300 s), OURS_LIMIT (150 s a shape), PYTHON (python3), TOOL_LIBS
 # (folders of shared libraries put on LD_LIBRARY_PATH for our tools only, not for Python: the
 # device machine lacks libarchive and friends, see kernels/NOTES.md);
@@ -31,6 +33,7 @@ PY=${PYTHON:-python3}
 TOOL_LD_PATH=${TOOL_LIBS:+$TOOL_LIBS:}${LD_LIBRARY_PATH:-}
 HELPER=$ROOT/tests/bench/gpu_train_peer.py
 SHAPES=${GPU_TRAIN_SHAPES:-2x2048,8x512,1x8192}
+MODES=$(echo "${GPU_TRAIN_RECOMPUTE:-layer,none}" | tr ',' ' ')
 STEPS=${GPU_TRAIN_STEPS:-6}
 PEER_LIMIT=${PEER_LIMIT:-300}
 OURS_LIMIT=${OURS_LIMIT:-150}
@@ -65,27 +68,32 @@ for s in $shapes; do
         echo "{\"stage\": \"peer\", \"shape\": \"$s\", \"error\": \"$([ $rc -eq 124 ] && echo "time limit (${PEER_LIMIT}s)" || echo "stage failed, status $rc")\"}" >>"$RES"
 done
 
-# 3. lora-train on each shape, with nvidia-smi sampling the device's memory in use meanwhile.
+# 3. lora-train on each shape and recompute mode, with nvidia-smi sampling the device's memory in
+#    use meanwhile.
 for s in $shapes; do
-    b=${s%x*} seq=${s#*x}
-    if [ ! -f "$W/model/config.json" ]; then
-        echo "{\"stage\": \"ours\", \"shape\": \"$s\", \"rc\": 1, \"metrics\": \"\", \"err\": \"$W/nomodel\"}" >>"$RES"
-        echo "no model: the model stage failed" >"$W/nomodel"
-        continue
-    fi
-    say "lora-train --device $DEVICE $s, $STEPS steps (limit ${OURS_LIMIT}s)"
-    smi_pid=
-    if [ "$DEVICE" = cuda ]; then
-        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$W/smi-$s" 2>/dev/null &
-        smi_pid=$!
-    fi
-    timeout "$OURS_LIMIT" env "LD_LIBRARY_PATH=$TOOL_LD_PATH" "$BIN/lora-train" -m "$W/model" -i "$W/shards-$seq" -o "$W/adapter-$s" -r 16 --alpha 16 \
-        -b "$b" -a 1 -n "$STEPS" --warmup-steps 1 --device "$DEVICE" --metrics "$W/metrics-$s.jsonl" 2>"$W/ours-$s.err"
-    rc=$?
-    [ -n "$smi_pid" ] && kill "$smi_pid" 2>/dev/null && wait "$smi_pid" 2>/dev/null
-    smi=$(sort -n "$W/smi-$s" 2>/dev/null | tail -n 1 | tr -dc 0-9)
-    tail -n 2 "$W/ours-$s.err" >&2
-    echo "{\"stage\": \"ours\", \"shape\": \"$s\", \"rc\": $rc, \"limit\": $OURS_LIMIT, \"smi_mib\": ${smi:-0}, \"metrics\": \"$W/metrics-$s.jsonl\", \"err\": \"$W/ours-$s.err\"}" >>"$RES"
+    for mode in $MODES; do
+        b=${s%x*} seq=${s#*x} tag=$s-$mode
+        if [ ! -f "$W/model/config.json" ]; then
+            echo "no model: the model stage failed" >"$W/nomodel"
+            echo "{\"stage\": \"ours\", \"shape\": \"$s\", \"recompute\": \"$mode\", \"rc\": 1, \"metrics\": \"\", \"err\": \"$W/nomodel\"}" >>"$RES"
+            continue
+        fi
+        say "lora-train --device $DEVICE --recompute $mode $s, $STEPS steps (limit ${OURS_LIMIT}s)"
+        smi_pid=
+        if [ "$DEVICE" = cuda ]; then
+            nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$W/smi-$tag" 2>/dev/null &
+            smi_pid=$!
+        fi
+        timeout "$OURS_LIMIT" env "LD_LIBRARY_PATH=$TOOL_LD_PATH" "$BIN/lora-train" -m "$W/model" -i "$W/shards-$seq" \
+            -o "$W/adapter-$tag" -r 16 --alpha 16 -b "$b" -a 1 -n "$STEPS" --warmup-steps 1 --device "$DEVICE" \
+            --recompute "$mode" --metrics "$W/metrics-$tag.jsonl" 2>"$W/ours-$tag.err"
+        rc=$?
+        [ -n "$smi_pid" ] && kill "$smi_pid" 2>/dev/null && wait "$smi_pid" 2>/dev/null
+        smi=$(sort -n "$W/smi-$tag" 2>/dev/null | tail -n 1 | tr -dc 0-9)
+        grep "; on " "$W/ours-$tag.err" | head -n 1 >&2
+        tail -n 2 "$W/ours-$tag.err" >&2
+        echo "{\"stage\": \"ours\", \"shape\": \"$s\", \"recompute\": \"$mode\", \"rc\": $rc, \"limit\": $OURS_LIMIT, \"smi_mib\": ${smi:-0}, \"metrics\": \"$W/metrics-$tag.jsonl\", \"err\": \"$W/ours-$tag.err\"}" >>"$RES"
+    done
 done
 
 # 4. The table.

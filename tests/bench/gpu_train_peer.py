@@ -163,6 +163,9 @@ def ours_result(rec):
     m = re.search(r"peak device memory ([0-9.]+) GiB", err)
     if m:
         out["peak_bytes"] = float(m.group(1)) * 2 ** 30
+    m = re.search(r"weights ([0-9.]+) GiB loaded in ([0-9.]+) s", err)
+    if m:
+        out["load"] = "weights %s GiB loaded in %s s" % (m.group(1), m.group(2))
     b, s = (int(x) for x in rec["shape"].split("x"))
     if rec.get("rc") == 0 and len(steps) > WARMUP:
         dt = steps[-1]["elapsed_s"] - steps[WARMUP - 1]["elapsed_s"]
@@ -195,7 +198,11 @@ def table(results, model_dir):
     mm = next((r for r in recs if r["stage"] == "matmul"), None)
     peak_rate = mm["tflops"] if mm else None
     peers = {r["shape"]: r for r in recs if r["stage"] == "peer"}
-    ours = {r["shape"]: ours_result(r) for r in recs if r["stage"] == "ours"}
+    # One lora-train row per (shape, recompute mode), in the order run.
+    ours = {}
+    for r in recs:
+        if r["stage"] == "ours":
+            ours.setdefault(r["shape"], []).append(ours_result(r))
     shapes = list(dict.fromkeys([r["shape"] for r in recs if r["stage"] in ("peer", "ours")]))
     gib = lambda r: "%.1f GiB" % (r["peak_bytes"] / 2 ** 30) if r and "peak_bytes" in r else "-"
     print("bf16 matmul (%s^3, torch): %s TFLOP/s" % (mm["n"] if mm else "?", "%.0f" % peak_rate if mm else "not measured"))
@@ -207,7 +214,10 @@ def table(results, model_dir):
     for shape in shapes:
         s = int(shape.split("x")[1])
         fpt, _ = flop_per_token(cfg, s)
-        for name, r in (("HF+PEFT", peers.get(shape)), ("lora-train", ours.get(shape))):
+        runs = [("HF+PEFT", peers.get(shape))]
+        runs += [("lora-train --recompute %s" % r["recompute"] if "recompute" in r else "lora-train", r)
+                 for r in ours.get(shape, [])] or [("lora-train", None)]
+        for name, r in runs:
             if r is None:
                 rows.append([shape, name, "-", "-", "-", "%.1f" % (fpt / 1e9), "-", "-", "not run"])
                 continue
@@ -216,6 +226,8 @@ def table(results, model_dir):
             note = r.get("error", "")
             if "smi_mib" in r and r["smi_mib"]:
                 note = (note + "; " if note else "") + "nvidia-smi max %.1f GiB" % (r["smi_mib"] / 1024)
+            if "load" in r:
+                note = (note + "; " if note else "") + r["load"]
             if tps:
                 tf = tps * fpt / 1e12
                 rows.append([shape, name, "%.0f" % tps, "%.2fx" % (tps / p) if p and name != "HF+PEFT" else "1.00x" if name == "HF+PEFT" else "-",

@@ -13,26 +13,50 @@
 // LoRA, summed loss) is off by as much: golden/tiny 1.7e-2 over all gradients and 2.1e-2 on layer 0
 // q_proj A; stories260K 1.0e-2 over all and 3.5e-2 on layer 0 q_proj A (with lora_B ~ 0.05/sqrt(r);
 // with lora_B ~ 0.5/sqrt(r) that trained model is ill-conditioned in bf16: 55% for the peer).
+//
+// Recomputation (CUDA_RECOMPUTE_LAYER) against none on the same models and batches: the loss
+// bit for bit, layer 0's activations as the backward recomputed them bit for bit the forward's
+// (a digest), the gradients within 5e-3 relative L2 (not bit for bit: the attention backward adds
+// dq (flash) or dk, dv (plain) with unordered fp32 atomics, so even two runs without
+// recomputation differ; the test prints that spread beside it), and fewer device bytes.
+// The batched weight upload (kernels/weights.cuh) against the one-tensor path, bit for bit, for
+// BF16, F32 and F16 tensors of awkward sizes, some larger than a 64 MiB staging buffer.
 //   engine_test            TAP tests (prove runs it through tests/gpu/engine.t)
-//   engine_test --bench    step times: the random model at 1 x 256 and a dim-1024, 4-layer model
-//                          at 1 x 2048 (and 2 x 2048, 8 x 512)
+//   engine_test --bench    weight upload GB/s (batched and one tensor at a time); step times and
+//                          device bytes with recompute none and layer: the random model at
+//                          1 x 256, a dim-1024 4-layer model at 1 x 2048, 2 x 2048, 8 x 512, and a
+//                          Llama-3-8B-shaped model cut to 2 layers at 2 x 2048 and 1 x 8192
+#include <cuda_fp16.h>
+
 #include <chrono>
 
 #include "engine_cuda.cuh"
 #include "harness.cuh"
+#include "weights.cuh"
 
-// A random Llama held in memory: bf16 tensors and the Model that views them.
+// Uniform with the variance of a standard normal, for the big benchmark models (normal() would
+// take a minute over a billion weights).
+static uint64_t fast_state = 0x9e3779b97f4a7c15ull;
+static inline float fast_unit(void)
+{
+    fast_state ^= fast_state << 13, fast_state ^= fast_state >> 7, fast_state ^= fast_state << 17;
+    return ((float)(fast_state >> 40) / 16777216.0f * 2.0f - 1.0f) * 1.7320508f;
+}
+
+// A random Llama held in memory: bf16 tensors and the Model that views them (fast: the cheap
+// generator above instead of normal()).
 struct RandomModel {
     Model m;
     std::vector<std::vector<uint16_t>> store;
     std::vector<LayerWeights> layers;
+    bool fast = false;
 
     Tensor tensor(int64_t rows, int64_t cols, float scale, float offset)
     {
         size_t n = (size_t)rows * (cols ? cols : 1);
         std::vector<uint16_t> bits(n);
         for (size_t i = 0; i < n; i++)
-            bits[i] = bf16_bits(offset + scale * normal());
+            bits[i] = bf16_bits(offset + scale * (fast ? fast_unit() : normal()));
         store.push_back(std::move(bits));
         Tensor t;
         memset(&t, 0, sizeof t);
@@ -44,8 +68,9 @@ struct RandomModel {
         return t;
     }
 
-    RandomModel(int dim, int hidden, int n_layers, int n_heads, int n_kv_heads, int vocab)
+    RandomModel(int dim, int hidden, int n_layers, int n_heads, int n_kv_heads, int vocab, bool fast_fill = false)
     {
+        fast = fast_fill;
         memset(&m, 0, sizeof m);
         ModelConfig *c = &m.config;
         snprintf(c->model_type, sizeof c->model_type, "llama");
@@ -140,6 +165,95 @@ static double seconds_since(std::chrono::steady_clock::time_point t0)
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+static CudaEngine *engine_or_die(const Model *m, const LoraConfig *lc, int B, int T, CudaRecompute mode)
+{
+    Err err;
+    CudaEngineOptions opt = {mode};
+    CudaEngine *e = cuda_engine_create(m, lc, B, T, &opt, &err);
+    if (!e) {
+        fprintf(stderr, "%s: %s\n", harness_prog, err.msg);
+        exit(1);
+    }
+    return e;
+}
+
+// One fresh micro-batch on engine e (LoRA uploaded, gradients zeroed): loss, gradients, layer 0's
+// activation digest.
+static double run_once(CudaEngine *e, const Lora *lora, Batch *batch, std::vector<float> *grads, uint64_t *digest)
+{
+    double loss = 0;
+    long n = 0;
+    LAUNCHED(cuda_engine_upload_lora(e, lora, E));
+    LAUNCHED(cuda_engine_zero_grad(e, E));
+    LAUNCHED(cuda_engine_train_micro_batch(e, &batch->b, &loss, &n, E));
+    grads->resize(lora->n_params);
+    LAUNCHED(cuda_engine_download_grads(e, grads->data(), grads->size(), E));
+    LAUNCHED(cuda_engine_activation_digest(e, 0, digest, E));
+    return loss;
+}
+
+static size_t count_identical(const std::vector<float> &a, const std::vector<float> &b)
+{
+    size_t same = 0;
+    for (size_t i = 0; i < a.size(); i++)
+        same += !memcmp(&a[i], &b[i], sizeof(float));
+    return same;
+}
+
+// Recompute LAYER against NONE (none_* from the caller's first micro-batch on a NONE engine).
+static const double TOL_RECOMPUTE = 5e-3;
+
+static void compare_recompute(const char *name, const Model *m, const Lora *lora, Batch *batch, double none_loss,
+                              const std::vector<float> &none_grads, uint64_t none_digest, size_t none_bytes)
+{
+    int B = batch->b.B, T = batch->b.T, L = m->config.n_layers;
+    CudaEngine *rec = engine_or_die(m, &lora->config, B, T, CUDA_RECOMPUTE_LAYER);
+    CudaEngine *again = engine_or_die(m, &lora->config, B, T, CUDA_RECOMPUTE_NONE);
+    ok(cuda_engine_recompute(rec) == CUDA_RECOMPUTE_LAYER && cuda_engine_recompute(again) == CUDA_RECOMPUTE_NONE,
+       "%s: engines report the recompute mode asked for", name);
+    std::vector<float> rec_grads, again_grads;
+    uint64_t rec_digest = 0, again_digest = 0;
+    double rec_loss = run_once(rec, lora, batch, &rec_grads, &rec_digest);
+    double again_loss = run_once(again, lora, batch, &again_grads, &again_digest);
+    ok(!memcmp(&again_loss, &none_loss, sizeof(double)) && again_digest == none_digest,
+       "%s: the forward is deterministic: a second engine without recompute gives loss %.17g (first %.17g) and "
+       "layer 0 digest %016llx (first %016llx)", name, again_loss, none_loss, (unsigned long long)again_digest,
+       (unsigned long long)none_digest);
+    ok(!memcmp(&rec_loss, &none_loss, sizeof(double)), "%s: recompute layer: loss sum %.17g bit-identical to none's %.17g",
+       name, rec_loss, none_loss);
+    ok(rec_digest == none_digest,
+       "%s: recompute layer: layer 0's activations recomputed in the backward are the forward's bit for bit "
+       "(digest %016llx, none %016llx)", name, (unsigned long long)rec_digest, (unsigned long long)none_digest);
+    double rec_err = rel_l2(rec_grads.data(), none_grads.data(), none_grads.size());
+    double again_err = rel_l2(again_grads.data(), none_grads.data(), none_grads.size());
+    size_t rec_same = count_identical(rec_grads, none_grads), again_same = count_identical(again_grads, none_grads);
+    ok(rec_err <= TOL_RECOMPUTE,
+       "%s: recompute layer gradients against none: relative L2 %.2e <= %.0e, %zu of %zu bit-identical (none run "
+       "twice: %.2e, %zu bit-identical: unordered atomics in the attention backward)", name, rec_err, TOL_RECOMPUTE,
+       rec_same, none_grads.size(), again_err, again_same);
+    // Per layer (the backward runs from the last layer down; only layers below the last are
+    // recomputed): where the differences start.
+    printf("# %s: recompute layer vs none, gradients' relative L2 per layer:", name);
+    for (int l = 0; l < L; l++) {
+        const LoraProj *first = lora_proj(lora, l, (Proj)0);
+        size_t off = (size_t)(first->dA - lora->grads), end = l + 1 < L ? (size_t)(lora_proj(lora, l + 1, (Proj)0)->dA - lora->grads) : lora->n_params;
+        printf(" %.1e", rel_l2(rec_grads.data() + off, none_grads.data() + off, end - off));
+    }
+    printf("\n");
+    size_t rec_bytes = cuda_engine_device_bytes(rec);
+    if (L > 1)
+        ok(rec_bytes < none_bytes, "%s: recompute layer plans %zu device bytes, fewer than none's %zu", name,
+           rec_bytes, none_bytes);
+    else
+        ok(rec_bytes == none_bytes, "%s: one layer: recompute plans the same %zu device bytes", name, rec_bytes);
+    printf("# TABLE recompute %-14s %2dx%-5d loss identical %s, layer-0 acts identical %s | grads vs none: layer %.1e "
+           "(%zu/%zu same), none again %.1e (%zu same) | device none %zu, layer %zu bytes\n",
+           name, B, T, rec_loss == none_loss ? "yes" : "NO", rec_digest == none_digest ? "yes" : "NO", rec_err,
+           rec_same, none_grads.size(), again_err, again_same, none_bytes, rec_bytes);
+    cuda_engine_free(rec);
+    cuda_engine_free(again);
+}
+
 // One micro-batch through both engines; every LoRA tensor's gradient compared.
 static const double TOL_LOSS = 1e-2, TOL_GRADS_ALL = 4e-2, TOL_GRAD_TENSOR = 1e-1;
 
@@ -162,7 +276,8 @@ static void compare_engines(const char *name, const Model *m, int B, int T, int 
     double cpu_s = seconds_since(t0);
     std::vector<float> cpu_grads(lora->grads, lora->grads + lora->n_params);
 
-    CudaEngine *gpu = cuda_engine_create(m, &lora->config, B, T, &err);
+    CudaEngineOptions none = {CUDA_RECOMPUTE_NONE};
+    CudaEngine *gpu = cuda_engine_create(m, &lora->config, B, T, &none, &err);
     if (!gpu) {
         fprintf(stderr, "%s: %s\n", harness_prog, err.msg);
         exit(1);
@@ -174,6 +289,9 @@ static void compare_engines(const char *name, const Model *m, int B, int T, int 
     LAUNCHED(cuda_engine_train_micro_batch(gpu, &batch.b, &gpu_loss, &gpu_trained, E));
     std::vector<float> gpu_grads(lora->n_params);
     LAUNCHED(cuda_engine_download_grads(gpu, gpu_grads.data(), gpu_grads.size(), E));
+    uint64_t none_digest = 0;
+    LAUNCHED(cuda_engine_activation_digest(gpu, 0, &none_digest, E));
+    compare_recompute(name, m, lora, &batch, gpu_loss, gpu_grads, none_digest, cuda_engine_device_bytes(gpu));
 
     printf("# %s: %d x %d, %d documents, %ld trained targets; CPU step %.3f s\n", name, B, T, batch.b.n_seqs,
            cpu_trained, cpu_s);
@@ -255,8 +373,8 @@ static void test_rejects(const Model *m)
     const ModelConfig *c = &m->config;
     Lora *lora = random_lora(c, 4, 8, 0.5f);
     Err err;
-    CudaEngine *gpu = cuda_engine_create(m, &lora->config, 1, 32, &err);
-    ok(gpu != NULL, "engine for 1 x 32 created");
+    CudaEngine *gpu = cuda_engine_create(m, &lora->config, 1, 32, NULL, &err);
+    ok(gpu != NULL, "engine for 1 x 32 created (default options)");
     if (!gpu)
         return;
     LAUNCHED(cuda_engine_upload_lora(gpu, lora, E));
@@ -273,22 +391,160 @@ static void test_rejects(const Model *m)
     crossing.cu[1] = 40;
     ok(cuda_engine_train_micro_batch(gpu, &crossing.b, &loss, &n, &err) < 0,
        "bad cu_seqlens are refused: %s", err.msg);
+    ok(cuda_engine_recompute(gpu) == CUDA_RECOMPUTE_NONE,
+       "recompute auto picks none when everything fits (it picked %s)", cuda_recompute_name(cuda_engine_recompute(gpu)));
     cuda_engine_free(gpu);
     LoraConfig with_dropout = lora->config;
     with_dropout.dropout = 0.1f;
-    ok(!cuda_engine_create(m, &with_dropout, 1, 32, &err) && strstr(err.msg, "dropout"),
+    ok(!cuda_engine_create(m, &with_dropout, 1, 32, NULL, &err) && strstr(err.msg, "dropout"),
        "LoRA dropout is refused for now: %s", err.msg);
+    CudaEngineOptions bad_mode = {(CudaRecompute)7};
+    ok(!cuda_engine_create(m, &lora->config, 1, 32, &bad_mode, &err) && strstr(err.msg, "recompute mode"),
+       "an unknown recompute mode is refused: %s", err.msg);
     lora_free(lora);
 }
 
+// Host tensors of one dtype filled with values in [-2, 2) (no NaN: the one-tensor path and the
+// device round NaN payloads differently, and weights hold none).
+struct HostTensors {
+    std::vector<std::vector<unsigned char>> store;
+    std::vector<Tensor> tensors;
+
+    void add(DType dtype, int64_t n)
+    {
+        size_t eb = dtype == DTYPE_F32 ? 4 : 2;
+        std::vector<unsigned char> bytes((size_t)n * eb);
+        for (int64_t i = 0; i < n; i++) {
+            float f = fast_unit() * 1.1547f;
+            if (dtype == DTYPE_F32)
+                memcpy(&bytes[(size_t)i * 4], &f, 4);
+            else {
+                uint16_t b = dtype == DTYPE_BF16 ? bf16_bits(f) : __half_as_ushort(__float2half_rn(f));
+                memcpy(&bytes[(size_t)i * 2], &b, 2);
+            }
+        }
+        store.push_back(std::move(bytes));
+        Tensor t;
+        memset(&t, 0, sizeof t);
+        t.dtype = dtype;
+        t.ndim = 1;
+        t.shape[0] = n;
+        tensors.push_back(t);
+    }
+    // Data pointers once every add is done (store's vectors do not move their buffers).
+    std::vector<CudaTensorUpload> jobs(bf16_t *dev, std::vector<size_t> *offsets)
+    {
+        std::vector<CudaTensorUpload> out;
+        size_t off = 0;
+        offsets->clear();
+        for (size_t i = 0; i < tensors.size(); i++) {
+            tensors[i].data = store[i].data();
+            offsets->push_back(off);
+            CudaTensorUpload j = {dev + off, &tensors[i]};
+            out.push_back(j);
+            off += (size_t)tensor_numel(&tensors[i]);
+        }
+        return out;
+    }
+    size_t numel() const
+    {
+        size_t n = 0;
+        for (const Tensor &t : tensors)
+            n += (size_t)tensor_numel(&t);
+        return n;
+    }
+};
+
+// The batched upload against one tensor at a time, bit for bit.
+static void test_weight_upload(void)
+{
+    HostTensors h;
+    // Awkward sizes; an F32 and a BF16 tensor each larger than one 64 MiB staging buffer; enough
+    // bytes in all (about 400 MB) to go round the 4 buffers more than once.
+    h.add(DTYPE_BF16, 1000003);
+    h.add(DTYPE_F32, 3);
+    h.add(DTYPE_F16, 70001);
+    h.add(DTYPE_F32, 17000001);
+    h.add(DTYPE_BF16, 40000003);
+    h.add(DTYPE_F16, 5);
+    for (int i = 0; i < 12; i++)
+        h.add(i % 3 == 0 ? DTYPE_F16 : DTYPE_BF16, 7000000 + 13 * i);
+    h.add(DTYPE_F32, 1);
+    size_t n = h.numel();
+    bf16_t *batched, *single;
+    HOST_CUDA(cudaMalloc(&batched, n * 2));
+    HOST_CUDA(cudaMalloc(&single, n * 2));
+    HOST_CUDA(cudaMemset(batched, 0xff, n * 2));
+    std::vector<size_t> offsets;
+    std::vector<CudaTensorUpload> jobs = h.jobs(batched, &offsets);
+    auto t0 = std::chrono::steady_clock::now();
+    LAUNCHED(cuda_upload_tensors_bf16(jobs.data(), (int)jobs.size(), NULL, E));
+    double batched_s = seconds_since(t0);
+    t0 = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < jobs.size(); i++)
+        LAUNCHED(cuda_upload_tensor_bf16(single + offsets[i], jobs[i].src, NULL, E));
+    double single_s = seconds_since(t0);
+    std::vector<uint16_t> a(n), b(n);
+    HOST_CUDA(cudaMemcpy(a.data(), batched, n * 2, cudaMemcpyDeviceToHost));
+    HOST_CUDA(cudaMemcpy(b.data(), single, n * 2, cudaMemcpyDeviceToHost));
+    size_t first_diff = n;
+    for (size_t i = 0; i < n && first_diff == n; i++)
+        if (a[i] != b[i])
+            first_diff = i;
+    ok(first_diff == n,
+       "batched upload of %zu tensors (%zu elements; BF16, F32, F16; two above 64 MiB) equals the one-tensor path "
+       "bit for bit%s (batched %.3f s, one at a time %.3f s)", jobs.size(), n,
+       first_diff == n ? "" : ": FIRST DIFFERENCE below", batched_s, single_s);
+    if (first_diff != n)
+        printf("# element %zu: batched %04x, one-tensor %04x\n", first_diff, a[first_diff], b[first_diff]);
+    Err err;
+    ok(cuda_upload_tensors_bf16(NULL, 0, NULL, &err) == 0, "batched upload of no tensors does nothing");
+    Tensor other = h.tensors[0];
+    other.dtype = DTYPE_OTHER;
+    CudaTensorUpload bad = {batched, &other};
+    ok(cuda_upload_tensors_bf16(&bad, 1, NULL, &err) < 0 && strstr(err.msg, "dtype"),
+       "batched upload refuses a tensor of another dtype: %s", err.msg);
+    HOST_CUDA(cudaFree(batched));
+    HOST_CUDA(cudaFree(single));
+}
+
+// Upload rate of 4 GiB of BF16 (32 tensors of 128 MiB, as an 8B model's big matrices) and 1 GiB of
+// F32 from ordinary (pageable, already touched) host memory: batched and one tensor at a time.
+static void bench_upload(void)
+{
+    for (DType dtype : {DTYPE_BF16, DTYPE_F32}) {
+        HostTensors h;
+        int count = dtype == DTYPE_BF16 ? 32 : 8;
+        for (int i = 0; i < count; i++)
+            h.add(dtype, (int64_t)64 << 20);
+        size_t n = h.numel(), src_bytes = n * (dtype == DTYPE_F32 ? 4 : 2);
+        bf16_t *dev;
+        HOST_CUDA(cudaMalloc(&dev, n * 2));
+        std::vector<size_t> offsets;
+        std::vector<CudaTensorUpload> jobs = h.jobs(dev, &offsets);
+        auto t0 = std::chrono::steady_clock::now();
+        LAUNCHED(cuda_upload_tensors_bf16(jobs.data(), (int)jobs.size(), NULL, E));
+        double batched_s = seconds_since(t0);
+        t0 = std::chrono::steady_clock::now();
+        for (size_t i = 0; i < jobs.size(); i++)
+            LAUNCHED(cuda_upload_tensor_bf16(dev + offsets[i], jobs[i].src, NULL, E));
+        double single_s = seconds_since(t0);
+        printf("weight upload %-4s %.2f GiB of source: batched %.3f s (%.1f GB/s), one tensor at a time %.3f s "
+               "(%.1f GB/s)\n", dtype == DTYPE_F32 ? "F32" : "BF16", src_bytes / 1073741824.0, batched_s,
+               src_bytes / batched_s / 1e9, single_s, src_bytes / single_s / 1e9);
+        HOST_CUDA(cudaFree(dev));
+    }
+}
+
 // Step time of the CUDA engine alone (the CPU reference is too slow at these sizes).
-static void bench_case(const char *name, const Model *m, int B, int T, int rank)
+static void bench_case(const char *name, const Model *m, int B, int T, int rank, CudaRecompute mode)
 {
     const ModelConfig *c = &m->config;
     Batch batch(B, T, c->vocab_size);
     Lora *lora = random_lora(c, rank, rank, 0.05f);
     Err err;
-    CudaEngine *gpu = cuda_engine_create(m, &lora->config, B, T, &err);
+    CudaEngineOptions opt = {mode};
+    CudaEngine *gpu = cuda_engine_create(m, &lora->config, B, T, &opt, &err);
     if (!gpu) {
         fprintf(stderr, "%s: %s\n", harness_prog, err.msg);
         exit(1);
@@ -315,23 +571,38 @@ static void bench_case(const char *name, const Model *m, int B, int T, int rank)
     double proj_params = (double)c->n_layers * c->dim *
                          (2.0 * c->n_heads * c->head_dim + 2.0 * c->n_kv_heads * c->head_dim + 3.0 * c->hidden_dim);
     double flops = 4.0 * B * T * (proj_params + (double)c->vocab_size * c->dim);
-    printf("%-22s %2d x %-5d step %8.2f ms  %9.0f tokens/s  %6.1f TFLOP/s (products)  loss/token %.3f  "
-           "device %.2f GiB  %s\n",
-           name, B, T, ms[3], B * T / (ms[3] * 1e-3), flops / (ms[3] * 1e-3) / 1e12, loss / (n ? n : 1),
-           cuda_engine_device_bytes(gpu) / 1073741824.0, finite ? "finite" : "NaN/inf!");
+    size_t wbytes;
+    double wsec;
+    cuda_engine_load_stats(gpu, &wbytes, &wsec);
+    printf("%-22s %2d x %-5d recompute %-5s step %8.2f ms  %9.0f tokens/s  %6.1f TFLOP/s (products)  "
+           "loss/token %.3f  device %.2f GiB  weights %.2f GiB in %.2f s  %s\n",
+           name, B, T, cuda_recompute_name(cuda_engine_recompute(gpu)), ms[3], B * T / (ms[3] * 1e-3), flops / (ms[3] * 1e-3) / 1e12, loss / (n ? n : 1),
+           cuda_engine_device_bytes(gpu) / 1073741824.0, wbytes / 1073741824.0, wsec, finite ? "finite" : "NaN/inf!");
     cuda_engine_free(gpu);
     lora_free(lora);
 }
 
 static int bench(void)
 {
-    RandomModel small(256, 688, 2, 4, 2, 512);
-    bench_case("random dim 256", &small.m, 1, 256, 8);
-    RandomModel big(1024, 2816, 4, 16, 4, 32000);
-    bench_case("random dim 1024 L4", &big.m, 1, 256, 16);
-    bench_case("random dim 1024 L4", &big.m, 1, 2048, 16);
-    bench_case("random dim 1024 L4", &big.m, 2, 2048, 16);
-    bench_case("random dim 1024 L4", &big.m, 8, 512, 16);
+    bench_upload();
+    const CudaRecompute modes[2] = {CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_LAYER};
+    {
+        RandomModel small(256, 688, 2, 4, 2, 512);
+        for (CudaRecompute mode : modes)
+            bench_case("random dim 256", &small.m, 1, 256, 8, mode);
+        RandomModel big(1024, 2816, 4, 16, 4, 32000);
+        const int shapes[4][2] = {{1, 256}, {1, 2048}, {2, 2048}, {8, 512}};
+        for (auto &sh : shapes)
+            for (CudaRecompute mode : modes)
+                bench_case("random dim 1024 L4", &big.m, sh[0], sh[1], 16, mode);
+    }
+    // Llama-3-8B's shapes (4096 / 14336, 32/8 heads, V 128256, untied), 2 of its 32 layers: the
+    // per-layer step time and activation bytes scale to 32 layers (the lm_head part does not).
+    RandomModel l3(4096, 14336, 2, 32, 8, 128256, true);
+    const int shapes8b[2][2] = {{2, 2048}, {1, 8192}};
+    for (auto &sh : shapes8b)
+        for (CudaRecompute mode : modes)
+            bench_case("llama3-8b dims L2", &l3.m, sh[0], sh[1], 16, mode);
     return 0;
 }
 
@@ -345,6 +616,7 @@ int main(int argc, char **argv)
     compare_engines("random hd64", &random_model.m, 2, 128, 8, 0.5f);
     compare_engines("random hd64 1x256", &random_model.m, 1, 256, 8, 0.5f);
     test_rejects(&random_model.m);
+    test_weight_upload();
 
     Err err;
     Model *tiny = model_load("tests/fixtures/golden/tiny", &err);
