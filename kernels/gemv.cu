@@ -81,6 +81,8 @@ struct GemvArgs {
     float *partials;  // (ksplit, tiles, NT * 128) when ksplit > 1
     int *counters;    // (tiles)
     int ksplit;
+    const __nv_bfloat16 *residual;  // (batch, out) added before the rounding, or NULL; may be y itself
+    int pdl;                        // launched as a programmatic dependent launch (see launch())
 };
 
 // NT: mma columns of 8 batch rows (batch <= 8 NT); U: k steps per warp pass; WARPS per block.
@@ -101,6 +103,18 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(GemvArgs a)
 
     const int ksteps = (a.in + K_STEP - 1) / K_STEP;
     const int s_begin = (int)((long)ks * ksteps / a.ksplit), s_end = (int)((long)(ks + 1) * ksteps / a.ksplit);
+    if (a.pdl) {
+        // Launched while the previous kernel may still run: the weights are never written by
+        // anyone, so ask L2 for this warp's first ones now, then wait for the previous grid (and
+        // its memory) before reading x, u, the counters or the partials.
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (s_begin + warp * U + u < s_end) {
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(w0 + (size_t)(s_begin + warp * U + u) * K_STEP));
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(w1 + (size_t)(s_begin + warp * U + u) * K_STEP));
+            }
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+    }
     float acc[NT][4] = {};
     for (int s0 = s_begin + warp * U; s0 < s_end; s0 += WARPS * U) {
         uint4 wa[U], wb[U], xv[NT][U];
@@ -192,6 +206,8 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(GemvArgs a)
                 d += u[j] * __bfloat162float(lb[j]);
             v += a.scale * d;
         }
+        if (a.residual)  // read before the write below, by this thread only: y may alias it
+            v += __bfloat162float(a.residual[(size_t)b * a.out + row]);
         if (a.y)
             a.y[(size_t)b * a.out + row] = __float2bfloat16(v);
         else
@@ -235,6 +251,22 @@ WorkspacePlan plan_workspace(int batch, int out, int rank, int ksplit_main, int 
 
 template <int NT, int U, int WARPS> void launch(bool prefetch, const GemvArgs &a, int tiles, cudaStream_t s)
 {
+    if (a.pdl) {  // may start before the previous kernel in the stream ends (it waits inside)
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(tiles, a.ksplit);
+        cfg.blockDim = dim3(WARPS * 32);
+        cfg.stream = s;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        if (prefetch)
+            cudaLaunchKernelEx(&cfg, gemv_kernel<NT, U, WARPS, true>, a);
+        else
+            cudaLaunchKernelEx(&cfg, gemv_kernel<NT, U, WARPS, false>, a);
+        return;
+    }
     if (prefetch)
         gemv_kernel<NT, U, WARPS, true><<<dim3(tiles, a.ksplit), WARPS * 32, 0, s>>>(a);
     else
@@ -289,9 +321,9 @@ extern "C" size_t cuda_gemv_workspace_bytes(int batch, int out, int in, int lora
     return p.u_bytes + p.counter_bytes + p.partial_bytes;
 }
 
-extern "C" int cuda_gemv_tuned(bf16_t *y, float *y_f32, const bf16_t *x, const bf16_t *W, int batch, int out,
-                               int in, const GemvLora *lora, void *workspace, size_t workspace_bytes,
-                               const GemvTuning *tuning, GpuStream stream, Err *err)
+extern "C" int cuda_gemv_ex(bf16_t *y, float *y_f32, const bf16_t *residual, const bf16_t *x, const bf16_t *W,
+                            int batch, int out, int in, const GemvLora *lora, void *workspace,
+                            size_t workspace_bytes, const GemvTuning *tuning, int pdl, GpuStream stream, Err *err)
 {
     SHAPE_CHECK(x && W && workspace, err, "gemv: NULL pointer");
     SHAPE_CHECK((y != NULL) != (y_f32 != NULL), err, "gemv: give exactly one of the bf16 and fp32 outputs");
@@ -337,22 +369,29 @@ extern "C" int cuda_gemv_tuned(bf16_t *y, float *y_f32, const bf16_t *x, const b
         int chunk_unroll = min(unroll, max_unroll(nt));
         const __nv_bfloat16 *xb = x + (size_t)b0 * in;
         if (rank > 0) {  // u (rows, rank) = x A^T in fp32
-            GemvArgs d = {lora->A, xb, NULL, u, rank, in, rows, NULL, NULL, 0, 0.0f, partials, counters, ks_lora};
+            GemvArgs d = {lora->A, xb, NULL, u, rank, in, rows, NULL, NULL, 0, 0.0f, partials, counters, ks_lora, NULL, pdl};
             SHAPE_CHECK(launch_any(nt, chunk_unroll, warps, prefetch, d, lora_tiles, s), err, "gemv: no kernel for this shape");
             LAUNCH_CHECK(err);
         }
         GemvArgs m = {W,        xb,   y ? y + (size_t)b0 * out : NULL, y_f32 ? y_f32 + (size_t)b0 * out : NULL,
                       out,      in,   rows,                            rank > 0 ? lora->B : NULL,
                       u,        rank, rank > 0 ? lora->scale : 0.0f,   partials,
-                      counters, ks_main};
+                      counters, ks_main, residual ? residual + (size_t)b0 * out : NULL, pdl};
         SHAPE_CHECK(launch_any(nt, chunk_unroll, warps, prefetch, m, tiles, s), err, "gemv: no kernel for this shape");
         LAUNCH_CHECK(err);
     }
     return 0;
 }
 
+extern "C" int cuda_gemv_tuned(bf16_t *y, float *y_f32, const bf16_t *x, const bf16_t *W, int batch, int out,
+                               int in, const GemvLora *lora, void *workspace, size_t workspace_bytes,
+                               const GemvTuning *tuning, GpuStream stream, Err *err)
+{
+    return cuda_gemv_ex(y, y_f32, NULL, x, W, batch, out, in, lora, workspace, workspace_bytes, tuning, 0, stream, err);
+}
+
 extern "C" int cuda_gemv(bf16_t *y, float *y_f32, const bf16_t *x, const bf16_t *W, int batch, int out, int in,
                          const GemvLora *lora, void *workspace, size_t workspace_bytes, GpuStream stream, Err *err)
 {
-    return cuda_gemv_tuned(y, y_f32, x, W, batch, out, in, lora, workspace, workspace_bytes, NULL, stream, err);
+    return cuda_gemv_ex(y, y_f32, NULL, x, W, batch, out, in, lora, workspace, workspace_bytes, NULL, 0, stream, err);
 }

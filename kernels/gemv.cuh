@@ -1,4 +1,4 @@
-// defines: GemvLora, GemvTuning, cuda_gemv, cuda_gemv_tuned, cuda_gemv_workspace_bytes
+// defines: GemvLora, GemvTuning, cuda_gemv, cuda_gemv_tuned, cuda_gemv_ex, cuda_gemv_workspace_bytes
 //          (kernels/gemv.cu; CPU twin cpu_gemv)
 // The decode-time products y = x W^T for a few rows of x (batch 1 to 64 per pass; more rows
 // are done 64 at a time): W (out, in) bf16 row-major as safetensors stores a Linear's weight,
@@ -43,6 +43,15 @@ typedef struct {
 int cuda_gemv_tuned(bf16_t *y, float *y_f32, const bf16_t *x, const bf16_t *W, int batch, int out, int in,
                     const GemvLora *lora, void *workspace, size_t workspace_bytes, const GemvTuning *tuning,
                     GpuStream stream, Err *err);
+
+// The same product with two decode-step extras (kernels/gen_cuda.cu): residual (batch, out) bf16,
+// or NULL, is added before the one rounding (it may be y itself: y += x W^T, the residual add
+// fused into the epilogue); pdl 1 makes it a programmatic dependent launch: the kernel may start
+// while the previous one in the stream finishes, prefetching its first weights into L2 before it
+// waits for that kernel (griddepcontrol.wait). tuning as cuda_gemv_tuned's (NULL: the defaults).
+int cuda_gemv_ex(bf16_t *y, float *y_f32, const bf16_t *residual, const bf16_t *x, const bf16_t *W, int batch,
+                 int out, int in, const GemvLora *lora, void *workspace, size_t workspace_bytes,
+                 const GemvTuning *tuning, int pdl, GpuStream stream, Err *err);
 KERNELS_EXTERN_C_END
 
 #endif

@@ -1,6 +1,7 @@
 // defines: CudaGen, CudaGenConfig, cuda_gen_create, cuda_gen_free, cuda_gen_prefill,
 //          cuda_gen_decode, cuda_gen_logits, cuda_gen_stream, cuda_gen_device_bytes,
-//          cuda_gen_max_batch, cuda_gen_capacity (kernels/gen_cuda.cu; CPU twin lib/generate.c's Generator)
+//          cuda_gen_max_batch, cuda_gen_capacity, cuda_gen_position, cuda_gen_create_random
+//          (kernels/gen_cuda.cu; CPU twin lib/generate.c's Generator)
 // Generation on one GPU: a Llama model (bf16 weights on the device, an optional PEFT adapter
 // merged into them at load time or applied unmerged), a KV cache of max_batch slots of
 // capacity tokens each, prefill of whole prompts (packed, flash attention, cuBLAS products) and
@@ -28,12 +29,26 @@ typedef struct {
     int max_prefill;      // most prompt tokens of one prefill call (all its prompts together)
     int merge_adapter;    // 1: W + scale B A at load time (bf16); 0: unmerged (exact adapter)
     int use_graphs;       // 1: decode steps replay captured CUDA graphs; 0: plain launches
+    // Added with gen_cuda.cu (0 = the default, so a zeroed config keeps the behaviour above):
+    int cublas_min_batch; // decode steps of at least this many rows use cuBLAS instead of the GEMV
+                          // kernels (0: 1, i.e. always cuBLAS: faster in whole steps on an H200,
+                          // see gen_cuda.cu); 64 runs batches below 64 on the GEMV
+    int gemv_products;    // below cublas_min_batch, which products use the GEMV kernels (the others
+                          // cuBLAS): a mask of 1 qkv, 2 o, 4 gate|up, 8 down, 16 lm_head; 0: all
+    int gemv_pdl;         // 1: the GEMV kernels are programmatic dependent launches (cuda_gemv_ex);
+                          // slower as it stands (H200, 8B, batch 1: 6.82 ms a step against 5.72)
+    int unfused_residual; // 1: the GEMV path adds o_proj's and down_proj's output to the residual
+                          // stream with a separate kernel (two roundings); 0: in the GEMV's epilogue
 } CudaGenConfig;
 
 // Weights are copied (the model's maps may be unmapped afterwards; a may be freed). NULL with a
 // message: no device, out of memory (say how much was asked), an adapter that does not fit.
 CudaGen *cuda_gen_create(const Model *m, const Adapter *a, const CudaGenConfig *cfg, Err *err);
 void cuda_gen_free(CudaGen *g);
+// For benchmarks and tests only: an engine for config c whose weights are random bf16 drawn on
+// the device (a hash of seed and index; norms ~1 +- 0.1, projections of standard deviation
+// 1/sqrt(in), embeddings 1), no adapter, no file: an 8B-shaped model without 16 GB to read.
+CudaGen *cuda_gen_create_random(const ModelConfig *c, const CudaGenConfig *cfg, uint64_t seed, Err *err);
 
 // Prefill n prompts into slots[0..n-1] (distinct): ids packed back to back (host), prompt i is
 // ids[cu[i] .. cu[i+1]), each 1..capacity tokens, cu[n] <= max_prefill. Afterwards the logits of
