@@ -1,5 +1,5 @@
 // defines: CudaSampler, cuda_sampler_create, cuda_sampler_free, cuda_sampler_start,
-//          cuda_sampler_pick (kernels/sample_cuda.cu; CPU twin lib/sample.c)
+//          cuda_sampler_pick, cuda_sample_uniforms (kernels/sample_cuda.cu; CPU twin lib/sample.c)
 // lib/sample.h's sampler on the GPU, for batched generation: every row of a (rows, vocab) fp32
 // logits array on the device gets the same pipeline as sampler_pick (repetition penalty over
 // the ids seen, greedy argmax, or temperature, top-k, top-p, min-p and one draw with the
@@ -33,6 +33,13 @@ int cuda_sampler_start(CudaSampler *s, int slot, const uint32_t *ids, size_t n, 
 // Synchronises the stream (the ids come back).
 int cuda_sampler_pick(CudaSampler *s, float *logits, int n, const int *slots, const uint64_t *streams,
                       const uint64_t *steps, uint32_t *out, GpuStream stream, Err *err);
+
+// Additions (kernels/sample_cuda.cu):
+// Rows of one call should name distinct slots (a slot's history gains its row's id while the
+// other rows run). More rows than n_slots are picked n_slots at a time.
+// The documented uniform u = sample_uniform(seed, streams[i], steps[i]) for i < n, computed on the
+// device (for the tests: it must equal the CPU's bit for bit). Synchronous.
+int cuda_sample_uniforms(uint64_t seed, const uint64_t *streams, const uint64_t *steps, int n, float *out, Err *err);
 KERNELS_EXTERN_C_END
 
 #endif
