@@ -62,13 +62,20 @@ def prompts(model_dir, length, count):
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "looked", "at", "sky"]
-    specials = len(tok.encode("the").ids) - 1   # a BOS when the post-processor adds one
     for i in range(count):
-        # One token a word (Llama 3 never merges across a space-led word), plus the specials.
-        text = " ".join(words[(i + j) % len(words)] for j in range(length - specials))
-        n = len(tok.encode(text).ids)
-        if n != length:
-            sys.exit("gpu_gen_peer.py: a prompt of %d tokens, wanted %d" % (n, length))
+        # About one token a word (Llama 3 never merges across a space-led word); the count of
+        # words is then adjusted until the encoding, specials included, is exactly LENGTH.
+        def text_of(k):
+            return " ".join(words[(i + j) % len(words)] for j in range(k))
+        k = length
+        for _ in range(64):
+            n = len(tok.encode(text_of(k)).ids)
+            if n == length:
+                break
+            k += length - n
+        text = text_of(k)
+        if len(tok.encode(text).ids) != length:
+            sys.exit("gpu_gen_peer.py: no prompt of exactly %d tokens" % length)
         print(text)
 
 

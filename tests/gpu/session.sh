@@ -4,7 +4,7 @@
 # left of a budget, logs under $OUT, one summary line a step.
 #   sh tests/gpu/session.sh STEP...
 # Steps: tests (every tests/gpu/*.t: prove with GPU_TESTS=build/obj/test-gpu), NAME.t (one of
-# them), gen-engine (gen_test --bench), gen (tests/bench/gpu_gen.sh), train
+# them), bench-NAME (NAME_test --bench: gen, sample, decode, engine, ...), gen (tests/bench/gpu_gen.sh), train
 # (tests/bench/gpu_train.sh), tok (tests/bench/tok.sh with the prebuilt driver), memcheck-gen,
 # memcheck-sample (compute-sanitizer on those tests).
 # Environment: TOOL_LIBS (folders of shared libraries the tools need and the machine lacks, put on
@@ -45,7 +45,7 @@ for s in "$@"; do
     case $s in
     tests) step 300 tests env LD_LIBRARY_PATH="$LIBS" prove -v tests/gpu/*.t ;;
     *.t) step 200 "$s" env LD_LIBRARY_PATH="$LIBS" prove -v "tests/gpu/$s" ;;
-    gen-engine) step 200 gen-engine env LD_LIBRARY_PATH="$LIBS" "$GPU_TESTS/gen_test" --bench ;;
+    bench-*) step 200 "$s" env LD_LIBRARY_PATH="$LIBS" "$GPU_TESTS/${s#bench-}_test" --bench ;;
     gen) step 420 gen env TOOL_LIBS="${TOOL_LIBS:-}" sh tests/bench/gpu_gen.sh ;;
     train) step 560 train env TOOL_LIBS="${TOOL_LIBS:-}" sh tests/bench/gpu_train.sh ;;
     tok)   # the libraries for the driver only: Python must keep the machine's own
