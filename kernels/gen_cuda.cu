@@ -545,12 +545,15 @@ fail:
     return NULL;
 }
 
-static int upload(CudaGen *g, bf16_t *dst, const Tensor *t, int64_t numel, const char *what, Err *err)
+// Queue t for the batched upload (kernels/weights.cuh) into dst, after checking its size.
+static int upload(std::vector<CudaTensorUpload> *jobs, bf16_t *dst, const Tensor *t, int64_t numel, const char *what,
+                  Err *err)
 {
     if (tensor_numel(t) != numel)
         return err_set(err, "cuda gen: %s has %lld values, %lld expected", what, (long long)tensor_numel(t),
                        (long long)numel);
-    return cuda_upload_tensor_bf16(dst, t, g->stream, err);
+    jobs->push_back(CudaTensorUpload{dst, t});
+    return 0;
 }
 
 // fp32 host (n) to bf16 device, through a host conversion.
@@ -658,26 +661,34 @@ CudaGen *cuda_gen_create(const Model *m, const Adapter *a, const CudaGenConfig *
     if (!g)
         return NULL;
     size_t D = c->dim, V = c->vocab_size;
-    if (upload(g, g->embed, &m->weights.embed, (int64_t)(V * D), "embed_tokens", err) < 0 ||
-        upload(g, g->final_norm, &m->weights.final_norm, (int64_t)D, "norm", err) < 0 ||
-        (!c->tie_embeddings && upload(g, g->lm_head, &m->weights.lm_head, (int64_t)(V * D), "lm_head", err) < 0))
-        goto fail;
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerWeights *w = &m->weights.layers[l];
-        GenLayer *ly = &g->layers[l];
-        if (upload(g, ly->attn_norm, &w->attn_norm, (int64_t)D, "input_layernorm", err) < 0 ||
-            upload(g, ly->ffn_norm, &w->ffn_norm, (int64_t)D, "post_attention_layernorm", err) < 0)
+    {
+        // Every base tensor in one pipelined upload (pinned staging, host threads, overlapped copies).
+        std::vector<CudaTensorUpload> jobs;
+        if (upload(&jobs, g->embed, &m->weights.embed, (int64_t)(V * D), "embed_tokens", err) < 0 ||
+            upload(&jobs, g->final_norm, &m->weights.final_norm, (int64_t)D, "norm", err) < 0 ||
+            (!c->tie_embeddings &&
+             upload(&jobs, g->lm_head, &m->weights.lm_head, (int64_t)(V * D), "lm_head", err) < 0))
             goto fail;
-        for (int gi = 0; gi < G_COUNT; gi++) {
-            size_t row0 = 0;
-            for (int k = 0; group_modules[gi][k] >= 0; k++) {
-                int p = group_modules[gi][k], in, out;
-                model_proj_dims(c, (Proj)p, &in, &out);
-                if (upload(g, ly->w[gi] + row0 * in, &w->proj[p], (int64_t)in * out, proj_name((Proj)p), err) < 0)
-                    goto fail;
-                row0 += out;
+        for (int l = 0; l < c->n_layers; l++) {
+            const LayerWeights *w = &m->weights.layers[l];
+            GenLayer *ly = &g->layers[l];
+            if (upload(&jobs, ly->attn_norm, &w->attn_norm, (int64_t)D, "input_layernorm", err) < 0 ||
+                upload(&jobs, ly->ffn_norm, &w->ffn_norm, (int64_t)D, "post_attention_layernorm", err) < 0)
+                goto fail;
+            for (int gi = 0; gi < G_COUNT; gi++) {
+                size_t row0 = 0;
+                for (int k = 0; group_modules[gi][k] >= 0; k++) {
+                    int p = group_modules[gi][k], in, out;
+                    model_proj_dims(c, (Proj)p, &in, &out);
+                    if (upload(&jobs, ly->w[gi] + row0 * in, &w->proj[p], (int64_t)in * out, proj_name((Proj)p),
+                               err) < 0)
+                        goto fail;
+                    row0 += out;
+                }
             }
         }
+        if (cuda_upload_tensors_bf16(jobs.data(), (int)jobs.size(), g->stream, err) < 0)
+            goto fail;
     }
     if (a && load_adapter(g, a, cfg->merge_adapter, err) < 0)
         goto fail;
