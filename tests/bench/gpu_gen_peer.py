@@ -193,7 +193,7 @@ def table(results, model_dir):
             return None, (r or {}).get("error", "not run")
         if m.startswith("ttft") or m.startswith("prefill"):
             return r["prefill_min_s"] * 1e3, None
-        if m == "decode_b64":
+        if m.startswith("decode_b64"):
             return r["new_tokens"] / (r["prefill_s"] + r["decode_s"]), None
         return (r["new_tokens"] - r["prompts"]) / r["decode_s"], None
 
@@ -201,11 +201,14 @@ def table(results, model_dir):
             ("decode_b1_unmerged", "batch 1 decode, adapter unmerged", "tokens/s", True),
             ("decode_b1_nographs", "batch 1 decode, merged, no CUDA graphs", "tokens/s", True),
             ("ttft_2048", "time to first token, 2048-token prompt", "ms", False),
-            ("decode_b64", "batch 64 aggregate (prefill included)", "tokens/s", True)]
+            ("decode_b64", "batch 64 aggregate (prefill included)", "tokens/s", True),
+            ("decode_b1_lt", "batch 1 decode, merged, cuBLASLt tuned", "tokens/s", True),
+            ("decode_b64_lt", "batch 64 aggregate, cuBLASLt tuned", "tokens/s", True)]
     print("| measure | unit | HF transformers | lora-gen | ratio | lora-gen bandwidth |")
     print("|---|---|---|---|---|---|")
     for key, label, unit, higher in rows:
-        pv, perr = peer_value("decode_b1" if key == "decode_b1_nographs" else key)
+        pv, perr = peer_value({"decode_b1_nographs": "decode_b1", "decode_b1_lt": "decode_b1",
+                               "decode_b64_lt": "decode_b64"}.get(key, key))
         ov, oerr = ours_value(key)
         ratio = ""
         if pv and ov:
