@@ -22,6 +22,36 @@
 // Tried and dropped: the caches on 2 MiB pages (MADV_HUGEPAGE: on this VM a first pass took
 // either 90 or 34 MB/s, by luck of the host); no pair cache for pairs of <= 8 bytes (cold +0-5%,
 // warm -10-15%); a 64K table of two-byte tokens (no change).
+// Second round. Instructions of one cold pass (callgrind; deterministic, unlike time on this
+// shared VM), then MB/s of the first pass in a fresh process (tests/bench/tok.sh "cold", median):
+//                                                 en         zh        mixed   (M instructions)
+//   before                                       50.6        58.8      109.2
+//   pair table for tokenizer.model, built at
+//     load (build_rank_pairs): one probe per
+//     pair, no bytes hashed; the per-thread
+//     1 MiB pair cache is gone                   49.0        57.1      106.1
+//   pieces cut into segments (encode_segments):
+//     one-character words are their token,
+//     the others found in the cache              49.5        47.2       96.6
+//   bigram filter 256 -> 32 KB, left/right
+//     rank checks in an 8 KB bitmap, the
+//     vocabulary probe inlined                   45.5        47.6       93.0
+//   encode_piece inlined into the loop, the
+//     new-piece path out of line                 42.8        47.5       90.3
+//   segments in one pass (no array of ends,
+//     no second decode of their characters)      42.7        46.5       89.2
+//   a piece that was cut is not cached itself
+//     (its segments are)                         42.6        44.6       87.2
+//   MB/s, cold (tests/bench/tok.sh, two
+//     alternating runs each), before           108-111     52-54      71-74
+//                                after         103-106     65-68      81-83
+//   warm (tokenizer.model), before             175-176    109-111      119
+//                           after              170-188    118-121    125-128
+// en's first pass is bound by the first probes of the 4 MiB vocabulary hash (whole-piece
+// lookups; 40% of its samples in perf annotate), which these changes do not touch.
+// Load (CPU): tokenizer.model 18-19 -> 44-46 ms (the pair table), tokenizer.json 86-91 -> 72-75 ms.
+// Dropped: prefetching the next piece's vocabulary and cache slots (one piece ahead +0-2%,
+// noise; 3-7 ahead: en -4-7%); merging short segments without the cache (zh +18% instructions).
 #include "bpe_bytelevel.h"
 
 #include <errno.h>
@@ -43,9 +73,9 @@
 #define CACHE_ARENA_BYTES (4u << 20)  // per thread: the cached pieces, one after the other
 #define CACHE_MAX_PIECE 1024          // longest piece cached, bytes
 #define CACHE_ARENA_CHUNK (256u << 10)
-#define PAIR_CACHE_SLOTS (1u << 16)   // per thread, for tiktoken files: 64K pairs, 1 MiB
 #define VOCAB_BLOOM_BITS (1u << 20)
 #define PURE_FILTER_BITS (1u << 18)
+#define BIGRAM_FILTER_BITS (1u << 18)
 
 typedef struct {
     uint64_t head;               // the first min(len, 8) bytes, zero-padded (head8): a pair of short
@@ -66,23 +96,29 @@ typedef struct {
     uint32_t id_plus1;           // 0 = empty slot
 } VocabSlot;
 
-// A merge of tokenizer.json: one slot, one cache line to answer a lookup.
+// Pair tables: (left id, right id) -> rank, open addressing, one probe per candidate pair and no
+// token bytes read. Narrow slots (every id and rank < 2^21, any real vocabulary) are one 64-bit
+// word: 1 << 63 | left << 42 | right << 21 | rank, 0 = empty, so the Llama 3 table (128K pairs,
+// 256K slots) is 2 MiB. Otherwise wide slots of 16 bytes.
+#define PAIR_FIELD_BITS 21
+#define PAIR_FIELD_MAX ((1u << PAIR_FIELD_BITS) - 1)
 typedef struct {
     uint64_t key;                // left << 32 | right
-    uint32_t rank;               // merge index + 1; 0 = empty slot
-    uint32_t new_id;
-} PairSlot;
+    uint32_t rank_plus1;         // 0 = empty slot
+    uint32_t unused;
+} WidePairSlot;
+
+typedef struct {
+    uint64_t *narrow;            // (mask + 1) narrow slots, or NULL
+    WidePairSlot *wide;          // (mask + 1) wide slots when narrow is NULL
+    uint32_t mask;
+} PairTable;
 
 // A character that may start as one part (see find_whole_chars): its token (NO_ID when it
 // may not) and the highest rank of the merges that build it. Together: one cache line.
 typedef struct {
     uint32_t token, rank;
 } WholeChar;
-
-// A merge of two pure tokens (see build_pure_pairs).
-typedef struct {
-    uint32_t left_plus1, right, rank, new_id;
-} PurePair;
 
 // One cached piece -> ids result in the arena: this header, ids[n_ids], then the len bytes of
 // the piece, padded to 4 bytes.
@@ -92,19 +128,12 @@ typedef struct {
 
 // Heap entry of the O(n log n) merge: the pair starting at node pos.
 typedef struct {
-    uint32_t rank, pos, left_id, right_id, new_id;
+    uint32_t rank, pos, left_id, right_id;
 } Candidate;
 
 // Per-thread scratch: the cache and the merge work arrays (grown to the longest piece seen).
-// tiktoken merges two parts when their concatenation is a token, at that token's rank. The
-// answer for a pair of ids is cached per thread so that merging rarely hashes bytes.
-typedef struct {
-    uint64_t key;                // left << 32 | right, with bit 63 set when the slot is used
-    uint32_t rank;               // the token of the concatenation, or NO_RANK
-} PairCacheSlot;
-
 typedef struct ThreadState {
-    void *tables;                // one mapping: pairs, cache_key and cache_at (see thread_state)
+    void *tables;                // one mapping: cache_key and cache_at (see thread_state)
     size_t tables_len;
     // Piece cache. Entries are appended to the arena, so a first pass over a text, which
     // inserts nearly every piece, touches new memory in order (a page fault per ~150 pieces)
@@ -115,7 +144,6 @@ typedef struct ThreadState {
     uint8_t *cache_arena;        // (CACHE_ARENA_BYTES) CacheEntry records
     size_t cache_used;           // arena bytes used
     size_t cache_ready;          // arena bytes faulted in (MADV_POPULATE_WRITE)
-    PairCacheSlot *pairs;        // (PAIR_CACHE_SLOTS) when the rule is tiktoken's, else NULL
     uint32_t *node_id, *node_next, *node_prev;   // (work_cap) heap merge: node i = the part at byte i
     uint32_t *part_start, *part_id;              // (work_cap + 1) the initial parts of a piece
     uint32_t *piece_ids;                         // (work_cap) a piece's ids (encode_piece)
@@ -145,14 +173,15 @@ struct ByteLevelBpe {
                                  // are not tokens are told so from 128 KB instead of the 4 MB table
     uint32_t byte_id[256];       // the token of each single byte
     // Merge rule. use_ranks: a pair merges when its concatenation is a token, rank = that id
-    // (tiktoken; answered through the per-thread PairCacheSlot cache). Otherwise the merges
-    // list of tokenizer.json: pair (left id, right id) -> merge index, result (pair_* below).
+    // (tiktoken; answered from the pairs table built at load, see build_rank_pairs). Otherwise
+    // the merges list of tokenizer.json: pair (left id, right id) -> merge index, whose result
+    // is merge_result[index].
     int use_ranks;
     uint32_t max_token_len;      // longest ordinary token, bytes
     uint32_t n_duplicates;       // ordinary tokens whose bytes an earlier id has
     int whole_piece_lookup;      // try the piece as one token first (tiktoken; HF ignore_merges)
-    PairSlot *pairs;             // (pair_mask + 1) open addressing; NULL for tiktoken files
-    uint32_t pair_mask;
+    PairTable pairs;             // every pair that may merge -> its rank
+    uint32_t *merge_result;      // (n_merges) tokenizer.json: the token merge r makes; NULL for tiktoken
     uint32_t n_merges;
     int merges_follow_ranks;     // every merge's result id >= the previous one's
     // Whole characters (see find_whole_chars): for a BMP character of 2-3 bytes whose bytes
@@ -162,12 +191,16 @@ struct ByteLevelBpe {
     // y after) before the character is complete. NULL when not built.
     WholeChar *chars;                   // (65536) by code point
     uint32_t *left_rank, *right_rank;   // (65536) by byte pair
+    // A bit per pair of characters (c1 << 21 | c2, hashed) that follow each other inside some
+    // merge result, and by byte pair, 1 when left_rank and right_rank are both NO_RANK (see
+    // encode_segments); NULL when not built.
+    uint64_t *bigram_filter;            // (BIGRAM_FILTER_BITS / 64)
+    uint64_t *no_partial;               // (65536 / 64)
     // Merges between "pure" tokens (complete characters of 2-4 bytes only, such as Chinese
     // words), answered exactly by a small table (see build_pure_pairs): CJK text is long pieces
     // of such parts, and the general lookup misses the caches there. NULL when not built.
     uint8_t *is_pure;            // (n_tokens / 8 + 1) bitmap by id
-    PurePair *pure_pairs;        // (pure_mask + 1) open addressing; left + 1 == 0 marks empty
-    uint32_t pure_mask;
+    PairTable pure_pairs;        // the pairs of two pure tokens, a copy of those entries of pairs
     uint64_t *pure_filter;       // (PURE_FILTER_BITS / 64) a bit per pair hash: most pairs of CJK
                                  // characters do not merge, and 32 KB says so without the table
     Added *added;                // added tokens, sorted by nothing; matched longest first
@@ -314,7 +347,8 @@ static inline uint32_t vocab_find_head(const ByteLevelBpe *b, uint64_t head, siz
     }
 }
 
-static inline uint32_t vocab_find_hashed(const ByteLevelBpe *b, const void *p, size_t n, uint64_t h)
+static inline __attribute__((always_inline)) uint32_t vocab_find_hashed(const ByteLevelBpe *b, const void *p, size_t n,
+                                                                        uint64_t h)
 {
     uint32_t tl = tag_len(h, n);
     uint64_t head = head8(p, n);
@@ -370,25 +404,93 @@ static int vocab_build(ByteLevelBpe *b, Err *err)
     return 0;
 }
 
-// ---- merges (tokenizer.json) -------------------------------------------------------------
+// ---- pair tables ------------------------------------------------------------------------
 
 static inline uint32_t pair_slot(uint64_t key, uint32_t mask)
 {
     return (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 32) & mask;
 }
 
-static inline int pair_find(const ByteLevelBpe *b, uint32_t left, uint32_t right, uint32_t *rank, uint32_t *new_id)
+// A narrow slot without its rank: 1 << 42 | left << 21 | right.
+static inline uint64_t narrow_key(uint32_t left, uint32_t right)
+{
+    return 1ull << (2 * PAIR_FIELD_BITS) | (uint64_t)left << PAIR_FIELD_BITS | right;
+}
+
+static __attribute__((noinline)) uint32_t wide_lookup(const PairTable *t, uint32_t left, uint32_t right)
 {
     uint64_t key = (uint64_t)left << 32 | right;
-    for (uint32_t i = pair_slot(key, b->pair_mask);; i = (i + 1) & b->pair_mask) {
-        const PairSlot *p = &b->pairs[i];
-        if (!p->rank) return 0;
-        if (p->key == key) {
-            *rank = p->rank - 1;
-            *new_id = p->new_id;
-            return 1;
-        }
+    for (uint32_t i = pair_slot(key, t->mask);; i = (i + 1) & t->mask) {
+        const WidePairSlot *p = &t->wide[i];
+        if (!p->rank_plus1) return NO_RANK;
+        if (p->key == key) return p->rank_plus1 - 1;
     }
+}
+
+// The rank of pair (left, right), NO_RANK when it does not merge. left and right are token ids;
+// ids past a narrow table's fields are never in it.
+static inline uint32_t pair_lookup(const PairTable *t, uint32_t left, uint32_t right)
+{
+    if (__builtin_expect(!t->narrow, 0)) return wide_lookup(t, left, right);
+    if ((left | right) > PAIR_FIELD_MAX) return NO_RANK;
+    uint64_t key = narrow_key(left, right);
+    for (uint32_t i = pair_slot(key, t->mask);; i = (i + 1) & t->mask) {
+        uint64_t s = t->narrow[i];
+        if (s >> PAIR_FIELD_BITS == key) return (uint32_t)s & PAIR_FIELD_MAX;
+        if (!s) return NO_RANK;
+    }
+}
+
+// Room for n pairs (load <= 2/3); narrow unless an id or rank up to max_value does not fit.
+static int pair_table_alloc(PairTable *t, size_t n, uint32_t max_value, Err *err)
+{
+    uint32_t cap = 1024;
+    while (cap < n + n / 2) cap <<= 1;
+    if (max_value < PAIR_FIELD_MAX) t->narrow = calloc(cap, sizeof *t->narrow);
+    else t->wide = calloc(cap, sizeof *t->wide);
+    if (!t->narrow && !t->wide) return err_set(err, "out of memory");
+    t->mask = cap - 1;
+    return 0;
+}
+
+// Add a pair unless it has a rank already (a repeated merge keeps its first, lowest rank).
+static void pair_table_insert(PairTable *t, uint32_t left, uint32_t right, uint32_t rank)
+{
+    if (t->narrow) {
+        uint64_t key = narrow_key(left, right);
+        uint32_t i = pair_slot(key, t->mask);
+        while (t->narrow[i] && t->narrow[i] >> PAIR_FIELD_BITS != key) i = (i + 1) & t->mask;
+        if (t->narrow[i]) return;
+        t->narrow[i] = key << PAIR_FIELD_BITS | rank;
+    } else {
+        uint64_t key = (uint64_t)left << 32 | right;
+        uint32_t i = pair_slot(key, t->mask);
+        while (t->wide[i].rank_plus1 && t->wide[i].key != key) i = (i + 1) & t->mask;
+        if (t->wide[i].rank_plus1) return;
+        t->wide[i] = (WidePairSlot){key, rank + 1, 0};
+    }
+}
+
+// Slot i of a table: 1 and its pair and rank, or 0 when empty.
+static inline int pair_table_entry(const PairTable *t, uint32_t i, uint32_t *left, uint32_t *right, uint32_t *rank)
+{
+    if (t->narrow) {
+        uint64_t s = t->narrow[i];
+        *left = (uint32_t)(s >> (2 * PAIR_FIELD_BITS)) & PAIR_FIELD_MAX;
+        *right = (uint32_t)(s >> PAIR_FIELD_BITS) & PAIR_FIELD_MAX;
+        *rank = (uint32_t)s & PAIR_FIELD_MAX;
+        return s != 0;
+    }
+    *left = (uint32_t)(t->wide[i].key >> 32);
+    *right = (uint32_t)t->wide[i].key;
+    *rank = t->wide[i].rank_plus1 - 1;
+    return t->wide[i].rank_plus1 != 0;
+}
+
+// The token a merge of rank r makes: tiktoken's rank is the token's id.
+static inline uint32_t merge_result(const ByteLevelBpe *b, uint32_t rank)
+{
+    return b->merge_result ? b->merge_result[rank] : rank;
 }
 
 // ---- token table -------------------------------------------------------------------------
@@ -511,17 +613,23 @@ void bytelevel_free(ByteLevelBpe *b)
     free(b->blob);
     free(b->vocab_slots);
     free(b->vocab_bloom);
-    free(b->pairs);
+    free(b->pairs.narrow);
+    free(b->pairs.wide);
+    free(b->merge_result);
     free(b->added);
     free(b->is_pure);
-    free(b->pure_pairs);
+    free(b->pure_pairs.narrow);
+    free(b->pure_pairs.wide);
     free(b->pure_filter);
     free(b->chars);
     free(b->left_rank);
     free(b->right_rank);
+    free(b->bigram_filter);
+    free(b->no_partial);
     free(b);
 }
 
+static int build_rank_pairs(ByteLevelBpe *b, Err *err);
 static int find_whole_chars(ByteLevelBpe *b, Err *err);
 
 // ---- tiktoken rank file ------------------------------------------------------------------
@@ -646,7 +754,7 @@ ByteLevelBpe *bytelevel_load_tiktoken(const char *path, Err *err)
             err_set(err, "%s: byte 0x%02x has no token (a byte-level vocabulary needs all 256)", path, c);
             goto fail;
         }
-    if (find_whole_chars(b, err) < 0) goto fail;
+    if (build_rank_pairs(b, err) < 0 || find_whole_chars(b, err) < 0) goto fail;
     return b;
 fail:
     free(text);
@@ -762,36 +870,21 @@ static int merge_ids(const ByteLevelBpe *b, const json_t *m, uint32_t *left, uin
     return merge_part_ids(b, a, alen, c, clen, left, right, merged);
 }
 
-// Pair table of cap >= 2 * n slots.
-static int pairs_alloc(ByteLevelBpe *b, size_t n, Err *err)
-{
-    uint32_t cap = 1024;
-    while (cap < 2 * n) cap <<= 1;
-    b->pairs = calloc(cap, sizeof *b->pairs);
-    if (!b->pairs) return err_set(err, "out of memory");
-    b->pair_mask = cap - 1;
-    return 0;
-}
-
-// Add a merge unless the pair has one already (a repeated merge keeps its first, lowest rank).
-static void pair_insert(ByteLevelBpe *b, uint32_t left, uint32_t right, uint32_t rank, uint32_t new_id)
-{
-    uint64_t key = (uint64_t)left << 32 | right;
-    uint32_t i = pair_slot(key, b->pair_mask);
-    while (b->pairs[i].rank && b->pairs[i].key != key) i = (i + 1) & b->pair_mask;
-    if (b->pairs[i].rank) return;
-    b->pairs[i] = (PairSlot){key, rank + 1, new_id};
-}
-
 // The merges, in rank order: (n, 3) left id, right id, result id.
 static int insert_merges(ByteLevelBpe *b, const uint32_t *merges, size_t n, Err *err)
 {
-    if (pairs_alloc(b, n, err) < 0) return -1;
+    uint32_t max_value = n > PAIR_FIELD_MAX ? UINT32_MAX : (uint32_t)n;
+    for (size_t k = 0; k < 3 * n; k++)
+        if (merges[k] > max_value) max_value = merges[k];
+    b->merge_result = malloc((n ? n : 1) * sizeof *b->merge_result);
+    if (!b->merge_result) return err_set(err, "out of memory");
+    if (pair_table_alloc(&b->pairs, n, max_value, err) < 0) return -1;
     b->merges_follow_ranks = 1;
     for (size_t r = 0; r < n; r++) {
         const uint32_t *m = merges + 3 * r;
         if (r && m[2] < m[-1]) b->merges_follow_ranks = 0;   // m[-1]: the previous result
-        pair_insert(b, m[0], m[1], (uint32_t)r, m[2]);
+        b->merge_result[r] = m[2];
+        pair_table_insert(&b->pairs, m[0], m[1], (uint32_t)r);
     }
     b->n_merges = (uint32_t)n;
     return 0;
@@ -1254,65 +1347,39 @@ fail:
 
 static inline int is_pure(const ByteLevelBpe *b, uint32_t id) { return b->is_pure[id >> 3] >> (id & 7) & 1; }
 
-static inline uint32_t pure_slot(uint32_t left, uint32_t right, uint32_t mask)
-{
-    return pair_slot((uint64_t)left << 32 | right, mask);
-}
-
-// Bits 46-63 of the same multiplicative hash (the slot uses bits 32 up).
+// Bits 46-63 of a multiplicative hash of the pair.
 static inline uint32_t pure_filter_bit(uint32_t left, uint32_t right)
 {
     return (uint32_t)((((uint64_t)left << 32 | right) * 0x9E3779B97F4A7C15ull) >> 46) & (PURE_FILTER_BITS - 1);
 }
 
-// Rank and result of merging two adjacent parts (tokens left, right); NO_RANK when they do not merge.
-// tiktoken's rule for a pair missing from the thread's cache: is the concatenation a token.
-static __attribute__((noinline)) uint32_t concat_rank(const ByteLevelBpe *b, PairCacheSlot *slot, uint64_t key,
-                                                      uint32_t left, uint32_t right)
+// tiktoken's rule itself, for the plain merge (tests check the pair table against it): the
+// rank of a pair is the token of the two parts' concatenation, NO_RANK when that is no token.
+static __attribute__((noinline)) uint32_t concat_rank(const ByteLevelBpe *b, uint32_t left, uint32_t right)
 {
     const Span *l = &b->tok[left], *r = &b->tok[right];
-    uint32_t rank = NO_RANK;
     if (l->len + r->len <= 8)   // (both len >= 1: the shift is at most 56)
-        rank = vocab_find_head(b, l->head | r->head << (8 * l->len), l->len + r->len);
-    else if (l->len + r->len <= b->max_token_len) {
-        char both[512];
-        if (l->len + r->len <= sizeof both) {
-            memcpy(both, b->blob + l->off, l->len);
-            memcpy(both + l->len, b->blob + r->off, r->len);
-            uint64_t h = hash_bytes(both, l->len + r->len);
-            if (vocab_maybe(b, h)) rank = vocab_find_hashed(b, both, l->len + r->len, h);
-        }
-    }
-    if (slot) *slot = (PairCacheSlot){key, rank};
-    return rank;
+        return vocab_find_head(b, l->head | r->head << (8 * l->len), l->len + r->len);
+    char both[512];
+    if (l->len + r->len > b->max_token_len || l->len + r->len > sizeof both) return NO_RANK;
+    memcpy(both, b->blob + l->off, l->len);
+    memcpy(both + l->len, b->blob + r->off, r->len);
+    return vocab_find(b, both, l->len + r->len);
 }
 
-// plain: without the pure-pair table (tests compare the two). Inline: it runs for every pair
-// of adjacent parts; the rare slow path (concat_rank) is not.
-static inline __attribute__((always_inline)) uint32_t pair_rank(const ByteLevelBpe *b, PairCacheSlot *cache, int plain,
-                                                                uint32_t left, uint32_t right, uint32_t *new_id)
+// Rank of merging two adjacent parts (tokens left, right); NO_RANK when they do not merge (the
+// token made: merge_result). plain: by the definition (tiktoken: concat_rank) and without the
+// pure-pair table; tests compare the two. Inline: it runs for every pair of adjacent parts.
+static inline __attribute__((always_inline)) uint32_t pair_rank(const ByteLevelBpe *b, int plain, uint32_t left,
+                                                                uint32_t right)
 {
-    uint32_t rank;
-    if (!plain && b->pure_pairs && is_pure(b, left) && is_pure(b, right)) {
+    if (!plain && b->is_pure && is_pure(b, left) && is_pure(b, right)) {
         uint32_t bit = pure_filter_bit(left, right);
         if (!(b->pure_filter[bit >> 6] >> (bit & 63) & 1)) return NO_RANK;
-        for (uint32_t i = pure_slot(left, right, b->pure_mask);; i = (i + 1) & b->pure_mask) {
-            const PurePair *p = &b->pure_pairs[i];
-            if (!p->left_plus1) return NO_RANK;
-            if (p->left_plus1 == left + 1 && p->right == right) {
-                *new_id = p->new_id;
-                return p->rank;
-            }
-        }
+        return pair_lookup(&b->pure_pairs, left, right);
     }
-    if (!b->use_ranks) return pair_find(b, left, right, &rank, new_id) ? rank : NO_RANK;
-    uint64_t key = (uint64_t)left << 32 | right | 1ull << 63;
-    PairCacheSlot *slot = NULL;
-    if (cache) {
-        slot = &cache[pair_slot(key, PAIR_CACHE_SLOTS - 1)];
-        if (slot->key == key) return *new_id = slot->rank;
-    }
-    return *new_id = concat_rank(b, slot, key, left, right);
+    if (plain && b->use_ranks) return concat_rank(b, left, right);
+    return pair_lookup(&b->pairs, left, right);
 }
 
 // The parts merging starts from: one per byte, except that a character may be one part when
@@ -1350,8 +1417,8 @@ static size_t initial_parts(const ByteLevelBpe *b, int plain, const uint8_t *pie
 static long merge_scan(const ByteLevelBpe *b, ThreadState *ts, uint32_t *start, uint32_t *id, size_t m,
                        uint32_t *out)
 {
-    uint32_t rank[SCAN_MAX_PARTS], next_id[SCAN_MAX_PARTS];
-    for (size_t i = 0; i + 1 < m; i++) rank[i] = pair_rank(b, ts->pairs, ts->plain, id[i], id[i + 1], &next_id[i]);
+    uint32_t rank[SCAN_MAX_PARTS];
+    for (size_t i = 0; i + 1 < m; i++) rank[i] = pair_rank(b, ts->plain, id[i], id[i + 1]);
     while (m > 1) {
         size_t best = 0;
         uint32_t best_rank = NO_RANK;
@@ -1361,17 +1428,14 @@ static long merge_scan(const ByteLevelBpe *b, ThreadState *ts, uint32_t *start, 
                 best = i;
             }
         if (best_rank == NO_RANK) break;
-        id[best] = next_id[best];
+        id[best] = merge_result(b, best_rank);
         // Drop part best + 1.
         memmove(start + best + 1, start + best + 2, (m - best - 1) * sizeof *start);
         memmove(id + best + 1, id + best + 2, (m - best - 2) * sizeof *id);
         memmove(rank + best + 1, rank + best + 2, (m - best - 2) * sizeof *rank);
-        memmove(next_id + best + 1, next_id + best + 2, (m - best - 2) * sizeof *next_id);
         m--;
-        if (best + 1 < m)
-            rank[best] = pair_rank(b, ts->pairs, ts->plain, id[best], id[best + 1], &next_id[best]);
-        if (best > 0)
-            rank[best - 1] = pair_rank(b, ts->pairs, ts->plain, id[best - 1], id[best], &next_id[best - 1]);
+        if (best + 1 < m) rank[best] = pair_rank(b, ts->plain, id[best], id[best + 1]);
+        if (best > 0) rank[best - 1] = pair_rank(b, ts->plain, id[best - 1], id[best]);
     }
     memcpy(out, id, m * sizeof *id);
     return (long)m;
@@ -1433,8 +1497,7 @@ static long merge_heap(const ByteLevelBpe *b, ThreadState *ts, const uint32_t *s
 #define PUSH_PAIR(left)                                                                        \
     do {                                                                                       \
         uint32_t l_ = (left), r_ = next[l_];                                                   \
-        Candidate c_ = {0, l_, id[l_], id[r_], 0};                                             \
-        c_.rank = pair_rank(b, ts->pairs, ts->plain, id[l_], id[r_], &c_.new_id);                         \
+        Candidate c_ = {pair_rank(b, ts->plain, id[l_], id[r_]), l_, id[l_], id[r_]};          \
         if (c_.rank != NO_RANK && heap_push(ts, &heap_n, c_) < 0) return -1;                   \
     } while (0)
     for (uint32_t i = first; next[i] != NO_ID; i = next[i]) PUSH_PAIR(i);
@@ -1442,7 +1505,7 @@ static long merge_heap(const ByteLevelBpe *b, ThreadState *ts, const uint32_t *s
         Candidate c = heap_pop(ts, &heap_n);
         uint32_t l = c.pos, r = next[l];
         if (id[l] != c.left_id || r == NO_ID || id[r] != c.right_id || prev[l] == l) continue;
-        id[l] = c.new_id;
+        id[l] = merge_result(b, c.rank);
         next[l] = next[r];
         if (next[r] != NO_ID) prev[next[r]] = l;
         prev[r] = r;   // marks r dead (its own predecessor)
@@ -1472,6 +1535,12 @@ static long merge_heap(const ByteLevelBpe *b, ThreadState *ts, const uint32_t *s
 // candidates in the same order). The tables are built once at load; the check per character
 // is two lookups (initial_parts).
 
+// The filter bit of a pair of code points (the top bits of a multiplicative hash).
+static inline uint32_t bigram_bit(uint32_t c1, uint32_t c2)
+{
+    return (uint32_t)((((uint64_t)c1 << 21 | c2) * 0x9E3779B97F4A7C15ull) >> 43) & (BIGRAM_FILTER_BITS - 1);
+}
+
 static inline void lower(uint32_t *slot, uint32_t rank)
 {
     if (rank < *slot) *slot = rank;
@@ -1497,11 +1566,9 @@ static size_t utf8_encode_bmp(uint32_t cp, uint8_t *s)
 // ---- pure pairs ----------------------------------------------------------------------------
 // A token is pure when its bytes are one or more complete UTF-8 characters of 2-4 bytes. The
 // concatenation of two pure tokens is pure, so every merge of two pure tokens comes from a pure
-// result: for tiktoken files, each pure token of two or more characters split at each character
-// boundary where both halves are tokens (about 10K tokens and 20K lookups for Llama 3); for
-// tokenizer.json, the merges whose two sides are pure. A pair of pure tokens missing from the
-// table does not merge, so the table answers every such pair exactly, from a few hundred KB
-// instead of the multi-MB vocabulary hash and token bytes.
+// result. The entries of the pair table whose two sides are pure (about 10K for Llama 3) are
+// copied into a small table with a 32 KB filter: CJK text is long pieces of such parts, most of
+// their pairs do not merge, and the filter says so from L1 instead of the 2 MiB table.
 
 static int token_is_pure(const uint8_t *t, uint32_t len)
 {
@@ -1516,61 +1583,117 @@ static int token_is_pure(const uint8_t *t, uint32_t len)
     return 1;
 }
 
-static void pure_insert(ByteLevelBpe *b, uint32_t left, uint32_t right, uint32_t rank, uint32_t new_id)
-{
-    uint32_t i = pure_slot(left, right, b->pure_mask);
-    for (;; i = (i + 1) & b->pure_mask) {
-        PurePair *p = &b->pure_pairs[i];
-        if (!p->left_plus1) break;
-        if (p->left_plus1 == left + 1 && p->right == right) {
-            if (rank >= p->rank) return;   // a pair keeps its lowest rank
-            break;
-        }
-    }
-    b->pure_pairs[i] = (PurePair){left + 1, right, rank, new_id};
-    uint32_t bit = pure_filter_bit(left, right);
-    b->pure_filter[bit >> 6] |= 1ull << (bit & 63);
-}
-
 static int build_pure_pairs(ByteLevelBpe *b, Err *err)
 {
     b->is_pure = calloc(b->n_tokens / 8 + 1, 1);
-    if (!b->is_pure) return err_set(err, "out of memory");
-    size_t n_pairs = 0;
-    for (uint32_t id = 0; id < b->n_tokens; id++) {
-        const uint8_t *t = (const uint8_t *)b->blob + b->tok[id].off;
-        if (b->is_special[id] || !token_is_pure(t, b->tok[id].len)) continue;
-        b->is_pure[id >> 3] |= (uint8_t)(1u << (id & 7));
-        for (uint32_t k = 1; k < b->tok[id].len; k++) n_pairs += (t[k] & 0xC0) != 0x80;   // character boundaries
-    }
-    if (!b->use_ranks) n_pairs = b->n_merges;   // at most
-    uint32_t cap = 1024;
-    while (cap < n_pairs + n_pairs / 2) cap <<= 1;   // load <= 2/3: 32K slots, 512 KB for Llama 3
-    b->pure_pairs = calloc(cap, sizeof *b->pure_pairs);
     b->pure_filter = calloc(PURE_FILTER_BITS / 64, sizeof *b->pure_filter);
-    if (!b->pure_pairs || !b->pure_filter) return err_set(err, "out of memory");
-    b->pure_mask = cap - 1;
-    if (!b->use_ranks) {
-        for (uint32_t i = 0; i <= b->pair_mask; i++) {
-            const PairSlot *p = &b->pairs[i];
-            if (!p->rank) continue;
-            uint32_t left = (uint32_t)(p->key >> 32), right = (uint32_t)p->key;
-            if (is_pure(b, left) && is_pure(b, right)) pure_insert(b, left, right, p->rank - 1, p->new_id);
-        }
-        return 0;
-    }
+    if (!b->is_pure || !b->pure_filter) return err_set(err, "out of memory");
     for (uint32_t id = 0; id < b->n_tokens; id++) {
-        if (!is_pure(b, id)) continue;
         const uint8_t *t = (const uint8_t *)b->blob + b->tok[id].off;
-        uint32_t len = b->tok[id].len;
-        if (vocab_find(b, t, len) != id) continue;   // a duplicate: merges give the first id
-        for (uint32_t k = 1; k < len; k++) {
-            if ((t[k] & 0xC0) == 0x80) continue;
-            uint32_t left = vocab_find(b, t, k), right = left == NO_ID ? NO_ID : vocab_find(b, t + k, len - k);
-            if (right != NO_ID) pure_insert(b, left, right, id, id);
+        if (!b->is_special[id] && token_is_pure(t, b->tok[id].len)) b->is_pure[id >> 3] |= (uint8_t)(1u << (id & 7));
+    }
+    size_t n_pairs = 0;
+    uint32_t left, right, rank;
+    for (int pass = 0; pass < 2; pass++) {   // count, then copy
+        if (pass && pair_table_alloc(&b->pure_pairs, n_pairs, b->pairs.narrow ? 0 : UINT32_MAX, err) < 0) return -1;
+        for (uint32_t i = 0; i <= b->pairs.mask; i++) {
+            if (!pair_table_entry(&b->pairs, i, &left, &right, &rank) || !is_pure(b, left) || !is_pure(b, right))
+                continue;
+            if (!pass) {
+                n_pairs++;
+                continue;
+            }
+            pair_table_insert(&b->pure_pairs, left, right, rank);
+            uint32_t bit = pure_filter_bit(left, right);
+            b->pure_filter[bit >> 6] |= 1ull << (bit & 63);
         }
     }
     return 0;
+}
+
+// ---- the pair table of a tiktoken file -------------------------------------------------------
+// tiktoken merges two adjacent parts when their concatenation is a token, lowest token first.
+// Every part that exists during a merge is a token T whose own bytes merge to T alone, by the
+// same merges in the same order (the merges inside T never involve its neighbours, and each one
+// was the lowest, leftmost pair, so it also is among T's pairs alone); in particular T is always
+// made from the same pair, the two parts left just before the last merge of T's bytes alone.
+// So a pair whose concatenation is a token T but which is not T's pair never merges: it never
+// is the lowest pair (if it were, T would be made from it), and leaving it out changes no
+// choice. The table holds, for each token T that its own bytes merge to, T's pair -> T, and
+// answers every pair with one probe, no bytes hashed. Built by length, so that merging T's bytes
+// finds the pairs of all shorter tokens: T's pair is what is left when no shorter merge applies
+// (two parts; more: T is never made). Llama 3: 128K tokens, ~25 ms of the ~45 ms load.
+static int build_rank_pairs(ByteLevelBpe *b, Err *err)
+{
+    uint32_t max_len = b->max_token_len, n_tokens = b->n_tokens;
+    uint32_t *first = calloc((size_t)max_len + 2, sizeof *first), *order = NULL, *id = NULL, *rank = NULL;
+    uint32_t *byte_pair = malloc(65536 * sizeof *byte_pair);   // the first pairs of a token: two bytes -> token
+    int rc = -1;
+    if (!first || !byte_pair) goto oom;
+    memset(byte_pair, 0xFF, 65536 * sizeof *byte_pair);   // NO_RANK
+    // Ordinary tokens of >= 2 bytes (the first id of duplicates) by length: order[first[len]...].
+    size_t n = 0;
+    for (uint32_t t = 0; t < n_tokens; t++) {
+        uint32_t len = b->tok[t].len;
+        if (len < 2 || b->is_special[t]) continue;
+        if (b->n_duplicates && vocab_find(b, b->blob + b->tok[t].off, len) != t) continue;
+        first[len + 1]++;
+        n++;
+    }
+    for (uint32_t len = 1; len <= max_len + 1; len++) first[len] += first[len - 1];
+    order = malloc((n ? n : 1) * sizeof *order);
+    id = malloc(((size_t)max_len + 1) * sizeof *id);
+    rank = malloc(((size_t)max_len + 1) * sizeof *rank);
+    if (!order || !id || !rank) goto oom;
+    for (uint32_t t = 0; t < n_tokens; t++) {
+        uint32_t len = b->tok[t].len;
+        if (len < 2 || b->is_special[t]) continue;
+        if (b->n_duplicates && vocab_find(b, b->blob + b->tok[t].off, len) != t) continue;
+        order[first[len]++] = t;   // (first[len] ends as the start of len + 1)
+    }
+    if (pair_table_alloc(&b->pairs, n, n_tokens, err) < 0) goto done;
+    PairTable *pairs = &b->pairs;
+    for (size_t k = 0; k < n; k++) {
+        uint32_t token = order[k], len = b->tok[token].len;
+        const uint8_t *bytes = (const uint8_t *)b->blob + b->tok[token].off;
+        if (len == 2) {
+            pair_table_insert(pairs, b->byte_id[bytes[0]], b->byte_id[bytes[1]], token);
+            byte_pair[bytes[0] << 8 | bytes[1]] = token;
+            continue;
+        }
+        // Merge the bytes as merge_scan does, stopping at two parts.
+        size_t m = len;
+        for (size_t i = 0; i < m; i++) id[i] = b->byte_id[bytes[i]];
+        for (size_t i = 0; i + 1 < m; i++) rank[i] = byte_pair[bytes[i] << 8 | bytes[i + 1]];
+        while (m > 2) {
+            size_t best = 0;
+            uint32_t best_rank = NO_RANK;
+            for (size_t i = 0; i + 1 < m; i++)
+                if (rank[i] < best_rank) {
+                    best_rank = rank[i];
+                    best = i;
+                }
+            if (best_rank == NO_RANK) break;
+            id[best] = best_rank;
+            memmove(id + best + 1, id + best + 2, (m - best - 2) * sizeof *id);
+            memmove(rank + best + 1, rank + best + 2, (m - best - 2) * sizeof *rank);
+            m--;
+            if (best + 1 < m) rank[best] = pair_lookup(pairs, id[best], id[best + 1]);
+            if (best > 0) rank[best - 1] = pair_lookup(pairs, id[best - 1], id[best]);
+        }
+        if (m == 2) pair_table_insert(pairs, id[0], id[1], token);
+    }
+    rc = 0;
+    goto done;
+oom:
+    err_set(err, "out of memory");
+done:
+    free(first);
+    free(byte_pair);
+    free(order);
+    free(id);
+    free(rank);
+    return rc;
 }
 
 static int find_whole_chars(ByteLevelBpe *b, Err *err)
@@ -1579,18 +1702,18 @@ static int find_whole_chars(ByteLevelBpe *b, Err *err)
     b->chars = malloc(65536 * sizeof *b->chars);
     b->left_rank = malloc(65536 * sizeof *b->left_rank);
     b->right_rank = malloc(65536 * sizeof *b->right_rank);
-    if (!b->chars || !b->left_rank || !b->right_rank) return err_set(err, "out of memory");
+    b->bigram_filter = calloc(BIGRAM_FILTER_BITS / 64, sizeof *b->bigram_filter);
+    b->no_partial = calloc(65536 / 64, sizeof *b->no_partial);
+    if (!b->chars || !b->left_rank || !b->right_rank || !b->bigram_filter || !b->no_partial)
+        return err_set(err, "out of memory");
     memset(b->left_rank, 0xFF, 65536 * sizeof *b->left_rank);   // NO_RANK
     memset(b->right_rank, 0xFF, 65536 * sizeof *b->right_rank);
-    // Every merge result: tiktoken's are all tokens (rank = id); else the merges list.
-    for (uint32_t i = 0, n = b->use_ranks ? b->n_tokens : b->pair_mask + 1; i < n; i++) {
-        uint32_t id = i, rank = i;
-        if (!b->use_ranks) {
-            if (!b->pairs[i].rank) continue;
-            id = b->pairs[i].new_id;
-            rank = b->pairs[i].rank - 1;
-        } else if (b->is_special[id])
-            continue;
+    // Every merge result, in the order of the tables (memory order): tiktoken's are tokens
+    // (rank = id; all of them, a superset of those the pair table makes, which only makes the
+    // bounds lower), tokenizer.json's are the merges list's (a repeated merge adds nothing).
+    for (uint32_t i = 0, n = b->use_ranks ? b->n_tokens : b->n_merges; i < n; i++) {
+        uint32_t id = merge_result(b, i), rank = i;
+        if (b->is_special[id]) continue;
         const uint8_t *t = (const uint8_t *)b->blob + b->tok[id].off;
         uint32_t len = b->tok[id].len, k;
         if (len < 2) continue;
@@ -1600,7 +1723,26 @@ static int find_whole_chars(ByteLevelBpe *b, Err *err)
         // Starts with continuation bytes, then a byte: a right-boundary crossing.
         for (k = 0; k < len && (t[k] & 0xC0) == 0x80; k++) continue;
         if (k >= 1 && k < len) lower(&b->right_rank[t[k - 1] << 8 | t[k]], rank);
+        // Its complete characters from there, pair by pair (a result that is not a piece of
+        // valid UTF-8 never appears in text: its pairs after the fault do not matter).
+        uint32_t prev = NO_ID;
+        while (k < len) {
+            uint32_t n = t[k] < 0x80 ? 1 : t[k] < 0xC0 ? 0 : t[k] < 0xE0 ? 2 : t[k] < 0xF0 ? 3 : t[k] < 0xF8 ? 4 : 0;
+            if (!n || k + n > len) break;
+            uint32_t j = 1, cp;
+            while (j < n && (t[k + j] & 0xC0) == 0x80) j++;
+            if (j < n) break;
+            utf8_decode(t + k, &cp);
+            if (prev != NO_ID) {
+                uint32_t bit = bigram_bit(prev, cp);
+                b->bigram_filter[bit >> 6] |= 1ull << (bit & 63);
+            }
+            prev = cp;
+            k += n;
+        }
     }
+    for (uint32_t xy = 0; xy < 65536; xy++)
+        if (b->left_rank[xy] == NO_RANK && b->right_rank[xy] == NO_RANK) b->no_partial[xy >> 6] |= 1ull << (xy & 63);
     memset(b->chars, 0xFF, 65536 * sizeof *b->chars);   // token NO_ID
     // The tokens that are one BMP character of 2-3 bytes (the first id of duplicates).
     for (uint32_t token = 0; token < b->n_tokens; token++) {
@@ -1618,19 +1760,18 @@ static int find_whole_chars(ByteLevelBpe *b, Err *err)
         uint32_t highest = 0;
         start[n] = (uint32_t)n;
         while (m > 1) {
-            uint32_t best_rank = NO_RANK, best_id = NO_ID, new_id;
+            uint32_t best_rank = NO_RANK;
             size_t best = 0;
             for (size_t i = 0; i + 1 < m; i++) {
-                uint32_t r = pair_rank(b, NULL, 0, id[i], id[i + 1], &new_id);
+                uint32_t r = pair_rank(b, 0, id[i], id[i + 1]);
                 if (r < best_rank) {
                     best_rank = r;
                     best = i;
-                    best_id = new_id;
                 }
             }
             if (best_rank == NO_RANK) break;
             if (best_rank > highest) highest = best_rank;
-            id[best] = best_id;
+            id[best] = merge_result(b, best_rank);
             for (size_t i = best + 1; i + 1 < m; i++) {
                 id[i] = id[i + 1];
                 start[i] = start[i + 1];
@@ -1652,11 +1793,10 @@ static ThreadState *thread_state(const ByteLevelBpe *b)
     if (ts) return ts;
     ts = calloc(1, sizeof *ts);
     if (!ts) return NULL;
-    // The fixed tables (1.4 MiB) in one mapping, populated at once: lookups hit them all over,
-    // and a page fault on first touch of each of their ~350 pages costs more than this.
+    // The fixed tables (384 KiB) in one mapping, populated at once: lookups hit them all over,
+    // and a page fault on first touch of each of their ~100 pages costs more than this.
     size_t key_len = CACHE_SLOTS * sizeof *ts->cache_key, at_len = CACHE_SLOTS * sizeof *ts->cache_at;
-    size_t pairs_len = b->use_ranks ? PAIR_CACHE_SLOTS * sizeof *ts->pairs : 0;
-    ts->tables_len = key_len + at_len + pairs_len;
+    ts->tables_len = key_len + at_len;
     char *tables = mmap(NULL, ts->tables_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     // The arena: untouched until used, faulted in as it fills.
     void *arena = mmap(NULL, CACHE_ARENA_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -1668,9 +1808,8 @@ static ThreadState *thread_state(const ByteLevelBpe *b)
         return NULL;
     }
     ts->tables = tables;   // (zero as mapped)
-    ts->pairs = b->use_ranks ? (PairCacheSlot *)tables : NULL;
-    ts->cache_key = (uint64_t *)(tables + pairs_len);
-    ts->cache_at = (uint32_t *)(tables + pairs_len + key_len);
+    ts->cache_key = (uint64_t *)tables;
+    ts->cache_at = (uint32_t *)(tables + key_len);
     pthread_mutex_lock(&all->lock);
     ts->next_state = all->states;
     all->states = ts;
@@ -1786,27 +1925,126 @@ static void cache_insert(ThreadState *ts, size_t i, uint64_t key, const uint8_t 
     ts->cache_used += need;
 }
 
-static int encode_piece(const ByteLevelBpe *b, ThreadState *ts, const uint8_t *piece, size_t len, size_t at, Output *o)
+// The cache slot of a piece with hash h (the low bits picked the vocabulary slot).
+static inline size_t cache_slot(uint64_t h) { return (size_t)(h >> 20) & (CACHE_SLOTS - 1); }
+
+// The cached entry of piece (len <= CACHE_MAX_PIECE, hash h), or NULL.
+static inline const CacheEntry *cache_find(const ThreadState *ts, const uint8_t *piece, size_t len, uint64_t h)
 {
-    if (len == 1) return output_tokens(b, o, &b->byte_id[piece[0]], 1, at);
-    uint64_t h = len <= CACHE_MAX_PIECE || len <= b->max_token_len ? hash_bytes(piece, len) : 0;
-    if (b->whole_piece_lookup && len <= b->max_token_len && (len <= 8 || vocab_maybe(b, h))) {
-        uint32_t id = vocab_find_hashed(b, piece, len, h);
-        if (id != NO_ID) return output_tokens(b, o, &id, 1, at);
-    }
-    uint64_t key = h | 1;
-    size_t slot = (size_t)(h >> 20) & (CACHE_SLOTS - 1);   // (the low bits picked the vocabulary slot)
-    if (len <= CACHE_MAX_PIECE && ts->cache_key[slot] == key) {
-        const CacheEntry *e = (const CacheEntry *)(ts->cache_arena + ts->cache_at[slot]);
-        const uint32_t *ids = (const uint32_t *)(e + 1);
-        if (e->len == len && memcmp(ids + e->n_ids, piece, len) == 0) return output_tokens(b, o, ids, e->n_ids, at);
-    }
+    size_t slot = cache_slot(h);
+    if (ts->cache_key[slot] != (h | 1)) return NULL;
+    const CacheEntry *e = (const CacheEntry *)(ts->cache_arena + ts->cache_at[slot]);
+    return e->len == len && same_bytes((const uint32_t *)(e + 1) + e->n_ids, piece, len) ? e : NULL;
+}
+
+static inline int output_cached(const ByteLevelBpe *b, Output *o, const CacheEntry *e, size_t at)
+{
+    return output_tokens(b, o, (const uint32_t *)(e + 1), e->n_ids, at);
+}
+
+// BPE of a piece not in the cache (h: its hash when len <= CACHE_MAX_PIECE), cached.
+static int merge_and_cache(const ByteLevelBpe *b, ThreadState *ts, const uint8_t *piece, size_t len, uint64_t h,
+                           size_t at, Output *o)
+{
     if (grow_work(ts, len) < 0) return -1;
     uint32_t *ids = ts->piece_ids;
     long count = merge_piece(b, ts, piece, len, -1, ids);
     if (count < 0 || output_tokens(b, o, ids, (size_t)count, at) < 0) return -1;
-    if (len <= CACHE_MAX_PIECE) cache_insert(ts, slot, key, piece, len, ids, (size_t)count);
+    if (len <= CACHE_MAX_PIECE) cache_insert(ts, cache_slot(h), h | 1, piece, len, ids, (size_t)count);
     return 0;
+}
+
+// One token starting at byte offset at.
+static inline int output_one(Output *o, uint32_t id, size_t at)
+{
+    if (o->n == *o->cap && output_reserve(o, 1) < 0) return -1;
+    (*o->ids)[o->n] = id;
+    if (o->offsets) (*o->offsets)[o->n] = (uint32_t)at;
+    o->n++;
+    return 0;
+}
+
+// ---- segments ------------------------------------------------------------------------------
+// A piece may be cut between two characters c1 and c2 when no merge result can span that
+// boundary: then no pair across it ever merges, and BPE of the piece is BPE of the two sides
+// apart (each side's merges are the lowest, leftmost of its own pairs). A result spanning the
+// boundary either holds c1 and c2 whole, one after the other (the bigram filter, built from
+// every merge result's characters at load), or starts inside c1 (continuation bytes, c1's last
+// byte x, then c2's first byte y: right_rank[x y] is set) or ends inside c2 (x, then c2's lead
+// byte y starting an incomplete character: left_rank[x y] is set); no_partial says neither.
+// In Chinese most pairs of characters are in no token, so a long piece of new text falls into
+// words of a few characters: a word that is one character is its token (chars), the others
+// repeat, and the cache finds them on a first pass where the whole piece is new.
+
+// One segment of n bytes (cp: its character when it is one, else NO_ID): a byte or a whole
+// character as its token, others through the cache.
+static int encode_segment(const ByteLevelBpe *b, ThreadState *ts, const uint8_t *seg, size_t n, uint32_t cp, size_t at,
+                          Output *o)
+{
+    if (n == 1) return output_one(o, b->byte_id[seg[0]], at);
+    uint32_t token = cp != NO_ID && n <= 3 ? b->chars[cp].token : NO_ID;   // (n <= 3: cp < 65536)
+    if (token != NO_ID) return output_one(o, token, at);
+    uint64_t h = n <= CACHE_MAX_PIECE ? hash_bytes(seg, n) : 0;
+    const CacheEntry *e = n <= CACHE_MAX_PIECE ? cache_find(ts, seg, n, h) : NULL;
+    return e ? output_cached(b, o, e, at) : merge_and_cache(b, ts, seg, n, h, at, o);
+}
+
+// The piece segment by segment, cut where no merge result spans the boundary (see above):
+// 1, or 0 when it has no cut (nothing output), -1 out of memory.
+static int encode_segments(const ByteLevelBpe *b, ThreadState *ts, const uint8_t *piece, size_t len, size_t at,
+                           Output *o)
+{
+    uint32_t prev, cp;
+    size_t start = 0, i = utf8_decode(piece, &prev);
+    uint32_t start_cp = prev;   // the segment's character while it has one, else NO_ID
+    while (i < len) {
+        size_t n = utf8_decode(piece + i, &cp);
+        uint32_t xy = (uint32_t)piece[i - 1] << 8 | piece[i], bit = bigram_bit(prev, cp);
+        if ((b->no_partial[xy >> 6] >> (xy & 63) & 1) && !(b->bigram_filter[bit >> 6] >> (bit & 63) & 1)) {
+            if (encode_segment(b, ts, piece + start, i - start, start_cp, at + start, o) < 0) return -1;
+            start = i;
+            start_cp = cp;
+        } else {
+            start_cp = NO_ID;
+        }
+        prev = cp;
+        i += n;
+    }
+    if (!start) return 0;
+    return encode_segment(b, ts, piece + start, len - start, start_cp, at + start, o) < 0 ? -1 : 1;
+}
+
+// A piece that is neither a token nor cached (h: its hash when len <= CACHE_MAX_PIECE): cut
+// into segments, or else merged whole and cached. A piece that was cut is not cached itself,
+// its segments are: long Chinese pieces seldom repeat, and caching them too filled the arena
+// (cold zh +13%, warm mixed 115 -> 130 MB/s without them). Out of line: it needs many
+// registers, and encode_piece, which runs for every piece, would save them all on each call.
+static __attribute__((noinline)) int encode_new_piece(const ByteLevelBpe *b, ThreadState *ts, const uint8_t *piece,
+                                                      size_t len, uint64_t h, size_t at, Output *o)
+{
+    if (len >= 4 && b->bigram_filter) {
+        int rc = encode_segments(b, ts, piece, len, at, o);
+        if (rc != 0) return rc < 0 ? -1 : 0;
+    }
+    return merge_and_cache(b, ts, piece, len, h, at, o);
+}
+
+// Every piece: a byte, a token (whole-piece lookup), a cached piece, or a new one. Inlined into
+// the loop over pieces: as a call it saved and restored registers for each piece.
+static inline __attribute__((always_inline)) int encode_piece(const ByteLevelBpe *b, ThreadState *ts,
+                                                              const uint8_t *piece, size_t len, size_t at, Output *o)
+{
+    if (len == 1) return output_one(o, b->byte_id[piece[0]], at);
+    uint64_t h = len <= CACHE_MAX_PIECE || len <= b->max_token_len ? hash_bytes(piece, len) : 0;
+    if (b->whole_piece_lookup && len <= b->max_token_len && (len <= 8 || vocab_maybe(b, h))) {
+        uint32_t id = vocab_find_hashed(b, piece, len, h);
+        if (id != NO_ID) return output_one(o, id, at);
+    }
+    if (len <= CACHE_MAX_PIECE) {
+        const CacheEntry *e = cache_find(ts, piece, len, h);
+        if (e) return output_cached(b, o, e, at);
+    }
+    return encode_new_piece(b, ts, piece, len, h, at, o);
 }
 
 // Text without added tokens: pieces, then each piece to ids.
@@ -1925,6 +2163,40 @@ int bytelevel_adds_bos_template(const ByteLevelBpe *b, int64_t *bos_id)
     return b->bos_template;
 }
 
+// The merges of a tokenizer.json into a fingerprint, as the first version did: entries {left
+// << 32 | right, rank + 1} in the slot order of its pair table (2^k >= 2 * n_merges slots, at
+// least 1024, pair_slot, linear probing, filled in rank order), so that fingerprints stay the
+// same. -1 out of memory.
+static int fingerprint_merges(const ByteLevelBpe *b, XXH3_state_t *st)
+{
+    uint32_t cap = 1024;
+    while (cap < 2 * (size_t)b->n_merges) cap <<= 1;
+    uint64_t *by_rank = calloc(b->n_merges ? b->n_merges : 1, sizeof *by_rank);
+    uint64_t (*slots)[2] = calloc(cap, sizeof *slots);
+    if (!by_rank || !slots) {
+        free(by_rank);
+        free(slots);
+        return -1;
+    }
+    uint32_t left, right, rank;
+    for (uint32_t i = 0; i <= b->pairs.mask; i++)   // (each pair once, at its lowest rank)
+        if (pair_table_entry(&b->pairs, i, &left, &right, &rank))
+            by_rank[rank] = (uint64_t)left << 32 | right | 1ull << 63;
+    for (uint32_t r = 0; r < b->n_merges; r++) {
+        if (!by_rank[r]) continue;
+        uint64_t key = by_rank[r] & ~(1ull << 63);
+        uint32_t i = pair_slot(key, cap - 1);
+        while (slots[i][1]) i = (i + 1) & (cap - 1);
+        slots[i][0] = key;
+        slots[i][1] = r + 1;
+    }
+    for (uint32_t i = 0; i < cap; i++)
+        if (slots[i][1]) XXH3_64bits_update(st, slots[i], sizeof slots[i]);
+    free(by_rank);
+    free(slots);
+    return 0;
+}
+
 uint64_t bytelevel_fingerprint(const ByteLevelBpe *b)
 {
     XXH3_state_t st;
@@ -1938,11 +2210,6 @@ uint64_t bytelevel_fingerprint(const ByteLevelBpe *b)
         XXH3_64bits_update(&st, head, sizeof head);
         XXH3_64bits_update(&st, b->blob + b->tok[id].off, b->tok[id].len);
     }
-    if (!b->use_ranks && !b->merges_follow_ranks)
-        for (uint32_t i = 0; i <= b->pair_mask; i++)
-            if (b->pairs[i].rank) {
-                uint64_t entry[2] = {b->pairs[i].key, b->pairs[i].rank};
-                XXH3_64bits_update(&st, entry, sizeof entry);
-            }
+    if (!b->use_ranks && !b->merges_follow_ranks && fingerprint_merges(b, &st) < 0) return 0;
     return XXH3_64bits_digest(&st);
 }

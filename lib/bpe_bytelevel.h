@@ -13,8 +13,10 @@
 // (O(n log n) in the piece length, so 1 MB of one character is fine). Merging starts from whole
 // characters where that provably gives the same result (see find_whole_chars); pairs of
 // "pure" tokens (whole non-ASCII characters only: CJK words) are answered by a small exact
-// table built at load (see build_pure_pairs); tiktoken's "is the concatenation a token"
-// answers for other pairs are cached per thread by pair of ids.
+// table built at load (see build_pure_pairs); every other pair by one probe of a pair table
+// (tokenizer.json: its merges; tiktoken: each token's own last merge, built at load, see
+// build_rank_pairs). A new piece is first cut where no token can span two adjacent characters
+// (see encode_segments); its segments are merged and cached apart.
 // Thread safety: all per-thread state lives in ThreadState, found through a pthread key and
 // freed with the tokenizer; a loaded tokenizer is otherwise read-only.
 #ifndef BPE_BYTELEVEL_H

@@ -231,6 +231,46 @@ static int ids_equal(const uint32_t *got, long n, const uint32_t *want, long m)
     return n == m && (n == 0 || memcmp(got, want, (size_t)n * sizeof *got) == 0);
 }
 
+// The encoder (pieces cut into segments, whole characters, the piece cache, the pure-pair
+// table) against the definition on random texts over alphabet: each piece of the
+// pre-tokenizer is its token when it is one (whole_piece: tiktoken, ignore_merges), else the
+// plain merge of its bytes. Each text is encoded twice (the second time from the cache).
+static int same_as_plain(const ByteLevelBpe *b, int whole_piece, const char *const *alphabet, size_t n_alphabet,
+                         int trials, unsigned seed)
+{
+    srand(seed);
+    uint32_t *ids = NULL;
+    size_t cap = 0;
+    int good = 1;
+    for (int trial = 0; trial < trials && good; trial++) {
+        char text[512];
+        size_t len = 0, parts = 1 + (size_t)rand() % 60;
+        for (size_t i = 0; i < parts; i++) {
+            const char *s = alphabet[(size_t)rand() % n_alphabet];
+            if (len + strlen(s) >= sizeof text) break;
+            memcpy(text + len, s, strlen(s));
+            len += strlen(s);
+        }
+        uint32_t want[512];
+        size_t n_want = 0;
+        for (size_t pos = 0, n; pos < len; pos += n) {
+            n = pretok_next(text + pos, len - pos);
+            int64_t id = whole_piece ? bytelevel_token_id(b, text + pos, n) : -1;
+            long got = id >= 0 ? (want[n_want] = (uint32_t)id, 1) : bytelevel_bpe_piece(b, text + pos, n, 2, want + n_want);
+            if (got < 0) good = 0;
+            n_want += got < 0 ? 0 : (size_t)got;
+        }
+        Err err = {{0}};
+        for (int pass = 0; pass < 2 && good; pass++) {
+            long n = bytelevel_encode(b, text, len, 0, &ids, &cap, 0, NULL, &err);
+            good = n >= 0 && ids_equal(ids, n, want, (long)n_want);
+        }
+        if (!good) printf("# encoder differs from the plain merge on '%.*s'\n", (int)len, text);
+    }
+    free(ids);
+    return good;
+}
+
 static void test_tiny(void)
 {
     write_tiny_tiktoken(tmp_path("tiny.tiktoken"));
@@ -320,6 +360,8 @@ static void test_tiny(void)
         same = na > 0 && ids_equal(a, na, c, nc);
     }
     ok(same, "heap merge == scanning merge on 2000 random pieces");
+    static const char *const tiny_text[] = {"a", "b", "c", "aab", " ", "x", "1", "\n", "\xc3\xa9", "\xe6\x97\xa5"};
+    ok(b && same_as_plain(b, 1, tiny_text, 10, 2000, 8), "encoder (segments, cache) == plain merge on 2000 random texts");
     bytelevel_free(b);
     free(ids);
     free(text);
@@ -800,6 +842,8 @@ static void test_llama3_merges(const char *llama3)
         ok(same_merges(model, fast, alphabet, n_alphabet, 3000, 1), "tokenizer.model: heap == plain == tokenizer.json");
         ok(same_merges(fast, tree, alphabet, n_alphabet, 3000, 2), "tokenizer.json: heap == plain == jansson's tree");
         ok(same_merges(tree, model, alphabet, n_alphabet, 1000, 3), "jansson's tree: heap == plain == tokenizer.model");
+        ok(same_as_plain(model, 1, alphabet, n_alphabet, 2000, 4), "tokenizer.model: encoder (segments, cache) == plain");
+        ok(same_as_plain(fast, 1, alphabet, n_alphabet, 2000, 5), "tokenizer.json: encoder (segments, cache) == plain");
     }
     bytelevel_free(model);
     bytelevel_free(fast);
