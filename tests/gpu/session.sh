@@ -49,9 +49,12 @@ for s in "$@"; do
     gen) step 420 gen env TOOL_LIBS="${TOOL_LIBS:-}" sh tests/bench/gpu_gen.sh ;;
     train) step 560 train env TOOL_LIBS="${TOOL_LIBS:-}" sh tests/bench/gpu_train.sh ;;
     tok)   # the libraries for the driver only: Python must keep the machine's own
-        printf '#!/bin/sh\nLD_LIBRARY_PATH="%s" exec "%s" "$@"\n' "$LIBS" "$(pwd)/build/obj/test/tokdrv" >"$OUT/tokdrv"
-        chmod +x "$OUT/tokdrv"
-        step 200 tok env TOKDRV="$OUT/tokdrv" sh tests/bench/tok.sh ;;
+        mkdir -p "$OUT/wrap"
+        for t in "$(pwd)/build/obj/test/tokdrv" "$BIN/tok" "$BIN/alp-fmt"; do
+            printf '#!/bin/sh\nLD_LIBRARY_PATH="%s" exec "%s" "$@"\n' "$LIBS" "$t" >"$OUT/wrap/$(basename "$t")"
+            chmod +x "$OUT/wrap/$(basename "$t")"
+        done
+        step 200 tok env TOKDRV="$OUT/wrap/tokdrv" BIN="$OUT/wrap" sh tests/bench/tok.sh ;;
     memcheck-gen | memcheck-sample)
         t=${s#memcheck-}_test
         step 200 "$s" env LD_LIBRARY_PATH="$LIBS" compute-sanitizer --tool memcheck --error-exitcode 9 "$GPU_TESTS/$t" ;;
