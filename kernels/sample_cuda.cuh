@@ -40,6 +40,16 @@ int cuda_sampler_pick(CudaSampler *s, float *logits, int n, const int *slots, co
 // The documented uniform u = sample_uniform(seed, streams[i], steps[i]) for i < n, computed on the
 // device (for the tests: it must equal the CPU's bit for bit). Synchronous.
 int cuda_sample_uniforms(uint64_t seed, const uint64_t *streams, const uint64_t *steps, int n, float *out, Err *err);
+// The path of sampled rows with top-k or top-p: 1 (the default) first narrows the row to the
+// candidates near its max (a list in shared memory, in id order) and runs the filters and the
+// draw on them, falling back to the whole row when too many survive (top-p near 1 on a flat
+// row, a large top-k); 0 always walks the whole row (the first implementation, kept to be timed
+// and checked against). Both give the same ids. The environment variable
+// ALP_SAMPLE_WHOLE_ROW=1 makes 0 the default of cuda_sampler_create.
+void cuda_sampler_set_candidates(CudaSampler *s, int on);
+// How many sampled rows went each way since create: [0] the candidate list, [1] the whole row.
+// Synchronises the stream.
+int cuda_sampler_path_counts(CudaSampler *s, unsigned long long counts[2], GpuStream stream, Err *err);
 KERNELS_EXTERN_C_END
 
 #endif

@@ -10,18 +10,33 @@
 //     sums' distance from the double ones) explains the CPU's pick; the rate of exact matches is
 //     printed (per kind of row), and must be >= 99% on all but the flat rows (where the CPU's
 //     float sum drifts by whole tokens).
+//   - the two paths of sampled rows (the candidate list, the default, and the whole row, see
+//     cuda_sampler_set_candidates) pick the same id, always: every call runs on both, and the
+//     rows each path took are counted (both must have been taken).
 // Rows: vocab 128256, 32000 and 5003; random, many ties (bf16-rounded and integer-valued), -inf
-// entries, one dominant logit, flat; batches of 1, 3, 8, 16, 64 and 70 rows with slots in shuffled
-// order, some rows skipped (slot -1), more rows than slots; several steps, so that the device's
-// history (prompt, then its own picks) meets the CPU's; one slot restarted between steps.
+// entries, one dominant logit, flat, all equal, wide (most values far below the max); batches of
+// 1, 3, 8, 16, 64 and 70 rows with slots in shuffled order, some rows skipped (slot -1), more rows
+// than slots; several steps, so that the device's history (prompt, then its own picks) meets the
+// CPU's; one slot restarted between steps; parameters that leave too many candidates for the list.
 //   sample_test            TAP tests (prove runs it through tests/gpu/sample.t)
-//   sample_test --bench    microseconds per cuda_sampler_pick, vocab 128256, batch 1 and 64
+//   sample_test --bench    microseconds per cuda_sampler_pick, vocab 128256, batch 1 and 64, on
+//                          both paths (whole row: the first implementation)
 #include "harness.cuh"
 #include "sample_cuda.cuh"
 
-enum RowKind { ROW_RANDOM, ROW_BF16_TIES, ROW_INT_TIES, ROW_MINUS_INF, ROW_DOMINANT, ROW_FLAT, ROW_KINDS };
-static const char *row_kind_name[ROW_KINDS] = {"random", "bf16 ties", "integer ties", "-inf entries",
-                                               "dominant", "flat"};
+enum RowKind {
+    ROW_RANDOM,
+    ROW_BF16_TIES,
+    ROW_INT_TIES,
+    ROW_MINUS_INF,
+    ROW_DOMINANT,
+    ROW_FLAT,
+    ROW_ALL_EQUAL,
+    ROW_WIDE,
+    ROW_KINDS
+};
+static const char *row_kind_name[ROW_KINDS] = {"random",   "bf16 ties", "integer ties", "-inf entries",
+                                               "dominant", "flat",      "all equal",    "wide"};
 
 static void fill_row(float *x, uint32_t vocab, RowKind kind)
 {
@@ -34,6 +49,8 @@ static void fill_row(float *x, uint32_t vocab, RowKind kind)
         case ROW_MINUS_INF: v = uniform() < 0.3 ? -INFINITY : v; break;
         case ROW_DOMINANT: break;
         case ROW_FLAT: v = 0.5f; break;
+        case ROW_ALL_EQUAL: v = -1.25f; break;
+        case ROW_WIDE: v *= 4.0f; break;  // sd 12: most of the row lies > 32 below the max
         default: break;
         }
         x[i] = v;
@@ -61,6 +78,8 @@ static std::vector<uint32_t> random_prompt(uint32_t vocab)
 
 struct Tally {
     long greedy = 0, greedy_exact = 0;
+    long path_calls = 0, path_differ = 0;
+    unsigned long long rows_listed = 0, rows_whole = 0;
     long sampled = 0, sampled_exact = 0, explained = 0;
     long by_kind[ROW_KINDS] = {0}, exact_by_kind[ROW_KINDS] = {0};
 };
@@ -110,35 +129,43 @@ static Draw draw_on_host(const float *filtered, uint32_t vocab, float u, uint32_
 }
 
 // One configuration: a sampler with n_slots slots, batches of `rows` rows for `steps` steps.
+// A second sampler walks every sampled row whole (cuda_sampler_set_candidates 0) on a copy of
+// the same logits, with the same histories: its ids must equal the first's.
 // Returns the number of unexplained (or, greedy, unequal) picks; prints the first few.
 static int run_config(const char *label, uint32_t vocab, const SampleParams &p, int n_slots, int rows, int steps)
 {
     Err err;
     CudaSampler *gpu = cuda_sampler_create(n_slots, vocab, &p, &err);
+    CudaSampler *whole = gpu ? cuda_sampler_create(n_slots, vocab, &p, &err) : NULL;
     Sampler *cpu = sampler_new(vocab, &p, &err);
-    if (!gpu || !cpu) {
+    if (!gpu || !whole || !cpu) {
         ok(0, "%s: create: %s", label, err.msg);
         cuda_sampler_free(gpu);
+        cuda_sampler_free(whole);
         sampler_free(cpu);
         return 1;
     }
+    cuda_sampler_set_candidates(gpu, 1);
+    cuda_sampler_set_candidates(whole, 0);
     std::vector<std::vector<uint32_t>> history(n_slots);
     for (int s = 0; s < n_slots; s++) {
         history[s] = random_prompt(vocab);
         LAUNCHED(cuda_sampler_start(gpu, s, history[s].data(), history[s].size(), NULL, E));
+        LAUNCHED(cuda_sampler_start(whole, s, history[s].data(), history[s].size(), NULL, E));
     }
     size_t cells = (size_t)rows * vocab;
     std::vector<float> logits(cells), row(vocab), filtered(vocab);
-    float *dev = dev_alloc<float>(cells);
+    float *dev = dev_alloc<float>(cells), *dev_whole = dev_alloc<float>(cells);
     std::vector<int> slots(rows);
     std::vector<uint64_t> streams(rows), step_of(rows);
-    std::vector<uint32_t> out(rows);
+    std::vector<uint32_t> out(rows), out_whole(rows);
     std::vector<RowKind> kinds(rows);
     int bad = 0, untouched_bad = 0;
     for (int step = 0; step < steps; step++) {
         if (step == 1) {  // restart a slot: the device forgets its old history
             history[0] = random_prompt(vocab);
             LAUNCHED(cuda_sampler_start(gpu, 0, history[0].data(), history[0].size(), NULL, E));
+            LAUNCHED(cuda_sampler_start(whole, 0, history[0].data(), history[0].size(), NULL, E));
         }
         // Slots in shuffled order, 1 row in 4 skipped (slot -1). With more rows than slots, only
         // the last n_slots rows have one: the call's first launches skip every row or some.
@@ -156,14 +183,24 @@ static int run_config(const char *label, uint32_t vocab, const SampleParams &p, 
             step_of[i] = (uint64_t)step + (uint64_t)(uniform() * 100);
             kinds[i] = (RowKind)((i + step) % ROW_KINDS);
             fill_row(&logits[(size_t)i * vocab], vocab, kinds[i]);
-            out[i] = 0xdeadbeefu;
+            out[i] = out_whole[i] = 0xdeadbeefu;
         }
         HOST_CUDA(cudaMemcpy(dev, logits.data(), cells * 4, cudaMemcpyHostToDevice));
+        HOST_CUDA(cudaMemcpy(dev_whole, logits.data(), cells * 4, cudaMemcpyHostToDevice));
         LAUNCHED(cuda_sampler_pick(gpu, dev, rows, slots.data(), streams.data(), step_of.data(), out.data(), NULL, E));
+        LAUNCHED(cuda_sampler_pick(whole, dev_whole, rows, slots.data(), streams.data(), step_of.data(),
+                                   out_whole.data(), NULL, E));
         for (int i = 0; i < rows; i++) {
             if (slots[i] < 0) {
-                untouched_bad += out[i] != 0xdeadbeefu;
+                untouched_bad += out[i] != 0xdeadbeefu || out_whole[i] != 0xdeadbeefu;
                 continue;
+            }
+            tally.path_calls++;
+            if (out[i] != out_whole[i]) {
+                tally.path_differ++;
+                if (bad++ < 3)
+                    printf("#   %s step %d row %d (%s): candidate list picked %u, whole row %u\n", label, step, i,
+                           row_kind_name[kinds[i]], out[i], out_whole[i]);
             }
             const std::vector<uint32_t> &h = history[slots[i]];
             memcpy(row.data(), &logits[(size_t)i * vocab], vocab * 4);
@@ -198,11 +235,24 @@ static int run_config(const char *label, uint32_t vocab, const SampleParams &p, 
             history[slots[i]].push_back(got);  // the device added its own pick
         }
     }
+    unsigned long long counts[2], counts_whole[2];
+    LAUNCHED(cuda_sampler_path_counts(gpu, counts, NULL, E));
+    LAUNCHED(cuda_sampler_path_counts(whole, counts_whole, NULL, E));
+    tally.rows_listed += counts[0];
+    tally.rows_whole += counts[1];
+    if (counts_whole[0] != 0 && bad++ < 3)
+        printf("#   %s: the whole-row sampler took the candidate list %llu times\n", label, counts_whole[0]);
+    if (!p.greedy)
+        printf("#   %s: %llu sampled rows on the candidate list, %llu over the whole row\n", label, counts[0],
+               counts[1]);
     cudaFree(dev);
+    cudaFree(dev_whole);
     cuda_sampler_free(gpu);
+    cuda_sampler_free(whole);
     sampler_free(cpu);
-    ok(bad == 0 && untouched_bad == 0, "%s: %d x %d rows, every pick %s; skipped rows untouched (%d written)", label,
-       steps, rows, p.greedy ? "equal to the CPU's" : "explained", untouched_bad);
+    ok(bad == 0 && untouched_bad == 0,
+       "%s: %d x %d rows, every pick %s, the same on both paths; skipped rows untouched (%d written)", label, steps,
+       rows, p.greedy ? "equal to the CPU's" : "explained", untouched_bad);
     return bad;
 }
 
@@ -274,6 +324,11 @@ static const Combo combos[] = {
     {"top-p 1, min-p 0.05", 0, 1.0f, 0, 1.0f, 0.05f, 1.0f},
     {"T 1.5, min-p 0.05", 0, 1.5f, 0, 1.0f, 0.05f, 1.0f},
     {"penalty 1.3, top-p 0.9", 0, 1.0f, 0, 0.9f, 0.0f, 1.3f},
+    // Many candidates: the list fills up (2048) or top-p's cut lies far below the max, and the
+    // row is walked whole.
+    {"T 2, top-p 0.99", 0, 2.0f, 0, 0.99f, 0.0f, 1.0f},
+    {"top-k 2000, top-p 0.95", 0, 1.0f, 2000, 0.95f, 0.0f, 1.0f},
+    {"top-k 5000", 0, 1.0f, 5000, 1.0f, 0.0f, 1.0f},
     {"T 0.7, top-k 40, top-p 0.9, min-p 0.05, penalty 1.3", 0, 0.7f, 40, 0.9f, 0.05f, 1.3f},
 };
 
@@ -309,6 +364,7 @@ static int run_tests(void)
     const Combo &all = combos[sizeof combos / sizeof *combos - 1];
     run_config("vocab 128256, batch 64, all filters", 128256, params_of(all, 128256), 64, 64, 1);
     run_config("vocab 128256, batch 64, greedy", 128256, params_of(combos[1], 128256), 64, 64, 1);
+    run_config("vocab 32000, batch 64, T 0.7, top-p 0.5", 32000, params_of(combos[7], 32000), 64, 64, 1);
     run_config("vocab 32000, batch 1, all filters", 32000, params_of(all, 32000), 1, 1, 6);
     run_config("vocab 32000, batch 3, top-p 0.9", 32000, params_of(combos[6], 32000), 3, 3, 4);
     run_config("vocab 5003, 5 rows on 2 slots, all filters", 5003, params_of(all, 5003), 2, 5, 3);
@@ -317,27 +373,36 @@ static int run_tests(void)
     is_int(tally.greedy_exact, tally.greedy, "greedy: %ld of %ld picks equal the CPU's", tally.greedy_exact,
            tally.greedy);
     is_int(tally.explained, tally.sampled, "sampled: %ld of %ld picks explained", tally.explained, tally.sampled);
+    is_int(tally.path_differ, 0, "both paths: %ld of %ld picks differ", tally.path_differ, tally.path_calls);
+    ok(tally.rows_listed > 0 && tally.rows_whole > 0,
+       "sampled rows on the candidate list: %llu, over the whole row (too many candidates): %llu; both taken",
+       tally.rows_listed, tally.rows_whole);
     for (int k = 0; k < ROW_KINDS; k++)
         printf("#   %-13s rows: %ld of %ld sampled picks equal the CPU's\n", row_kind_name[k], tally.exact_by_kind[k],
                tally.by_kind[k]);
     printf("#   sampled: %ld of %ld picks (%.2f%%) equal the CPU's\n", tally.sampled_exact, tally.sampled,
            tally.sampled ? 100.0 * tally.sampled_exact / tally.sampled : 0.0);
-    // On a flat row (thousands of equal masses) the CPU's float running sum drifts by whole
-    // tokens (the same addend rounds the same way every time): 10-20% of those picks differ, all
-    // explained above. On the other rows the picks must agree >= 99% of the time.
-    long other = tally.sampled - tally.by_kind[ROW_FLAT], other_exact = tally.sampled_exact - tally.exact_by_kind[ROW_FLAT];
+    // On a flat or all-equal row (thousands of equal masses) the CPU's float running sum drifts
+    // by whole tokens (the same addend rounds the same way every time): 10-20% of those picks
+    // differ, all explained above. On the other rows the picks must agree >= 99% of the time.
+    long other = tally.sampled - tally.by_kind[ROW_FLAT] - tally.by_kind[ROW_ALL_EQUAL];
+    long other_exact = tally.sampled_exact - tally.exact_by_kind[ROW_FLAT] - tally.exact_by_kind[ROW_ALL_EQUAL];
     double rate = other ? (double)other_exact / other : 0;
-    ok(rate >= 0.99, "sampled, rows other than flat: %ld of %ld picks (%.2f%%) equal the CPU's, >= 99%%", other_exact,
-       other, 100 * rate);
+    ok(rate >= 0.99, "sampled, rows other than flat or all equal: %ld of %ld picks (%.2f%%) equal the CPU's, >= 99%%",
+       other_exact, other, 100 * rate);
     return done_testing();
 }
 
-// Microseconds per call (restoring the logits first, timed apart), vocab 128256.
+// Microseconds per call (restoring the logits first, timed apart), vocab 128256, on the candidate
+// list (the default) and over the whole row (the first implementation), with the rows each took.
 static void run_bench(void)
 {
     const uint32_t vocab = 128256;
     const int batches[] = {1, 64};
-    const Combo bench_combos[] = {combos[0], {"T 0.7, top-p 0.9", 0, 0.7f, 0, 0.9f, 0.0f, 1.0f}, combos[12]};
+    const Combo bench_combos[] = {combos[0],
+                                  {"T 0.7, top-p 0.9", 0, 0.7f, 0, 0.9f, 0.0f, 1.0f},
+                                  {"top-p 0.9", 0, 1.0f, 0, 0.9f, 0.0f, 1.0f},
+                                  combos[sizeof combos / sizeof *combos - 1]};
     for (int rows : batches) {
         size_t cells = (size_t)rows * vocab;
         std::vector<float> logits(cells);
@@ -347,36 +412,42 @@ static void run_bench(void)
         HOST_CUDA(cudaMemcpy(pristine, logits.data(), cells * 4, cudaMemcpyHostToDevice));
         double copy_us =
             median_us([&] { HOST_CUDA(cudaMemcpyAsync(work, pristine, cells * 4, cudaMemcpyDeviceToDevice)); }, 50);
-        for (const Combo &c : bench_combos) {
-            SampleParams p = params_of(c, vocab);
-            CudaSampler *s = NULL;
-            LAUNCHED((s = cuda_sampler_create(rows, vocab, &p, E)) ? 0 : -1);
-            std::vector<int> slots(rows);
-            std::vector<uint64_t> streams(rows), steps(rows);
-            std::vector<uint32_t> out(rows);
-            std::vector<uint32_t> prompt(100);
-            for (int i = 0; i < rows; i++) {
-                slots[i] = i;
-                streams[i] = i;
-                for (uint32_t &id : prompt)
-                    id = random_id(vocab);
-                LAUNCHED(cuda_sampler_start(s, i, prompt.data(), prompt.size(), NULL, E));
+        for (const Combo &c : bench_combos)
+            for (int candidates = 1; candidates >= 0; candidates--) {
+                SampleParams p = params_of(c, vocab);
+                CudaSampler *s = NULL;
+                LAUNCHED((s = cuda_sampler_create(rows, vocab, &p, E)) ? 0 : -1);
+                cuda_sampler_set_candidates(s, candidates);
+                std::vector<int> slots(rows);
+                std::vector<uint64_t> streams(rows), steps(rows);
+                std::vector<uint32_t> out(rows);
+                std::vector<uint32_t> prompt(100);
+                for (int i = 0; i < rows; i++) {
+                    slots[i] = i;
+                    streams[i] = i;
+                    for (uint32_t &id : prompt)
+                        id = random_id(vocab);
+                    LAUNCHED(cuda_sampler_start(s, i, prompt.data(), prompt.size(), NULL, E));
+                }
+                uint64_t step = 0;
+                double us = median_us(
+                    [&] {
+                        HOST_CUDA(cudaMemcpyAsync(work, pristine, cells * 4, cudaMemcpyDeviceToDevice));
+                        for (int i = 0; i < rows; i++)
+                            steps[i] = step;
+                        step++;
+                        LAUNCHED(cuda_sampler_pick(s, work, rows, slots.data(), streams.data(), steps.data(),
+                                                   out.data(), NULL, E));
+                    },
+                    50);
+                unsigned long long counts[2];
+                LAUNCHED(cuda_sampler_path_counts(s, counts, NULL, E));
+                printf("sample vocab %u batch %2d %-52s %-10s %8.1f us per call (%.1f us with the %.1f us logits copy; "
+                       "rows on the list %llu, whole %llu)\n",
+                       vocab, rows, c.name, candidates ? "new" : "old (whole)", us - copy_us, us, copy_us, counts[0],
+                       counts[1]);
+                cuda_sampler_free(s);
             }
-            uint64_t step = 0;
-            double us = median_us(
-                [&] {
-                    HOST_CUDA(cudaMemcpyAsync(work, pristine, cells * 4, cudaMemcpyDeviceToDevice));
-                    for (int i = 0; i < rows; i++)
-                        steps[i] = step;
-                    step++;
-                    LAUNCHED(cuda_sampler_pick(s, work, rows, slots.data(), streams.data(), steps.data(), out.data(),
-                                               NULL, E));
-                },
-                50);
-            printf("sample vocab %u batch %2d %-48s %8.1f us per call (%.1f us with the %.1f us logits copy)\n", vocab,
-                   rows, c.name, us - copy_us, us, copy_us);
-            cuda_sampler_free(s);
-        }
         cudaFree(pristine);
         cudaFree(work);
     }
