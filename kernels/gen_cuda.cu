@@ -1,8 +1,6 @@
 // Generation on one GPU (kernels/gen_cuda.cuh): weights as bf16 in four stacked matrices per
-// layer, a per-slot KV cache, prefill through cuBLAS and flash attention, decode steps through
-// cuBLAS (or the GEMV kernels) and split-KV decode attention, optionally replayed as CUDA graphs.
-// With cfg.lt_autotune the decode products go through cublasLtMatmul with algorithms timed per
-// shape and row count (see "cuBLASLt with tuned algorithms" below).
+// layer, a per-slot KV cache, prefill through cuBLAS and flash attention, decode steps through the
+// GEMV kernels and split-KV decode attention, optionally replayed as CUDA graphs.
 //
 // Shapes: D = dim, Hq/Hkv = query and key-value heads, hd = head_dim, QD = Hq*hd, KD = Hkv*hd,
 // F = hidden_dim, V = vocab, r = LoRA rank, S = max_batch slots, C = capacity (tokens per slot),
@@ -17,14 +15,12 @@
 // group's A is its targeted modules' A one under another (rank_g = r * targeted modules, in) and
 // its B is block diagonal (out, rank_g), zero outside each module's block, so one GemvLora (or
 // one pair of cuBLAS products) serves the group and exact zeros add nothing to the other rows.
-#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <mutex>
 #include <vector>
 
 #include "attention.cuh"
@@ -57,26 +53,6 @@ typedef struct {
     bf16_t *lora_B[G_COUNT];         // (out, rank_g) block diagonal
     bf16_t *k_cache, *v_cache;       // (S, Hkv, C, hd)
 } GenLayer;
-
-// cfg.lt_autotune: the products of a decode step as cuBLASLt sees them (column-major), y (rows,
-// out) = x (rows, in) W^T as D (out, rows) = op(A) B with A = W stored (in, out) ld in and op T,
-// B = x stored (in, rows) ld in, C = D = y (out, rows) ld out. `which` numbers them: a group, or
-// G_COUNT for lm_head.
-#define LT_PRODUCTS (G_COUNT + 1)
-#define LT_MAX_CANDIDATES 16
-#define LT_ROUNDS 2                   // every candidate timed this many times (interleaved), best kept
-#define LT_SPLIT_SOURCES 4            // the heuristic's first candidates also tried split along K ...
-#define LT_SPLIT_MAX_ROWS 16          // ... for steps of at most this many rows
-
-// One product at one row count: its layouts (fixed, so a captured graph's call stays valid) and
-// the algorithm chosen for it.
-typedef struct {
-    int tuned;
-    int use_lt;                      // 1: cublasLtMatmul with algo; 0: cublasGemmEx (as fast, or no algo)
-    cublasLtMatrixLayout_t x_layout, y_layout;
-    cublasLtMatmulAlgo_t algo;
-    CudaGenLtChoice info;
-} LtPlan;
 
 struct CudaGen {
     ModelConfig c;
@@ -121,16 +97,6 @@ struct CudaGen {
 
     int *pos;                        // (S) host: positions each slot holds
     cudaGraphExec_t *graphs;         // (S + 1) by n, NULL until first used
-
-    // cfg.lt_autotune only (else NULL): cuBLASLt handle, the one operation (op T, op N, fp32
-    // compute), the weights' layouts by product, plans (S + 1, LT_PRODUCTS) by row count, and
-    // whether row count n has been tuned (S + 1).
-    cublasLtHandle_t lt;
-    cublasLtMatmulDesc_t lt_op;
-    cublasLtMatrixLayout_t lt_w[LT_PRODUCTS];
-    LtPlan *lt_plans;
-    int *lt_tuned;
-    uint32_t lt_align;               // bytes every buffer of a decode product is aligned to (<= 256)
 };
 
 static int dev_alloc(CudaGen *g, void **p, size_t bytes, Err *err)
@@ -161,22 +127,6 @@ void cuda_gen_free(CudaGen *g)
             if (g->graphs[n])
                 cudaGraphExecDestroy(g->graphs[n]);
     free(g->graphs);
-    if (g->lt_plans)
-        for (size_t i = 0; i < (size_t)(g->cfg.max_batch + 1) * LT_PRODUCTS; i++) {
-            if (g->lt_plans[i].x_layout)
-                cublasLtMatrixLayoutDestroy(g->lt_plans[i].x_layout);
-            if (g->lt_plans[i].y_layout)
-                cublasLtMatrixLayoutDestroy(g->lt_plans[i].y_layout);
-        }
-    free(g->lt_plans);
-    free(g->lt_tuned);
-    for (int w = 0; w < LT_PRODUCTS; w++)
-        if (g->lt_w[w])
-            cublasLtMatrixLayoutDestroy(g->lt_w[w]);
-    if (g->lt_op)
-        cublasLtMatmulDescDestroy(g->lt_op);
-    if (g->lt)
-        cublasLtDestroy(g->lt);
     if (g->allocs)
         for (void *p : *g->allocs)
             cudaFree(p);
@@ -359,17 +309,6 @@ __global__ void decode_attention_plain_kernel(__nv_bfloat16 *out, const __nv_bfl
     }
 }
 
-// Keeps the GPU busy for ns nanoseconds (one thread), so that the launches queued behind it run back
-// to back: a timing after it measures the device, not the host's launch rate.
-__global__ void spin_kernel(uint64_t ns)
-{
-    uint64_t t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do {
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    } while (t - t0 < ns);
-}
-
 // ---- products ---------------------------------------------------------------------------------
 
 // Row-major C (M, N) = alpha A (M, K) B^T + beta C, B stored (N, K); bf16 in, fp32 compute, C bf16
@@ -391,423 +330,16 @@ static bool use_cublas(const CudaGen *g, int rows, int which)
     return rows >= min_batch || !(mask & (1 << which));
 }
 
-enum { PATH_GEMV, PATH_CUBLAS, PATH_LT };
-
-// How product `which` of a decode step of `rows` rows runs: the GEMV kernels (which need whole
-// 16-byte loads of x's rows), cublasGemmEx, or cublasLtMatmul with a tuned algorithm.
-static int decode_path(const CudaGen *g, int rows, int which)
-{
-    int in = which == G_COUNT ? g->c.dim : g->group_in[which];
-    if (!use_cublas(g, rows, which) && in % 8 == 0)
-        return PATH_GEMV;
-    return g->cfg.lt_autotune ? PATH_LT : PATH_CUBLAS;
-}
-
-// ---- cuBLASLt with tuned algorithms (cfg.lt_autotune) -------------------------------------------
-
-static const char *const lt_product_names[LT_PRODUCTS] = {"qkv", "o", "gate|up", "down", "lm_head"};
-
-// Tuning results shared by every engine of the process: two engines alike (graphs on and off,
-// the tests' twins) run the same kernels, so give the same bits, and each shape is tuned once.
-// algo is the fastest cuBLASLt candidate (valid when info.lt_us >= 0); each engine decides from
-// info's times whether to use it (cfg.lt_autotune 2 always does).
-struct LtCacheEntry {
-    int device, out, in, rows, f32_out, add;
-    uint32_t align;
-    cublasLtMatmulAlgo_t algo;
-    CudaGenLtChoice info;
-};
-static std::mutex lt_cache_lock;
-static std::vector<LtCacheEntry> lt_cache;
-
-static bool lt_same_key(const LtCacheEntry &a, const LtCacheEntry &b)
-{
-    return a.device == b.device && a.out == b.out && a.in == b.in && a.rows == b.rows && a.f32_out == b.f32_out &&
-           a.add == b.add && a.align == b.align;
-}
-
-// *e's choice from the cache: true when found.
-static bool lt_cache_find(LtCacheEntry *e)
-{
-    std::lock_guard<std::mutex> hold(lt_cache_lock);
-    for (const LtCacheEntry &c : lt_cache)
-        if (lt_same_key(c, *e)) {
-            *e = c;
-            return true;
-        }
-    return false;
-}
-
-// Keep *e's choice, unless another engine kept one for the same key meanwhile: then *e becomes that
-// one (the first choice wins, so engines alike still agree).
-static void lt_cache_keep(LtCacheEntry *e)
-{
-    std::lock_guard<std::mutex> hold(lt_cache_lock);
-    for (const LtCacheEntry &c : lt_cache)
-        if (lt_same_key(c, *e)) {
-            *e = c;
-            return;
-        }
-    lt_cache.push_back(*e);
-}
-
-// One decode product's dimensions and buffers. x: the step's input (rows, in); scratch: where
-// tuning may write (rows, out), a buffer the step overwrites anyway (o and down add into the
-// residual stream g->x in the step, so their tuning adds into g->tmp instead).
-typedef struct {
-    int in, out, n_weights, f32_out, add;
-    const bf16_t *x;
-    void *scratch;
-} LtShape;
-
-static LtShape lt_shape(const CudaGen *g, int which)
-{
-    LtShape s;
-    bool head = which == G_COUNT;
-    s.in = head ? g->c.dim : g->group_in[which];
-    s.out = head ? g->c.vocab_size : g->group_out[which];
-    s.n_weights = head ? 1 : g->c.n_layers;
-    s.f32_out = head;
-    s.add = which == G_O || which == G_DOWN;
-    s.x = which == G_O ? g->att : which == G_DOWN ? g->act : g->xn;
-    s.scratch = which == G_QKV ? (void *)g->qkv
-                : which == G_GU ? (void *)g->gu
-                : head          ? (void *)g->logits
-                                : (void *)g->tmp;
-    return s;
-}
-
-static const bf16_t *lt_weight(const CudaGen *g, int which, int layer)
-{
-    return which == G_COUNT ? g->lm_head : g->layers[layer].w[which];
-}
-
-static LtPlan *lt_plan(const CudaGen *g, int rows, int which)
-{
-    return &g->lt_plans[(size_t)rows * LT_PRODUCTS + which];
-}
-
-// y = x W^T (+ beta y) through cuBLASLt with `algo`, on the engine's cuBLAS workspace (a fixed
-// pointer, so the call can be captured).
-static cublasStatus_t lt_matmul(CudaGen *g, int which, const LtPlan *p, const cublasLtMatmulAlgo_t *algo,
-                                const bf16_t *W, const bf16_t *x, void *y, float beta)
-{
-    float alpha = 1.0f;
-    return cublasLtMatmul(g->lt, g->lt_op, &alpha, W, g->lt_w[which], x, p->x_layout, &beta, y, p->y_layout, y,
-                          p->y_layout, algo, g->blas_ws, CUBLAS_WORKSPACE_BYTES, g->stream);
-}
-
-// The operation, the weights' layouts, the plan tables and the buffers' alignment (after every
-// allocation of gen_alloc).
-static int lt_init(CudaGen *g, Err *err)
-{
-    int S = g->cfg.max_batch;
-    CUBLAS_CHECK(cublasLtCreate(&g->lt), err);
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&g->lt_op, CUBLAS_COMPUTE_32F, CUDA_R_32F), err);
-    cublasOperation_t op_w = CUBLAS_OP_T, op_x = CUBLAS_OP_N;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(g->lt_op, CUBLASLT_MATMUL_DESC_TRANSA, &op_w, sizeof op_w), err);
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(g->lt_op, CUBLASLT_MATMUL_DESC_TRANSB, &op_x, sizeof op_x), err);
-    for (int w = 0; w < LT_PRODUCTS; w++) {
-        LtShape s = lt_shape(g, w);
-        CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&g->lt_w[w], CUDA_R_16BF, (uint64_t)s.in, (uint64_t)s.out, s.in), err);
-    }
-    g->lt_plans = (LtPlan *)calloc((size_t)(S + 1) * LT_PRODUCTS, sizeof(LtPlan));
-    g->lt_tuned = (int *)calloc(S + 1, sizeof(int));
-    if (!g->lt_plans || !g->lt_tuned)
-        return err_set(err, "out of memory");
-    // The heuristic assumes 256-byte aligned A, B, C, D unless told less: say what holds for every
-    // pointer a decode product gets (rows 0.. of whole allocations: cudaMalloc's alignment).
-    uintptr_t bits = (uintptr_t)g->lm_head | (uintptr_t)g->xn | (uintptr_t)g->att | (uintptr_t)g->act |
-                     (uintptr_t)g->qkv | (uintptr_t)g->gu | (uintptr_t)g->x | (uintptr_t)g->tmp |
-                     (uintptr_t)g->logits;
-    for (int l = 0; l < g->c.n_layers; l++)
-        for (int gi = 0; gi < G_COUNT; gi++)
-            bits |= (uintptr_t)g->layers[l].w[gi];
-    uint32_t align = 256;
-    while (align > 2 && (bits & (align - 1)))
-        align >>= 1;
-    g->lt_align = align;
-    return 0;
-}
-
-// Microseconds per product for candidate `algo` (NULL: cublasGemmEx): one untimed call, then
-// reps calls timed by events, each on the next layer's weights (*turn rotates through all calls,
-// so a weight is read again only after the other layers' weights, far more than L2 holds, went
-// through: it comes from HBM, as in a step). The timed calls queue behind a spin kernel, so they
-// run back to back as in a graph. -1: the candidate does not run; -2 with err set: a CUDA failure.
-static double lt_time(CudaGen *g, int which, int rows, const LtPlan *p, const cublasLtMatmulAlgo_t *algo, int reps,
-                      int *turn, cudaEvent_t e0, cudaEvent_t e1, Err *err)
-{
-    LtShape s = lt_shape(g, which);
-    float alpha = 1.0f, beta = s.add ? 1.0f : 0.0f;
-    auto call = [&]() -> cublasStatus_t {
-        const bf16_t *W = lt_weight(g, which, *turn % s.n_weights);
-        ++*turn;
-        if (algo)
-            return lt_matmul(g, which, p, algo, W, s.x, s.scratch, beta);
-        return cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, s.out, rows, s.in, &alpha, W, CUDA_R_16BF, s.in, s.x,
-                            CUDA_R_16BF, s.in, &beta, s.scratch, s.f32_out ? CUDA_R_32F : CUDA_R_16BF, s.out,
-                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    };
-    if (call() != CUBLAS_STATUS_SUCCESS)
-        return -1;
-    // 40 us a call is far more than a launch takes on the host.
-    spin_kernel<<<1, 1, 0, g->stream>>>(50000u + 40000u * (uint64_t)reps);
-    cudaError_t st = cudaGetLastError();
-    if (st == cudaSuccess)
-        st = cudaEventRecord(e0, g->stream);
-    for (int i = 0; i < reps && st == cudaSuccess; i++)
-        if (call() != CUBLAS_STATUS_SUCCESS)
-            return -1;
-    float ms = 0.0f;
-    if (st == cudaSuccess)
-        st = cudaEventRecord(e1, g->stream);
-    if (st == cudaSuccess)
-        st = cudaEventSynchronize(e1);
-    if (st == cudaSuccess)
-        st = cudaEventElapsedTime(&ms, e0, e1);
-    if (st != cudaSuccess) {
-        err_set(err, "cuda gen: timing %s (%d rows): %s", lt_product_names[which], rows, cudaGetErrorString(st));
-        return -2;
-    }
-    return ms * 1e3 / reps;
-}
-
-// One configuration value of algo (every one read here is 4 bytes), -1 when unreadable.
-static int lt_algo_attr(const cublasLtMatmulAlgo_t *algo, cublasLtMatmulAlgoConfigAttributes_t attr)
-{
-    uint32_t v = 0;
-    size_t written = 0;
-    return cublasLtMatmulAlgoConfigGetAttribute(algo, attr, &v, sizeof v, &written) == CUBLAS_STATUS_SUCCESS
-               ? (int)v
-               : -1;
-}
-
-// Split-K variants of the first candidates that run unsplit, appended to *cand: the same algorithm
-// with K cut in 2, 4, 8, 16 parts, reduced in fp32 in the workspace (or another scheme it offers),
-// each accepted by cublasLtMatmulAlgoCheck within the workspace. At a few rows a product of few
-// output tiles (o and down: 4096 outputs) otherwise leaves most SMs without a tile.
-static void lt_add_splits(CudaGen *g, int which, const LtPlan *p, std::vector<cublasLtMatmulHeuristicResult_t> *cand)
-{
-    static const int32_t splits[] = {2, 4, 8, 16};
-    size_t n_heuristic = cand->size();
-    for (size_t i = 0; i < n_heuristic && i < LT_SPLIT_SOURCES; i++) {
-        cublasLtMatmulHeuristicResult_t base = (*cand)[i];
-        int32_t support = 0, splitk = 0;
-        uint32_t mask = 0;
-        size_t written = 0;
-        if (base.state != CUBLAS_STATUS_SUCCESS ||
-            cublasLtMatmulAlgoCapGetAttribute(&base.algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &support, sizeof support,
-                                              &written) != CUBLAS_STATUS_SUCCESS ||
-            !support ||
-            cublasLtMatmulAlgoCapGetAttribute(&base.algo, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &mask, sizeof mask,
-                                              &written) != CUBLAS_STATUS_SUCCESS ||
-            cublasLtMatmulAlgoConfigGetAttribute(&base.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof splitk,
-                                                 &written) != CUBLAS_STATUS_SUCCESS ||
-            splitk != 1)
-            continue;
-        uint32_t scheme = mask & CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE  ? CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE
-                          : mask & CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE ? CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE
-                          : mask & CUBLASLT_REDUCTION_SCHEME_INPLACE     ? CUBLASLT_REDUCTION_SCHEME_INPLACE
-                                                                         : CUBLASLT_REDUCTION_SCHEME_NONE;
-        if (scheme == CUBLASLT_REDUCTION_SCHEME_NONE)
-            continue;
-        for (int32_t k : splits) {
-            cublasLtMatmulHeuristicResult_t r = base, check;
-            memset(&check, 0, sizeof check);
-            if (cublasLtMatmulAlgoConfigSetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &k, sizeof k) !=
-                    CUBLAS_STATUS_SUCCESS ||
-                cublasLtMatmulAlgoConfigSetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme,
-                                                     sizeof scheme) != CUBLAS_STATUS_SUCCESS ||
-                cublasLtMatmulAlgoCheck(g->lt, g->lt_op, g->lt_w[which], p->x_layout, p->y_layout, p->y_layout, &r.algo,
-                                        &check) != CUBLAS_STATUS_SUCCESS ||
-                check.workspaceSize > CUBLAS_WORKSPACE_BYTES)
-                continue;
-            r.workspaceSize = check.workspaceSize;
-            bool seen = false;   // the heuristic may have offered this configuration already
-            for (const cublasLtMatmulHeuristicResult_t &c : *cand)
-                seen = seen || !memcmp(&c.algo, &r.algo, sizeof r.algo);
-            if (!seen)
-                cand->push_back(r);
-        }
-    }
-}
-
-// Ask the heuristic for candidates for product `which` at `rows` rows (and split-K variants of
-// them at few rows), time them and cublasGemmEx: p->algo the fastest candidate, p->info every
-// time (use_lt left to lt_tune).
-static int lt_tune_product(CudaGen *g, int rows, int which, LtPlan *p, Err *err)
-{
-    LtShape s = lt_shape(g, which);
-    std::vector<cublasLtMatmulHeuristicResult_t> cand;
-    {
-        cublasLtMatmulHeuristicResult_t found_algos[LT_MAX_CANDIDATES];
-        memset(found_algos, 0, sizeof found_algos);
-        int found = 0;
-        cublasLtMatmulPreference_t pref = NULL;
-        CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref), err);
-        uint64_t ws = CUBLAS_WORKSPACE_BYTES;
-        uint32_t align = g->lt_align;
-        const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
-            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-        cublasStatus_t st =
-            cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-        for (int i = 0; i < 4 && st == CUBLAS_STATUS_SUCCESS; i++)
-            st = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align, sizeof align);
-        if (st == CUBLAS_STATUS_SUCCESS) {
-            st = cublasLtMatmulAlgoGetHeuristic(g->lt, g->lt_op, g->lt_w[which], p->x_layout, p->y_layout,
-                                                p->y_layout, pref, LT_MAX_CANDIDATES, found_algos, &found);
-            if (st == CUBLAS_STATUS_NOT_SUPPORTED)   // no cuBLASLt algorithm: cublasGemmEx stays
-                st = CUBLAS_STATUS_SUCCESS, found = 0;
-        }
-        cublasLtMatmulPreferenceDestroy(pref);
-        if (st != CUBLAS_STATUS_SUCCESS)
-            return err_set(err, "cuda gen: cuBLASLt heuristic for %s (%d x %d, %d rows): %s", lt_product_names[which],
-                           s.out, s.in, rows, cublasGetStatusString(st));
-        for (int i = 0; i < found && i < LT_MAX_CANDIDATES; i++)
-            if (found_algos[i].state == CUBLAS_STATUS_SUCCESS)
-                cand.push_back(found_algos[i]);
-        if (rows <= LT_SPLIT_MAX_ROWS)
-            lt_add_splits(g, which, p, &cand);
-    }
-    int found = (int)cand.size();
-    cudaEvent_t e0 = NULL, e1 = NULL;
-    if (cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess) {
-        if (e0)
-            cudaEventDestroy(e0);
-        return err_set(err, "cuda gen: cannot create timing events");
-    }
-    // [0] is cublasGemmEx, [1 + i] candidate i; < 0: not run or failed.
-    std::vector<double> best(1 + found, -1.0);
-    std::vector<bool> dead(1 + found, false);
-    int reps = s.n_weights < 4 ? 4 : s.n_weights > 16 ? 16 : s.n_weights, turn = 0, rc = 0;
-    for (int round = 0; round < LT_ROUNDS && rc == 0; round++)
-        for (int i = 0; i <= found && rc == 0; i++) {
-            if (dead[i])
-                continue;
-            double us = lt_time(g, which, rows, p, i ? &cand[i - 1].algo : NULL, reps, &turn, e0, e1, err);
-            if (us == -2.0) {
-                rc = -1;
-            } else if (us < 0) {   // a candidate that does not run is out for good
-                cudaGetLastError();
-                dead[i] = true, best[i] = -1.0;
-            } else if (best[i] < 0 || us < best[i]) {
-                best[i] = us;
-            }
-        }
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    if (rc < 0)
-        return -1;
-    if (dead[0] || best[0] < 0)
-        return err_set(err, "cuda gen: cublasGemmEx fails on %s (%d x %d, %d rows)", lt_product_names[which], s.out,
-                       s.in, rows);
-    int pick = -1, live = 0;
-    for (int i = 1; i <= found; i++)
-        if (!dead[i] && best[i] >= 0) {
-            live++;
-            if (pick < 0 || best[i] < best[pick + 1])
-                pick = i - 1;
-        }
-    CudaGenLtChoice *info = &p->info;
-    memset(info, 0, sizeof *info);
-    info->product = lt_product_names[which];
-    info->out = s.out, info->in = s.in, info->rows = rows, info->candidates = live;
-    info->gemmex_us = best[0];
-    info->lt_us = pick >= 0 ? best[pick + 1] : -1.0;
-    info->algo_id = info->tile_id = info->splitk = info->reduction = info->stages = -1;
-    if (pick >= 0) {
-        p->algo = cand[pick].algo;
-        info->workspace = cand[pick].workspaceSize;
-        info->algo_id = lt_algo_attr(&p->algo, CUBLASLT_ALGO_CONFIG_ID);
-        info->tile_id = lt_algo_attr(&p->algo, CUBLASLT_ALGO_CONFIG_TILE_ID);
-        info->splitk = lt_algo_attr(&p->algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM);
-        info->reduction = lt_algo_attr(&p->algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME);
-        info->stages = lt_algo_attr(&p->algo, CUBLASLT_ALGO_CONFIG_STAGES_ID);
-    }
-    return 0;
-}
-
-// Plans for every product of a step of `rows` rows that runs on cuBLAS: from the process's cache
-// or tuned now. Called before the step's first run (never inside a capture); tuning writes only
-// scratch buffers (see LtShape), on the engine's stream.
-static int lt_tune(CudaGen *g, int rows, Err *err)
-{
-    if (g->lt_tuned[rows])
-        return 0;
-    int device = 0;
-    CUDA_CHECK(cudaGetDevice(&device), err);
-    for (int which = 0; which < LT_PRODUCTS; which++) {
-        if (decode_path(g, rows, which) != PATH_LT)
-            continue;
-        LtPlan *p = lt_plan(g, rows, which);
-        LtShape s = lt_shape(g, which);
-        if (!p->x_layout)
-            CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->x_layout, CUDA_R_16BF, (uint64_t)s.in, (uint64_t)rows, s.in),
-                         err);
-        if (!p->y_layout)
-            CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->y_layout, s.f32_out ? CUDA_R_32F : CUDA_R_16BF, (uint64_t)s.out,
-                                                    (uint64_t)rows, s.out),
-                         err);
-        LtCacheEntry e;
-        memset(&e, 0, sizeof e);
-        e.device = device, e.out = s.out, e.in = s.in, e.rows = rows, e.f32_out = s.f32_out, e.add = s.add;
-        e.align = g->lt_align;
-        if (!lt_cache_find(&e)) {
-            if (lt_tune_product(g, rows, which, p, err) < 0)
-                return -1;
-            e.algo = p->algo, e.info = p->info;
-            lt_cache_keep(&e);
-        }
-        p->algo = e.algo, p->info = e.info;
-        p->use_lt = e.info.lt_us >= 0 && (g->cfg.lt_autotune == 2 || e.info.lt_us < e.info.gemmex_us);
-        p->info.use_lt = p->use_lt;
-        p->tuned = 1;
-    }
-    g->lt_tuned[rows] = 1;
-    return 0;
-}
-
-int cuda_gen_lt_choices(const CudaGen *g, int rows, CudaGenLtChoice out[5])
-{
-    if (!g->lt_tuned || rows < 1 || rows > g->cfg.max_batch || !g->lt_tuned[rows])
-        return 0;
-    int k = 0;
-    for (int which = 0; which < LT_PRODUCTS; which++) {
-        const LtPlan *p = lt_plan(g, rows, which);
-        if (p->tuned)
-            out[k++] = p->info;
-    }
-    return k;
-}
-
-// The base product y = x W^T + beta y of `which` by `path` (PATH_CUBLAS or PATH_LT): a tuned
-// cuBLASLt plan when there is one that beat cublasGemmEx, else cublasGemmEx.
-static int base_product(CudaGen *g, int path, int rows, int which, const bf16_t *W, const bf16_t *x, void *y,
-                        float beta, Err *err)
-{
-    const LtPlan *p = path == PATH_LT && g->lt_plans ? lt_plan(g, rows, which) : NULL;
-    if (p && p->tuned && p->use_lt) {
-        CUBLAS_CHECK(lt_matmul(g, which, p, &p->algo, W, x, y, beta), err);
-        return 0;
-    }
-    bool head = which == G_COUNT;
-    int in = head ? g->c.dim : g->group_in[which], out = head ? g->c.vocab_size : g->group_out[which];
-    return gemm_nt(g, rows, out, in, 1.0f, x, W, beta, y, head ? CUDA_R_32F : CUDA_R_16BF, err);
-}
-
 // y (rows, out) = x (rows, in) W^T [+ the adapter] for group gi of layer l. With add_to_y the
 // result is added to y (the residual stream): cuBLAS through beta = 1, the GEMV in its epilogue
 // (cuda_gemv_ex's residual), or through g->tmp and an add kernel when cfg.unfused_residual asks.
-// path: PATH_GEMV, PATH_CUBLAS or PATH_LT (decode_path; prefill: PATH_CUBLAS).
-static int product(CudaGen *g, int l, int gi, bf16_t *y, const bf16_t *x, int rows, int add_to_y, int path, Err *err)
+static int product(CudaGen *g, int l, int gi, bf16_t *y, const bf16_t *x, int rows, int add_to_y, bool cublas,
+                   Err *err)
 {
     const GenLayer *L = &g->layers[l];
     int in = g->group_in[gi], out = g->group_out[gi], rank = g->lora_rank[gi];
-    if (path != PATH_GEMV || in % 8) {   // the GEMV needs whole 16-byte loads of x's rows
-        if (base_product(g, path == PATH_GEMV ? PATH_CUBLAS : path, rows, gi, L->w[gi], x, y, add_to_y ? 1.0f : 0.0f,
-                         err) < 0)
+    if (cublas || in % 8) {   // the GEMV needs whole 16-byte loads of x's rows
+        if (gemm_nt(g, rows, out, in, 1.0f, x, L->w[gi], add_to_y ? 1.0f : 0.0f, y, CUDA_R_16BF, err) < 0)
             return -1;
         if (rank && (gemm_nt(g, rows, rank, in, 1.0f, x, L->lora_A[gi], 0.0f, g->lora_u, CUDA_R_16BF, err) < 0 ||
                      gemm_nt(g, rows, out, rank, g->lora_scale, g->lora_u, L->lora_B[gi], 1.0f, y, CUDA_R_16BF,
@@ -1007,8 +539,6 @@ static CudaGen *gen_alloc(const ModelConfig *c, const CudaGenConfig *cfg, int lo
             goto fail;
         }
     }
-    if (cfg->lt_autotune && lt_init(g, err) < 0)
-        goto fail;
     return g;
 fail:
     cuda_gen_free(g);
@@ -1252,7 +782,7 @@ int cuda_gen_prefill(CudaGen *g, const int *slots, const uint32_t *ids, const in
     for (int l = 0; l < c->n_layers; l++) {
         GenLayer *ly = &g->layers[l];
         if (cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->attn_norm, T, D, c->norm_eps, s, err) < 0 ||
-            product(g, l, G_QKV, g->qkv, g->xn, T, 0, PATH_CUBLAS, err) < 0)
+            product(g, l, G_QKV, g->qkv, g->xn, T, 0, true, err) < 0)
             return -1;
         qkv_rope_store_kernel<<<T, 128, 0, s>>>(g->q, g->k, g->v, ly->k_cache, ly->v_cache, g->qkv, g->d_pos,
                                                 g->d_slot, NULL, g->inv_freq, c->n_heads, c->n_kv_heads, c->head_dim,
@@ -1263,13 +793,13 @@ int cuda_gen_prefill(CudaGen *g, const int *slots, const uint32_t *ids, const in
                                               c->n_kv_heads, c->head_dim, s, err)
                      : cuda_attention_forward_plain(g->att, g->lse, g->q, g->k, g->v, g->d_seq_start, T, c->n_heads,
                                                     c->n_kv_heads, c->head_dim, s, err);
-        if (rc < 0 || product(g, l, G_O, g->x, g->att, T, 1, PATH_CUBLAS, err) < 0 ||
+        if (rc < 0 || product(g, l, G_O, g->x, g->att, T, 1, true, err) < 0 ||
             cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->ffn_norm, T, D, c->norm_eps, s, err) < 0 ||
-            product(g, l, G_GU, g->gu, g->xn, T, 0, PATH_CUBLAS, err) < 0)
+            product(g, l, G_GU, g->gu, g->xn, T, 0, true, err) < 0)
             return -1;
         swiglu_stacked_kernel<<<ceil_div((size_t)T * F, 256), 256, 0, s>>>(g->act, g->gu, T, F);
         LAUNCH_CHECK(err);
-        if (product(g, l, G_DOWN, g->x, g->act, T, 1, PATH_CUBLAS, err) < 0)
+        if (product(g, l, G_DOWN, g->x, g->act, T, 1, true, err) < 0)
             return -1;
     }
     gather_rows_kernel<<<n, 256, 0, s>>>(g->x_last, g->x, g->d_last, D);
@@ -1299,7 +829,7 @@ static int decode_body(CudaGen *g, int n, Err *err)
     for (int l = 0; l < c->n_layers; l++) {
         GenLayer *ly = &g->layers[l];
         if (cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->attn_norm, n, D, c->norm_eps, s, err) < 0 ||
-            product(g, l, G_QKV, g->qkv, g->xn, n, 0, decode_path(g, n, G_QKV), err) < 0)
+            product(g, l, G_QKV, g->qkv, g->xn, n, 0, use_cublas(g, n, G_QKV), err) < 0)
             return -1;
         qkv_rope_store_kernel<<<n, 128, 0, s>>>(g->q, NULL, NULL, ly->k_cache, ly->v_cache, g->qkv, d_pos, NULL,
                                                 d_active, g->inv_freq, c->n_heads, c->n_kv_heads, c->head_dim, Cap);
@@ -1313,20 +843,19 @@ static int decode_body(CudaGen *g, int n, Err *err)
                 g->att, g->q, ly->k_cache, ly->v_cache, d_lens, c->n_heads, c->n_kv_heads, c->head_dim, Cap, scale);
             LAUNCH_CHECK(err);
         }
-        if (product(g, l, G_O, g->x, g->att, n, 1, decode_path(g, n, G_O), err) < 0 ||
+        if (product(g, l, G_O, g->x, g->att, n, 1, use_cublas(g, n, G_O), err) < 0 ||
             cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->ffn_norm, n, D, c->norm_eps, s, err) < 0 ||
-            product(g, l, G_GU, g->gu, g->xn, n, 0, decode_path(g, n, G_GU), err) < 0)
+            product(g, l, G_GU, g->gu, g->xn, n, 0, use_cublas(g, n, G_GU), err) < 0)
             return -1;
         swiglu_stacked_kernel<<<ceil_div((size_t)n * F, 256), 256, 0, s>>>(g->act, g->gu, n, F);
         LAUNCH_CHECK(err);
-        if (product(g, l, G_DOWN, g->x, g->act, n, 1, decode_path(g, n, G_DOWN), err) < 0)
+        if (product(g, l, G_DOWN, g->x, g->act, n, 1, use_cublas(g, n, G_DOWN), err) < 0)
             return -1;
     }
     if (cuda_rmsnorm_forward(g->xn, g->rstd, g->x, g->final_norm, n, D, c->norm_eps, s, err) < 0)
         return -1;
-    int head_path = decode_path(g, n, G_COUNT);
-    if (head_path != PATH_GEMV)
-        return base_product(g, head_path, n, G_COUNT, g->lm_head, g->xn, g->logits, 0.0f, err);
+    if (use_cublas(g, n, G_COUNT) || D % 8)
+        return gemm_nt(g, n, c->vocab_size, D, 1.0f, g->xn, g->lm_head, 0.0f, g->logits, CUDA_R_32F, err);
     return cuda_gemv_ex(NULL, g->logits, NULL, g->xn, g->lm_head, n, c->vocab_size, D, NULL, g->gemv_ws,
                         g->gemv_ws_bytes, NULL, g->cfg.gemv_pdl != 0, s, err);
 }
@@ -1367,10 +896,6 @@ int cuda_gen_decode(CudaGen *g, const uint32_t *ids, const uint8_t *active, int 
             if (g->pos[b] >= g->cfg.capacity)
                 return err_set(err, "cuda gen: slot %d is full (capacity %d tokens)", b, g->cfg.capacity);
         }
-    // The first step of n rows with lt_autotune tunes its products first (outside any capture; only
-    // scratch buffers are written, in stream order).
-    if (g->cfg.lt_autotune && lt_tune(g, n, err) < 0)
-        return -1;
     // h_step is read by the previous step's copy until that copy is done.
     if (g->step_pending)
         CUDA_CHECK(cudaEventSynchronize(g->step_copied), err);

@@ -1,7 +1,6 @@
 // defines: CudaGen, CudaGenConfig, cuda_gen_create, cuda_gen_free, cuda_gen_prefill,
 //          cuda_gen_decode, cuda_gen_logits, cuda_gen_stream, cuda_gen_device_bytes,
-//          cuda_gen_max_batch, cuda_gen_capacity, cuda_gen_position, cuda_gen_create_random,
-//          CudaGenLtChoice, cuda_gen_lt_choices
+//          cuda_gen_max_batch, cuda_gen_capacity, cuda_gen_position, cuda_gen_create_random
 //          (kernels/gen_cuda.cu; CPU twin lib/generate.c's Generator)
 // Generation on one GPU: a Llama model (bf16 weights on the device, an optional PEFT adapter
 // merged into them at load time or applied unmerged), a KV cache of max_batch slots of
@@ -40,29 +39,7 @@ typedef struct {
                           // slower as it stands (H200, 8B, batch 1: 6.82 ms a step against 5.72)
     int unfused_residual; // 1: the GEMV path adds o_proj's and down_proj's output to the residual
                           // stream with a separate kernel (two roundings); 0: in the GEMV's epilogue
-    int lt_autotune;      // 1: the decode products that run on cuBLAS go through cublasLtMatmul with the
-                          // algorithm timed fastest for their shape and row count (cuBLASLt's heuristic
-                          // candidates and cublasGemmEx itself, weights rotated over layers so they come
-                          // from HBM); each row count is tuned the first time a step of that many rows
-                          // runs, before its graph capture, and the choice is kept for the process (so
-                          // engines alike pick alike). 2: as 1, but cuBLASLt's fastest algorithm even
-                          // where cublasGemmEx was faster (tests, benchmarks). 0: cublasGemmEx with
-                          // cuBLAS's own choice
 } CudaGenConfig;
-
-// What lt_autotune chose for one product of a decode step of `rows` rows (cuda_gen_lt_choices).
-typedef struct {
-    const char *product;        // "qkv", "o", "gate|up", "down", "lm_head"
-    int out, in, rows;          // y (rows, out) = x (rows, in) W^T
-    int candidates;             // cuBLASLt algorithms that ran: the heuristic's (at most 16) and, at 16
-                                // rows or fewer, split-K variants of its first 4
-    int use_lt;                 // 1: the step calls cublasLtMatmul; 0: cublasGemmEx (at least as fast,
-                                // or no cuBLASLt candidate ran)
-    int algo_id, tile_id, splitk, reduction, stages;   // the fastest cuBLASLt algorithm's configuration
-    size_t workspace;           // bytes it needs
-    double lt_us, gemmex_us;    // one product, microseconds (best of 2 rounds over rotated layers);
-                                // lt_us < 0 when no cuBLASLt candidate ran
-} CudaGenLtChoice;
 
 // Weights are copied (the model's maps may be unmapped afterwards; a may be freed). NULL with a
 // message: no device, out of memory (say how much was asked), an adapter that does not fit.
@@ -92,9 +69,6 @@ int cuda_gen_max_batch(const CudaGen *g);
 int cuda_gen_capacity(const CudaGen *g);
 // Positions slot holds now (prompt + decoded tokens).
 int cuda_gen_position(const CudaGen *g, int slot);
-// The tuned choices for steps of `rows` rows, one per product on cuBLAS, into out[0..4]: their
-// number (0 when lt_autotune is off or no step of that many rows has run yet).
-int cuda_gen_lt_choices(const CudaGen *g, int rows, CudaGenLtChoice out[5]);
 KERNELS_EXTERN_C_END
 
 #endif

@@ -2,10 +2,7 @@
 //   - random Llamas in memory: head_dim 64 with GQA (split-KV decode attention, flash prefill),
 //     head_dim 128, and head_dim 12 with an MLP width not a multiple of 8 (the plain attention
 //     kernels, cuBLAS for the down product); each without an adapter, with a random adapter merged,
-//     and unmerged; each with the decode products on cuBLAS (the default), on the GEMV kernels, and
-//     on cuBLASLt with tuned algorithms (lt_autotune 2: its fastest candidate, split-K ones
-//     included, even where cublasGemmEx was faster; the choices are checked and printed). Three
-//     slots of different prompt lengths are prefilled, then 20 decode steps
+//     and unmerged; each with the decode products on cuBLAS (the default) and on the GEMV kernels. Three slots of different prompt lengths are prefilled, then 20 decode steps
 //     run with a row made inactive for a while and its slot restarted by a new prefill while the
 //     others keep decoding. Every logits row (prefill and decode) is compared with a CPU Generator
 //     that runs that sequence alone.
@@ -18,16 +15,13 @@
 //   - each slot of the batched run against the same sequence run alone in slot 0 (n = 1);
 //   - the errors: a full slot, ids out of range, n > max_batch, prefill over max_prefill;
 //   - stories260K ($TESTDATA/stories260K/hf, skipped when absent): 200 greedy tokens from BOS,
-//     GPU ids (host argmax of the GPU logits) against the CPU Generator's, cuBLAS and cuBLASLt.
+//     GPU ids (host argmax of the GPU logits) against the CPU Generator's.
 //   gen_test            TAP tests (tests/gpu/gen_engine.t runs it)
 //   gen_test --bench    single products GEMV vs cuBLAS, then Llama-3-8B shapes with random
 //                       weights made on the device: decode tokens/s at batch 1, 4, 16, 64 (graphs
-//                       on/off, GEMV or cuBLAS, PDL, fused residual, cuBLASLt tuned: rows "lt"
-//                       give each product's chosen algorithm and time against cublasGemmEx's and
-//                       the logits against the cuBLAS row's), bandwidth, time to first token of a
-//                       2048-token prompt.
+//                       on/off, GEMV or cuBLAS, PDL, fused residual), bandwidth, time to first
+//                       token of a 2048-token prompt.
 #include <chrono>
-#include <map>
 
 #include <cublas_v2.h>
 
@@ -171,46 +165,14 @@ struct Output {
     std::vector<float> logits;
 };
 
-// Decode products of run_gpu: cublasGemmEx, the GEMV kernels, or cublasLtMatmul with tuned algorithms
-// (lt_autotune 2: cuBLASLt's fastest even where cublasGemmEx was faster, so its kernels are what is
-// checked).
-enum { PATH_CUBLAS, PATH_GEMV, PATH_LT, N_PATHS };
-static const char *const path_names[N_PATHS] = {"cuBLAS", "GEMV", "cuBLASLt tuned"};
-
-// The tuned choices of a cuBLASLt engine after the scenario's steps of 3 rows: one per product, each
-// timed, each on cuBLASLt when a candidate ran. aligned: every leading dimension a multiple of 16
-// bytes, where cuBLASLt must offer candidates for every product.
-static void check_lt_choices(CudaGen *g, const char *name, bool aligned)
-{
-    CudaGenLtChoice ch[5];
-    int k = cuda_gen_lt_choices(g, 3, ch);
-    int timed = 0, with_lt = 0, lt_used = 0;
-    for (int i = 0; i < k; i++) {
-        printf("#   %s: rows 3 %-7s (%5d x %5d): %2d cuBLASLt candidates, best %7.2f us (algo %d tile %d splitK %d "
-               "reduction %d stages %d, workspace %zu), cublasGemmEx %7.2f us: %s\n",
-               name, ch[i].product, ch[i].out, ch[i].in, ch[i].candidates, ch[i].lt_us, ch[i].algo_id, ch[i].tile_id,
-               ch[i].splitk, ch[i].reduction, ch[i].stages, ch[i].workspace, ch[i].gemmex_us,
-               ch[i].use_lt ? "cuBLASLt" : "cublasGemmEx");
-        timed += ch[i].rows == 3 && ch[i].gemmex_us > 0 && (ch[i].lt_us >= 0) == (ch[i].candidates > 0);
-        with_lt += ch[i].candidates > 0;
-        lt_used += ch[i].use_lt == (ch[i].candidates > 0);
-    }
-    ok(k == 5 && timed == 5 && lt_used == 5 && (!aligned || with_lt == 5),
-       "%s: 5 products tuned for 3 rows (%d), timed (%d), on cuBLASLt wherever a candidate ran (%d), with "
-       "candidates: %d", name, k, timed, lt_used, with_lt);
-    CudaGenLtChoice none[5];
-    is_int(cuda_gen_lt_choices(g, 2, none), 0, "%s: no choices for a row count never decoded", name);
-}
-
-static std::vector<Output> run_gpu(const Model *m, const Adapter *a, int merge, int graphs, int path,
+static std::vector<Output> run_gpu(const Model *m, const Adapter *a, int merge, int graphs, int gemv,
                                    const Scenario &sc, int only)
 {
     const ModelConfig *c = &m->config;
     CudaGenConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.max_batch = 4, cfg.capacity = 64, cfg.max_prefill = 32, cfg.merge_adapter = merge, cfg.use_graphs = graphs;
-    cfg.cublas_min_batch = path == PATH_GEMV ? 64 : 1;   // decode products: the GEMV kernels, or cuBLAS(Lt)
-    cfg.lt_autotune = path == PATH_LT ? 2 : 0;
+    cfg.cublas_min_batch = gemv ? 64 : 1;   // decode products: the GEMV kernels, or cuBLAS
     cfg.gemv_pdl = graphs;                   // PDL changes no arithmetic: the graph test covers it
     Err err;
     CudaGen *g = cuda_gen_create(m, a, &cfg, &err);
@@ -261,13 +223,6 @@ static std::vector<Output> run_gpu(const Model *m, const Adapter *a, int merge, 
                 grab(step, only >= 0 ? only : r, r);
     }
     int expect1 = (int)sc.restart.size() + 8;   // after the restart: steps 12..19
-    if (path == PATH_LT && only < 0 && !graphs) {
-        char name[96];
-        snprintf(name, sizeof name, "dim %d hidden %d, %s", c->dim, c->hidden_dim, a ? "adapter" : "no adapter");
-        // Leading dimensions of whole 16-byte multiples everywhere (bf16 in and out, fp32 logits).
-        check_lt_choices(g, name, c->dim % 8 == 0 && c->hidden_dim % 8 == 0 && c->vocab_size % 4 == 0 &&
-                                      c->n_heads * c->head_dim % 8 == 0 && c->n_kv_heads * c->head_dim % 8 == 0);
-    }
     if (only < 0)
         ok(cuda_gen_position(g, 0) == 5 + 20 && cuda_gen_position(g, 1) == expect1 &&
                cuda_gen_position(g, 2) == 1 + 20,
@@ -316,12 +271,12 @@ static bool same_bits(const std::vector<float> &x, const std::vector<float> &y)
     return x.size() == y.size() && !memcmp(x.data(), y.data(), x.size() * sizeof(float));
 }
 
-static void compare_case(const char *name, const Model *m, const Adapter *a, int merge, int path)
+static void compare_case(const char *name, const Model *m, const Adapter *a, int merge, int gemv)
 {
     Scenario sc(m->config.vocab_size);
     std::vector<Output> cpu = run_cpu(m, a, merge, sc);
-    std::vector<Output> plain = run_gpu(m, a, merge, 0, path, sc, -1);
-    std::vector<Output> graph = run_gpu(m, a, merge, 1, path, sc, -1);
+    std::vector<Output> plain = run_gpu(m, a, merge, 0, gemv, sc, -1);
+    std::vector<Output> graph = run_gpu(m, a, merge, 1, gemv, sc, -1);
     is_int(plain.size(), cpu.size(), "%s: %zu logits rows from the GPU, as many as the CPU's", name, plain.size());
     if (plain.size() != cpu.size() || graph.size() != cpu.size())
         return;
@@ -359,7 +314,7 @@ static void compare_case(const char *name, const Model *m, const Adapter *a, int
     int n_identical = 0, n_rows = 0;
     double worst_alone = 0;
     for (int s = 0; s < 3; s++) {
-        std::vector<Output> alone = run_gpu(m, a, merge, 1, path, sc, s);
+        std::vector<Output> alone = run_gpu(m, a, merge, 1, gemv, sc, s);
         size_t k = 0;
         for (const Output &o : plain) {
             if (o.row != s)
@@ -453,11 +408,9 @@ static int argmax(const float *x, int n)
     return best;
 }
 
-// stories260K: greedy from BOS on both engines; lt: the GPU's decode products through cuBLASLt
-// (cfg.lt_autotune 2).
-static void test_stories(int lt)
+// stories260K: greedy from BOS on both engines.
+static void test_stories(void)
 {
-    const char *path = lt ? " (cuBLASLt tuned)" : "";
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/stories260K/hf", tap_testdata());
     Err err;
@@ -474,7 +427,6 @@ static void test_stories(int lt)
     CudaGenConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.max_batch = 1, cfg.capacity = N + 1, cfg.max_prefill = 16, cfg.merge_adapter = 1, cfg.use_graphs = 1;
-    cfg.lt_autotune = lt ? 2 : 0;
     CudaGen *g = cuda_gen_create(m, NULL, &cfg, &err);
     if (!g)
         die("cuda_gen_create", &err);
@@ -493,11 +445,11 @@ static void test_stories(int lt)
         gpu_tok = (uint32_t)argmax(gl.data(), c->vocab_size);
         if (cpu_tok != gpu_tok) {
             diverged = i;
-            printf("# stories260K%s: token %d differs: CPU %u (CPU logit %.5f, GPU %.5f), GPU %u (CPU logit %.5f, "
+            printf("# stories260K: token %d differs: CPU %u (CPU logit %.5f, GPU %.5f), GPU %u (CPU logit %.5f, "
                    "GPU %.5f)\n",
-                   path, i, cpu_tok, cl[cpu_tok], gl[cpu_tok], gpu_tok, cl[gpu_tok], gl[gpu_tok]);
+                   i, cpu_tok, cl[cpu_tok], gl[cpu_tok], gpu_tok, cl[gpu_tok], gl[gpu_tok]);
             ok(cl[cpu_tok] - cl[gpu_tok] < 0.05f * (fabsf(cl[cpu_tok]) + 1),
-               "stories260K%s: the divergence at token %d is a near-tie on the CPU (gap %.4f)", path, i,
+               "stories260K: the divergence at token %d is a near-tie on the CPU (gap %.4f)", i,
                cl[cpu_tok] - cl[gpu_tok]);
             break;
         }
@@ -508,10 +460,9 @@ static void test_stories(int lt)
         if (!(cl = generator_forward(cpu, &cpu_tok, 1, &err)))
             die("generator_forward", &err);
     }
-    ok(diverged < 0 || diverged >= 50, "stories260K%s: greedy GPU ids equal the CPU's for %d of %d tokens", path,
+    ok(diverged < 0 || diverged >= 50, "stories260K: greedy GPU ids equal the CPU's for %d of %d tokens",
        diverged < 0 ? N : diverged, N);
-    ok(worst <= TOL_LOGITS, "stories260K%s: logits along the greedy path, worst row %.2e <= %.0e", path, worst,
-       TOL_LOGITS);
+    ok(worst <= TOL_LOGITS, "stories260K: logits along the greedy path, worst row %.2e <= %.0e", worst, TOL_LOGITS);
     cuda_gen_free(g);
     generator_free(cpu);
     model_free(m);
@@ -543,11 +494,10 @@ static double weight_bytes(const ModelConfig *c)
 
 // batch prompts of prompt_len, then steps decode steps; prints a table row.
 static void bench_decode(const ModelConfig *c, int batch, int prompt_len, int steps, int graphs, int cublas_min,
-                         const char *label, int unfused = 0, int gemv_products = 0, int pdl = 0, int lt = 0)
+                         const char *label, int unfused = 0, int gemv_products = 0, int pdl = 0)
 {
     CudaGenConfig cfg;
     memset(&cfg, 0, sizeof cfg);
-    cfg.lt_autotune = lt;
     cfg.gemv_pdl = pdl;
     cfg.gemv_products = gemv_products;
     cfg.unfused_residual = unfused;
@@ -558,9 +508,6 @@ static void bench_decode(const ModelConfig *c, int batch, int prompt_len, int st
     if (!g)
         die("cuda_gen_create_random", &err);
     cudaStream_t s = (cudaStream_t)cuda_gen_stream(g);
-    // The same prompts and step ids for every row of one batch size, so that the cuBLASLt rows'
-    // logits can be compared with the cuBLAS row's (the weights are the same: seed 7).
-    rng_state = 0x5eed0000u + (uint64_t)batch;
     std::vector<uint32_t> ids = random_ids(prompt_len * batch, c->vocab_size);
     int per_call = 2048 / prompt_len < batch ? 2048 / prompt_len : batch;
     for (int first = 0; first < batch; first += per_call) {
@@ -574,17 +521,15 @@ static void bench_decode(const ModelConfig *c, int batch, int prompt_len, int st
     HOST_CUDA(cudaStreamSynchronize(s));
     std::vector<uint32_t> step_ids = random_ids(batch, c->vocab_size);
     std::vector<uint8_t> act(batch, 1);
-    // The first step captures the graph (and tunes the products with lt): not timed in the step.
-    double t_first = now_s();
+    // The first step captures the graph: not timed.
     LAUNCHED(cuda_gen_decode(g, step_ids.data(), act.data(), batch, E));
     HOST_CUDA(cudaStreamSynchronize(s));
-    t_first = now_s() - t_first;
     double t0 = now_s();
     for (int i = 1; i < steps; i++)
         LAUNCHED(cuda_gen_decode(g, step_ids.data(), act.data(), batch, E));
     HOST_CUDA(cudaStreamSynchronize(s));
     double dt = (now_s() - t0) / (steps - 1);
-    std::vector<float> lg = download_f32(cuda_gen_logits(g), (size_t)batch * c->vocab_size);
+    std::vector<float> lg = download_f32(cuda_gen_logits(g), c->vocab_size);
     bool finite = true;
     for (float v : lg)
         finite = finite && isfinite(v);
@@ -595,47 +540,6 @@ static void bench_decode(const ModelConfig *c, int batch, int prompt_len, int st
            "device %.1f GiB  %s\n",
            batch, label, dt * 1e3, batch / dt, bytes / dt / 1e12, weight_bytes(c) / 1e9, kv / 1e9,
            cuda_gen_device_bytes(g) / 1073741824.0, finite ? "finite" : "NaN/inf!");
-    // The last step's logits of the plain cuBLAS row at each batch size, for the cuBLASLt rows.
-    static std::map<int, std::vector<float>> reference;
-    if (!lt && graphs && cublas_min == 0 && !unfused && !gemv_products && !pdl)
-        reference[batch] = lg;
-    if (lt && reference.count(batch)) {
-        const std::vector<float> &ref = reference[batch];
-        int same_argmax = 0;
-        for (int b = 0; b < batch; b++) {
-            const float *x = lg.data() + (size_t)b * c->vocab_size, *y = ref.data() + (size_t)b * c->vocab_size;
-            same_argmax += std::max_element(x, x + c->vocab_size) - x == std::max_element(y, y + c->vocab_size) - y;
-        }
-        printf("lt      batch %2d  last step's logits against the cuBLAS row's (same weights and ids): relative L2 "
-               "%.2e, argmax equal in %d of %d rows\n",
-               batch, rel_l2(lg.data(), ref.data(), lg.size()), same_argmax, batch);
-    }
-    if (lt) {
-        // What the tuning chose (the first engine of a shape tunes; later ones reuse the process's
-        // choices, so their first step is only the capture).
-        CudaGenLtChoice ch[5];
-        int k = cuda_gen_lt_choices(g, batch, ch);
-        printf("lt      batch %2d  first step (tuning if new, capture) %.1f ms\n", batch, t_first * 1e3);
-        double sum_lt = 0, sum_gemmex = 0, sum_used = 0;
-        for (int i = 0; i < k; i++) {
-            double gb = (double)ch[i].out * ch[i].in * 2 / 1e9, used = ch[i].use_lt ? ch[i].lt_us : ch[i].gemmex_us;
-            int per_step = strcmp(ch[i].product, "lm_head") ? c->n_layers : 1;
-            printf("lt      batch %2d  %-7s (%6d x %5d): cuBLASLt %7.2f us (%.2f TB/s; algo %d tile %d splitK %d "
-                   "reduction %d stages %d, workspace %zu B, of %d candidates)  cublasGemmEx %7.2f us (%.2f TB/s)  "
-                   "uses %s\n",
-                   batch, ch[i].product, ch[i].out, ch[i].in, ch[i].lt_us, ch[i].lt_us > 0 ? gb / ch[i].lt_us * 1e3 : 0.0,
-                   ch[i].algo_id, ch[i].tile_id, ch[i].splitk, ch[i].reduction, ch[i].stages, ch[i].workspace,
-                   ch[i].candidates, ch[i].gemmex_us, gb / ch[i].gemmex_us * 1e3,
-                   ch[i].use_lt ? "cuBLASLt" : "cublasGemmEx");
-            sum_lt += per_step * (ch[i].lt_us > 0 ? ch[i].lt_us : ch[i].gemmex_us);
-            sum_gemmex += per_step * ch[i].gemmex_us;
-            sum_used += per_step * used;
-        }
-        if (k)
-            printf("lt      batch %2d  products of one step, timed alone: cuBLASLt best %.3f ms, cublasGemmEx %.3f ms, "
-                   "as used %.3f ms\n",
-                   batch, sum_lt * 1e-3, sum_gemmex * 1e-3, sum_used * 1e-3);
-    }
     cuda_gen_free(g);
 }
 
@@ -721,10 +625,7 @@ static int bench(void)
     ModelConfig c = llama3_8b();
     printf("# Llama-3-8B shapes, random bf16 weights (%.2f GB read per decode step)\n", weight_bytes(&c) / 1e9);
     bench_decode(&c, 1, 128, 256, 1, 0, "graphs, cuBLAS");
-    bench_decode(&c, 1, 128, 256, 1, 0, "graphs, cuBLASLt tuned", 0, 0, 0, 1);
-    bench_decode(&c, 1, 128, 256, 1, 0, "graphs, cuBLASLt forced", 0, 0, 0, 2);
     bench_decode(&c, 1, 128, 256, 0, 0, "no graphs, cuBLAS");
-    bench_decode(&c, 1, 128, 256, 0, 0, "no graphs, cuBLASLt tuned", 0, 0, 0, 1);
     bench_decode(&c, 1, 128, 256, 1, 64, "graphs, GEMV");
     bench_decode(&c, 1, 128, 256, 1, 64, "graphs, GEMV, PDL", 0, 0, 1);
     bench_decode(&c, 1, 128, 256, 0, 64, "no graphs, GEMV, PDL", 0, 0, 1);
@@ -733,14 +634,11 @@ static int bench(void)
     bench_decode(&c, 1, 128, 256, 1, 64, "graphs, GEMV, add kernel", 1);
     bench_decode(&c, 1, 128, 256, 0, 64, "no graphs, GEMV");
     bench_decode(&c, 4, 128, 256, 1, 0, "graphs, cuBLAS");
-    bench_decode(&c, 4, 128, 256, 1, 0, "graphs, cuBLASLt tuned", 0, 0, 0, 1);
     bench_decode(&c, 4, 128, 256, 1, 64, "graphs, GEMV");
     bench_prefill(&c, 2048);
     bench_decode(&c, 64, 128, 256, 1, 0, "graphs, cuBLAS");
-    bench_decode(&c, 64, 128, 256, 1, 0, "graphs, cuBLASLt tuned", 0, 0, 0, 1);
     bench_decode(&c, 64, 128, 256, 1, 65, "graphs, GEMV");
     bench_decode(&c, 16, 128, 256, 1, 0, "graphs, cuBLAS");
-    bench_decode(&c, 16, 128, 256, 1, 0, "graphs, cuBLASLt tuned", 0, 0, 0, 1);
     bench_decode(&c, 16, 128, 256, 1, 17, "graphs, GEMV");
     return 0;
 }
@@ -764,19 +662,19 @@ int main(int argc, char **argv)
         RandomModel rm(mc.dim, mc.hidden, mc.layers, mc.heads, mc.kv_heads, mc.head_dim, mc.vocab);
         Adapter *a = random_adapter(&rm.m.config);
         char name[96];
-        for (int path = 0; path < N_PATHS; path++) {
-            snprintf(name, sizeof name, "%s, %s, no adapter", mc.name, path_names[path]);
-            compare_case(name, &rm.m, NULL, 1, path);
-            snprintf(name, sizeof name, "%s, %s, adapter merged", mc.name, path_names[path]);
-            compare_case(name, &rm.m, a, 1, path);
-            snprintf(name, sizeof name, "%s, %s, adapter unmerged", mc.name, path_names[path]);
-            compare_case(name, &rm.m, a, 0, path);
+        for (int gemv = 0; gemv < 2; gemv++) {
+            const char *path = gemv ? "GEMV" : "cuBLAS";
+            snprintf(name, sizeof name, "%s, %s, no adapter", mc.name, path);
+            compare_case(name, &rm.m, NULL, 1, gemv);
+            snprintf(name, sizeof name, "%s, %s, adapter merged", mc.name, path);
+            compare_case(name, &rm.m, a, 1, gemv);
+            snprintf(name, sizeof name, "%s, %s, adapter unmerged", mc.name, path);
+            compare_case(name, &rm.m, a, 0, gemv);
         }
         if (mc.head_dim == 64)
             test_errors(&rm.m);
         adapter_free(a);
     }
-    test_stories(0);
-    test_stories(1);
+    test_stories();
     return done_testing();
 }
