@@ -214,12 +214,8 @@ GenBatch *gen_batch_new(const Model *m, const Adapter *a, const Tokenizer *tok, 
         err_set(err, "out of memory");
         goto fail;
     }
-    // LORA_GEN_LT_AUTOTUNE=1: decode products through cuBLASLt with algorithms timed per shape
-    // (kernels/gen_cuda.cuh; an experiment under measurement, see lora-gen(1) ENVIRONMENT).
-    const char *lt = getenv("LORA_GEN_LT_AUTOTUNE");
     CudaGenConfig gc = {.max_batch = B, .capacity = (int)b->context, .max_prefill = (int)b->max_prefill,
-                        .merge_adapter = cfg->merge_adapter, .use_graphs = cfg->use_graphs,
-                        .lt_autotune = lt && *lt ? atoi(lt) : 0};
+                        .merge_adapter = cfg->merge_adapter, .use_graphs = cfg->use_graphs};
     if (!(b->gpu = cuda_gen_create(m, a, &gc, err)))
         goto fail;
     if (!(b->gpu_sampler = cuda_sampler_create(B, b->vocab, sp, err)))

@@ -7,8 +7,7 @@
 # 2. transformers' generate on them (greedy, bf16, SDPA, KV cache): batch 1 with the adapter
 #    unmerged and merged, time to first token at 2048, batch 64;
 # 3. lora-gen --device cuda -v on the same model, adapter and prompts (merged, unmerged, without
-#    CUDA graphs; 2048-token prompt with -n 1; 64 prompts with -b 64; batch 1 and 64 again with
-#    LORA_GEN_LT_AUTOTUNE=1, cuBLASLt algorithms timed per shape);
+#    CUDA graphs; 2048-token prompt with -n 1; 64 prompts with -b 64);
 # 4. one table: each measure for both, the ratio, and lora-gen's achieved bandwidth at batch 1
 #    against the device copy rate measured in the same run.
 # Every stage runs under a time limit; a failed stage is a row of the table. Skips (exit 0)
@@ -48,14 +47,11 @@ say "peer: transformers' generate (limit ${PEER_LIMIT}s)"
 PYTHONUNBUFFERED=1 timeout "$PEER_LIMIT" "$PY" "$HELPER" peer "$W/model" "$W/adapter" "$RES" "$W/p128" "$W/p2048" $TINY \
     >"$W/peer.log" 2>&1 || { say "peer stage ended with status $?; its log:"; tail -n 5 "$W/peer.log" >&2; }
 
-# ours MEASURE ARGS...: one lora-gen run (with $RUN_ENV in its environment); its -v summary
-# becomes a result.
-RUN_ENV=
+# ours MEASURE ARGS...: one lora-gen run; its -v summary becomes a result.
 ours() {
     _m=$1; shift
     say "lora-gen $_m: $*"
-    # shellcheck disable=SC2086 # RUN_ENV: zero or one VAR=value
-    timeout "$OURS_LIMIT" env "LD_LIBRARY_PATH=$TOOL_LD_PATH" $RUN_ENV "$BIN/lora-gen" --device cuda -v -m "$W/model" -l "$@" \
+    timeout "$OURS_LIMIT" env "LD_LIBRARY_PATH=$TOOL_LD_PATH" "$BIN/lora-gen" --device cuda -v -m "$W/model" -l "$@" \
         >"$W/$_m.out" 2>"$W/$_m.err"
     _rc=$?
     [ $_rc -eq 0 ] || echo "lora-gen: exit status $_rc$([ $_rc -eq 124 ] && echo " (time limit ${OURS_LIMIT}s)")" >>"$W/$_m.err"
@@ -66,9 +62,6 @@ ours decode_b1_unmerged -a "$W/adapter" --unmerged -b 1 -c 512 -n 256 "$W/p128x1
 ours decode_b1_nographs -a "$W/adapter" --no-graphs -b 1 -c 512 -n 256 "$W/p128x1"
 ours ttft_2048 -a "$W/adapter" -b 1 -c 2100 -n 1 "$W/p2048"
 ours decode_b64 -a "$W/adapter" -b 64 -c 512 -n 256 "$W/p128"
-RUN_ENV=LORA_GEN_LT_AUTOTUNE=1
-ours decode_b1_lt -a "$W/adapter" -b 1 -c 512 -n 256 "$W/p128x1"
-ours decode_b64_lt -a "$W/adapter" -b 64 -c 512 -n 256 "$W/p128"
 
 echo
 "$PY" "$HELPER" table "$RES" "$W/model"

@@ -201,14 +201,11 @@ def table(results, model_dir):
             ("decode_b1_unmerged", "batch 1 decode, adapter unmerged", "tokens/s", True),
             ("decode_b1_nographs", "batch 1 decode, merged, no CUDA graphs", "tokens/s", True),
             ("ttft_2048", "time to first token, 2048-token prompt", "ms", False),
-            ("decode_b64", "batch 64 aggregate (prefill included)", "tokens/s", True),
-            ("decode_b1_lt", "batch 1 decode, merged, cuBLASLt tuned", "tokens/s", True),
-            ("decode_b64_lt", "batch 64 aggregate, cuBLASLt tuned", "tokens/s", True)]
+            ("decode_b64", "batch 64 aggregate (prefill included)", "tokens/s", True)]
     print("| measure | unit | HF transformers | lora-gen | ratio | lora-gen bandwidth |")
     print("|---|---|---|---|---|---|")
     for key, label, unit, higher in rows:
-        pv, perr = peer_value({"decode_b1_nographs": "decode_b1", "decode_b1_lt": "decode_b1",
-                               "decode_b64_lt": "decode_b64"}.get(key, key))
+        pv, perr = peer_value("decode_b1" if key == "decode_b1_nographs" else key)
         ov, oerr = ours_value(key)
         ratio = ""
         if pv and ov:

@@ -6,9 +6,9 @@
 # The GPU runs bf16 (as transformers runs a bf16 model): where two candidate tokens are within
 # bf16 rounding of each other it may take the other one, and the text parts from the float32
 # reference from there on (tests/gpu/gen_test.cu checks at the engine level that such a first
-# divergence is a near-tie). So a comparison with a float32 text passes when the texts are
-# identical or agree for a good stretch first (a bug in positions, the cache, slots or the
-# adapter gives other text from the first tokens); how much agreed is printed either way.
+# divergence is a near-tie). So a comparison with a float32 text passes when most outputs are
+# identical (agree) or a single text agrees for a good stretch first (agree_text); how much
+# agreed is printed either way.
 # Skips on a machine without an NVIDIA GPU or without $TESTDATA.
 cd "$(dirname "$0")/../.." || exit 1
 ROOT=$(pwd)
@@ -27,10 +27,12 @@ same() {
     if cmp -s "$2" "$3"; then pass "$1"; else
         fail "$1"; diag "$(diff "$2" "$3" | head -6)"; fi
 }
-# agree NAME REF GOT MIN: identical, or every line of GOT begins as REF's line for at least MIN
-# bytes (or is identical); prints how many lines are identical and the shortest agreement.
+# agree NAME REF GOT: as many lines, and at least two thirds of them identical (a bug in
+# positions, the cache, slots or the adapter changes nearly every line from its first tokens; a
+# near-tie flips one output here and there, even at its first token when sampling); prints how
+# many lines are identical and the earliest point where one parts.
 agree() {
-    _r=$(awk -v min="$4" 'NR == FNR { ref[FNR] = $0; n = FNR; next }
+    _r=$(awk 'NR == FNR { ref[FNR] = $0; n = FNR; next }
         { got[FNR] = $0; m = FNR }
         END {
             same = 0; worst = -1
@@ -43,7 +45,7 @@ agree() {
             }
             printf "%d of %d lines identical", same, n
             if (worst >= 0) printf "; the others part after %d bytes at the earliest", worst
-            exit !(n == m && (worst < 0 || worst >= min))
+            exit !(n == m && 3 * same >= 2 * n)
         }' "$2" "$3")
     _st=$?
     ok "$1 ($_r)" test $_st -eq 0
@@ -62,11 +64,11 @@ ok "runs on the GPU" grep -q "cuda:" "$T/err"
 diag "$(cat "$T/err")"
 agree_text "greedy from BOS: the known text of greedy-200.txt" "$TESTDATA/stories260K/greedy-200.txt" "$T/g200" 100
 gpu -l -n 48 "$FIX/prompts.txt" >"$T/base" 2>"$T/err"
-agree "base model: transformers' greedy text (float32)" "$FIX/base.txt" "$T/base" 40
+agree "base model: transformers' greedy text (float32)" "$FIX/base.txt" "$T/base"
 gpu -a "$FIX/adapter" -l -n 48 "$FIX/prompts.txt" >"$T/ad" 2>"$T/err"
-agree "adapter merged into the bf16 weights: transformers + peft's text" "$FIX/adapter.txt" "$T/ad" 40
+agree "adapter merged into the bf16 weights: transformers + peft's text" "$FIX/adapter.txt" "$T/ad"
 gpu -a "$FIX/adapter" --unmerged -l -n 48 "$FIX/prompts.txt" >"$T/adu" 2>"$T/err"
-agree "adapter unmerged: transformers + peft's text" "$FIX/adapter.txt" "$T/adu" 40
+agree "adapter unmerged: transformers + peft's text" "$FIX/adapter.txt" "$T/adu"
 
 # Batches: prompts of different lengths in one batch, rows joining and leaving.
 for i in 1 2 3 4 5 6 7; do printf 'Once upon a time\nThe dog\n\nA\n'; done >"$T/many"
@@ -78,15 +80,15 @@ same "greedy: --batch 28 (cuBLAS products) equals --batch 1" "$T/b1" "$T/b28"
 gpu -l -n 40 -b 5 --no-graphs "$T/many" >"$T/ng" 2>"$T/err"
 same "--no-graphs gives the same text" "$T/b5" "$T/ng"
 cpu -l -n 40 "$T/many" >"$T/c1" 2>"$T/err"
-agree "greedy: the CPU's text" "$T/c1" "$T/b5" 40
+agree "greedy: the CPU's text" "$T/c1" "$T/b5"
 S="-t 0.9 --top-p 0.95 --repetition-penalty 1.1 -s 9 -n 40 --stop the --separator --"
 gpu -l $S -b 1 "$T/many" >"$T/s1" 2>"$T/err"
 gpu -l $S -b 6 "$T/many" >"$T/s6" 2>"$T/err"
 # cuBLAS picks its kernels by the number of rows, so logits (and near-boundary draws) may differ
 # in the last bf16 bit with the batch around a prompt.
-agree "sampled: --batch 6 against --batch 1" "$T/s1" "$T/s6" 12
+agree "sampled: --batch 6 against --batch 1" "$T/s1" "$T/s6"
 cpu -l $S "$T/many" >"$T/sc" 2>"$T/err"
-agree "sampled: the CPU's text for the same seed" "$T/sc" "$T/s6" 12
+agree "sampled: the CPU's text for the same seed" "$T/sc" "$T/s6"
 if command -v jq >/dev/null; then
     gpu -l -j -n 30 -b 9 "$T/many" >"$T/j" 2>"$T/err"
     is "$(jq -r .index "$T/j" | tr '\n' ' ')" "$(seq 1 28 | tr '\n' ' ')" "--jsonl lines in input order"
