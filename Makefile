@@ -93,7 +93,7 @@ $(BUILD)/test-gpu/%: tests/gpu/%.cu tests/gpu/harness.cuh $(BUILD)/test-gpu/cpu_
 # $(CC) links them with libalp.a and the runtime libraries, so a GPU machine without their -dev
 # headers runs the binaries built here.
 GPU_LIB_TESTS := engine_test gen_test sample_test
-$(GPU_LIB_TESTS:%=$(BUILD)/test-gpu/%.o): $(BUILD)/test-gpu/%.o: tests/gpu/%.cu tests/gpu/harness.cuh tests/unit/tap.h \
+$(GPU_LIB_TESTS:%=$(BUILD)/test-gpu/%.o): $(BUILD)/test-gpu/%.o: tests/gpu/%.cu $(wildcard tests/gpu/*.cuh) tests/unit/tap.h \
 		$(wildcard kernels/*.cuh lib/*.h)
 	@mkdir -p $(@D)
 	$(NVCC) $(NVFLAGS) -Itests/unit -c -o $@ $<

@@ -43,67 +43,7 @@ static inline float fast_unit(void)
     return ((float)(fast_state >> 40) / 16777216.0f * 2.0f - 1.0f) * 1.7320508f;
 }
 
-// A random Llama held in memory: bf16 tensors and the Model that views them (fast: the cheap
-// generator above instead of normal()).
-struct RandomModel {
-    Model m;
-    std::vector<std::vector<uint16_t>> store;
-    std::vector<LayerWeights> layers;
-    bool fast = false;
-
-    Tensor tensor(int64_t rows, int64_t cols, float scale, float offset)
-    {
-        size_t n = (size_t)rows * (cols ? cols : 1);
-        std::vector<uint16_t> bits(n);
-        for (size_t i = 0; i < n; i++)
-            bits[i] = bf16_bits(offset + scale * (fast ? fast_unit() : normal()));
-        store.push_back(std::move(bits));
-        Tensor t;
-        memset(&t, 0, sizeof t);
-        t.dtype = DTYPE_BF16;
-        t.ndim = cols ? 2 : 1;
-        t.shape[0] = rows;
-        t.shape[1] = cols;
-        t.data = store.back().data();
-        return t;
-    }
-
-    RandomModel(int dim, int hidden, int n_layers, int n_heads, int n_kv_heads, int vocab, bool fast_fill = false)
-    {
-        fast = fast_fill;
-        memset(&m, 0, sizeof m);
-        ModelConfig *c = &m.config;
-        snprintf(c->model_type, sizeof c->model_type, "llama");
-        c->dim = dim;
-        c->hidden_dim = hidden;
-        c->n_layers = n_layers;
-        c->n_heads = n_heads;
-        c->n_kv_heads = n_kv_heads;
-        c->head_dim = dim / n_heads;
-        c->vocab_size = vocab;
-        c->max_seq_len = 8192;
-        c->norm_eps = 1e-5f;
-        c->rope_theta = 10000.0f;
-        c->rope_type = ROPE_DEFAULT;
-        c->rope_factor = 1.0f;
-        c->bos_id = -1;
-        store.reserve(4 + (size_t)n_layers * 9);
-        layers.resize(n_layers);
-        m.weights.embed = tensor(vocab, dim, 1.0f, 0.0f);
-        for (int l = 0; l < n_layers; l++) {
-            layers[l].attn_norm = tensor(dim, 0, 0.1f, 1.0f);
-            layers[l].ffn_norm = tensor(dim, 0, 0.1f, 1.0f);
-            for (int p = 0; p < PROJ_COUNT; p++) {
-                int in, out;
-                model_proj_dims(c, (Proj)p, &in, &out);
-                layers[l].proj[p] = tensor(out, in, 1.0f / sqrtf((float)in), 0.0f);
-            }
-        }
-        m.weights.layers = layers.data();
-        m.weights.final_norm = tensor(dim, 0, 0.1f, 1.0f);
-        m.weights.lm_head = tensor(vocab, dim, 1.0f / sqrtf((float)dim), 0.0f);
-    }
-};
+#include "random_model.cuh"
 
 // A micro-batch of B rows of T tokens packed with documents of random lengths (positions restart
 // at each), a fifth of the targets untrained.
@@ -587,10 +527,10 @@ static int bench(void)
     bench_upload();
     const CudaRecompute modes[2] = {CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_LAYER};
     {
-        RandomModel small(256, 688, 2, 4, 2, 512);
+        RandomModel small(256, 688, 2, 4, 2, 0, 512, 8192);
         for (CudaRecompute mode : modes)
             bench_case("random dim 256", &small.m, 1, 256, 8, mode);
-        RandomModel big(1024, 2816, 4, 16, 4, 32000);
+        RandomModel big(1024, 2816, 4, 16, 4, 0, 32000, 8192);
         const int shapes[4][2] = {{1, 256}, {1, 2048}, {2, 2048}, {8, 512}};
         for (auto &sh : shapes)
             for (CudaRecompute mode : modes)
@@ -598,7 +538,7 @@ static int bench(void)
     }
     // Llama-3-8B's shapes (4096 / 14336, 32/8 heads, V 128256, untied), 2 of its 32 layers: the
     // per-layer step time and activation bytes scale to 32 layers (the lm_head part does not).
-    RandomModel l3(4096, 14336, 2, 32, 8, 128256, true);
+    RandomModel l3(4096, 14336, 2, 32, 8, 0, 128256, 8192, fast_unit);
     const int shapes8b[2][2] = {{2, 2048}, {1, 8192}};
     for (auto &sh : shapes8b)
         for (CudaRecompute mode : modes)
@@ -612,7 +552,7 @@ int main(int argc, char **argv)
     if (mode != HARNESS_TESTS)
         return mode == HARNESS_BENCH ? bench() : 0;
     // GQA (4 query heads on 2 kv heads), head_dim 64: the flash attention path.
-    RandomModel random_model(256, 688, 2, 4, 2, 512);
+    RandomModel random_model(256, 688, 2, 4, 2, 0, 512, 8192);
     compare_engines("random hd64", &random_model.m, 2, 128, 8, 0.5f);
     compare_engines("random hd64 1x256", &random_model.m, 1, 256, 8, 0.5f);
     test_rejects(&random_model.m);

@@ -31,65 +31,7 @@ extern "C" {
 #include "generate.h"
 }
 #include "harness.cuh"
-
-// A random Llama held in memory: bf16 tensors and the Model that views them.
-struct RandomModel {
-    Model m;
-    std::vector<std::vector<uint16_t>> store;
-    std::vector<LayerWeights> layers;
-
-    Tensor tensor(int64_t rows, int64_t cols, float scale, float offset)
-    {
-        size_t n = (size_t)rows * (cols ? cols : 1);
-        std::vector<uint16_t> bits(n);
-        for (size_t i = 0; i < n; i++)
-            bits[i] = bf16_bits(offset + scale * normal());
-        store.push_back(std::move(bits));
-        Tensor t;
-        memset(&t, 0, sizeof t);
-        t.dtype = DTYPE_BF16;
-        t.ndim = cols ? 2 : 1;
-        t.shape[0] = rows;
-        t.shape[1] = cols;
-        t.data = store.back().data();
-        return t;
-    }
-
-    RandomModel(int dim, int hidden, int n_layers, int n_heads, int n_kv_heads, int head_dim, int vocab)
-    {
-        memset(&m, 0, sizeof m);
-        ModelConfig *c = &m.config;
-        snprintf(c->model_type, sizeof c->model_type, "llama");
-        c->dim = dim;
-        c->hidden_dim = hidden;
-        c->n_layers = n_layers;
-        c->n_heads = n_heads;
-        c->n_kv_heads = n_kv_heads;
-        c->head_dim = head_dim;
-        c->vocab_size = vocab;
-        c->max_seq_len = 4096;
-        c->norm_eps = 1e-5f;
-        c->rope_theta = 10000.0f;
-        c->rope_type = ROPE_DEFAULT;
-        c->rope_factor = 1.0f;
-        c->bos_id = -1;
-        store.reserve(4 + (size_t)n_layers * 9);
-        layers.resize(n_layers);
-        m.weights.embed = tensor(vocab, dim, 1.0f, 0.0f);
-        for (int l = 0; l < n_layers; l++) {
-            layers[l].attn_norm = tensor(dim, 0, 0.1f, 1.0f);
-            layers[l].ffn_norm = tensor(dim, 0, 0.1f, 1.0f);
-            for (int p = 0; p < PROJ_COUNT; p++) {
-                int in, out;
-                model_proj_dims(c, (Proj)p, &in, &out);
-                layers[l].proj[p] = tensor(out, in, 1.0f / sqrtf((float)in), 0.0f);
-            }
-        }
-        m.weights.layers = layers.data();
-        m.weights.final_norm = tensor(dim, 0, 0.1f, 1.0f);
-        m.weights.lm_head = tensor(vocab, dim, 1.0f / sqrtf((float)dim), 0.0f);
-    }
-};
+#include "random_model.cuh"
 
 static void die(const char *what, const Err *err)
 {
@@ -659,7 +601,7 @@ int main(int argc, char **argv)
         {"hd12 plain", 48, 100, 2, 4, 2, 12, 200},
     };
     for (auto &mc : models) {
-        RandomModel rm(mc.dim, mc.hidden, mc.layers, mc.heads, mc.kv_heads, mc.head_dim, mc.vocab);
+        RandomModel rm(mc.dim, mc.hidden, mc.layers, mc.heads, mc.kv_heads, mc.head_dim, mc.vocab, 4096);
         Adapter *a = random_adapter(&rm.m.config);
         char name[96];
         for (int gemv = 0; gemv < 2; gemv++) {
