@@ -82,7 +82,8 @@ struct GenBatch {
     Job **jobs;               // [first, n_jobs) submitted, not yet delivered, in order
     size_t first, n_jobs, cap_jobs;
     size_t next_pending;      // index into jobs of the first job that has not joined a slot
-    Slot *slots;              // (max_batch)
+    Slot *slots;              // (n_slots: cfg.max_batch as asked; cfg.max_batch may shrink to fit)
+    int n_slots;
 
     Sampler *sampler;         // CPU
 #ifdef HAVE_CUDA
@@ -130,7 +131,7 @@ void gen_batch_free(GenBatch *b)
         job_free(b->jobs[i]);
     free(b->jobs);
     if (b->slots)
-        for (int s = 0; s < b->cfg.max_batch; s++) {
+        for (int s = 0; s < b->n_slots; s++) {
             gen_seq_free(b->slots[s].seq);
             generator_free(b->slots[s].gen);
         }
@@ -174,6 +175,7 @@ GenBatch *gen_batch_new(const Model *m, const Adapter *a, const Tokenizer *tok, 
     b->context = cfg->context > 0 && (size_t)cfg->context < model_ctx ? (size_t)cfg->context : model_ctx;
     int B = cfg->max_batch;
     b->slots = calloc((size_t)B, sizeof *b->slots);
+    b->n_slots = B;
     b->rows_slot = calloc((size_t)B, sizeof *b->rows_slot);
     b->ids = calloc((size_t)B, sizeof *b->ids);
     b->picked = calloc((size_t)B, sizeof *b->picked);
@@ -216,15 +218,22 @@ GenBatch *gen_batch_new(const Model *m, const Adapter *a, const Tokenizer *tok, 
     }
     CudaGenConfig gc = {.max_batch = B, .capacity = (int)b->context, .max_prefill = (int)b->max_prefill,
                         .merge_adapter = cfg->merge_adapter, .use_graphs = cfg->use_graphs};
-    if (!(b->gpu = cuda_gen_create(m, a, &gc, err)))
-        goto fail;
+    int asked = B;
+    // Every slot reserves its KV cache up front: with shrink_to_fit, fewer slots when they do not fit.
+    while (!(b->gpu = cuda_gen_create(m, a, &gc, err))) {
+        if (!cfg->shrink_to_fit || gc.max_batch == 1 || !strstr(err->msg, "cannot allocate"))
+            goto fail;
+        gc.max_batch /= 2;
+    }
+    B = b->cfg.max_batch = gc.max_batch;
     if (!(b->gpu_sampler = cuda_sampler_create(B, b->vocab, sp, err)))
         goto fail;
     char name[128];
     size_t total = 0;
     cuda_device_info(name, sizeof name, &total, NULL, NULL);
-    snprintf(b->describe, sizeof b->describe, "cuda: %s, batch %d x context %zu, %.2f GiB", name, B, b->context,
-             cuda_gen_device_bytes(b->gpu) / 1073741824.0);
+    snprintf(b->describe, sizeof b->describe, "cuda: %s, batch %d x context %zu, %.2f GiB%s", name, B, b->context,
+             cuda_gen_device_bytes(b->gpu) / 1073741824.0,
+             B < asked ? " (batch lowered to fit the device's memory)" : "");
     return b;
 #else
     err_set(err, "generation on the GPU is not available in this build (use --device cpu)");
@@ -235,6 +244,7 @@ fail:
 }
 
 const char *gen_batch_describe(const GenBatch *b) { return b->describe; }
+int gen_batch_max_batch(const GenBatch *b) { return b->cfg.max_batch; }
 size_t gen_batch_busy(const GenBatch *b) { return b->n_jobs - b->first; }
 size_t gen_batch_pending(const GenBatch *b) { return b->n_jobs - b->next_pending; }
 

@@ -1,6 +1,7 @@
 // defines: GenDevice, gen_device_parse, gen_device_resolve, GenBatchConfig, GenOutput, GenBatch,
 //          gen_batch_new, gen_batch_free, gen_batch_submit, gen_batch_step, gen_batch_busy,
-//          gen_batch_pending, gen_batch_finish, gen_batch_describe, GenBatchStats, gen_batch_stats
+//          gen_batch_pending, gen_batch_finish, gen_batch_describe, gen_batch_max_batch, GenBatchStats,
+//          gen_batch_stats
 // Generation for a stream of prompts, many at a time: prompts join a batch of slots as slots
 // free up, one decode step advances every running prompt by a token, and a prompt leaves as soon
 // as it ends, so a file of questions keeps the device busy. Each output is still delivered in
@@ -41,6 +42,8 @@ typedef struct {
     int max_prefill;       // most prompt tokens prefilled in one pass (0: max(context, 8192))
     int merge_adapter;     // 1: merge the adapter into the weights (fast); 0: apply it beside them
     int use_graphs;        // GPU: replay decode steps as CUDA graphs
+    int shrink_to_fit;     // GPU: when max_batch slots do not fit in device memory, halve it
+                           // until they do (down to 1); gen_batch_max_batch says what was kept
 } GenBatchConfig;
 
 // Where outputs go, in submission order. text (may be NULL: the text is only wanted whole) gets
@@ -75,6 +78,8 @@ size_t gen_batch_busy(const GenBatch *b);
 size_t gen_batch_pending(const GenBatch *b);
 // Step until every submitted job has been delivered.
 int gen_batch_finish(GenBatch *b, Err *err);
+// The batch in use (cfg->max_batch, or less after shrink_to_fit).
+int gen_batch_max_batch(const GenBatch *b);
 // "cpu (N threads), batch B" or "cuda: NAME, batch B x context C, G GiB"
 const char *gen_batch_describe(const GenBatch *b);
 

@@ -449,6 +449,7 @@ int main(int argc, char **argv)
     GenBatchConfig cfg = {
         .device = dev, .max_batch = batch > 0 ? (int)batch : dev == GEN_DEVICE_CUDA ? GPU_DEFAULT_BATCH : 1,
         .context = (int)context, .merge_adapter = !unmerged, .use_graphs = graphs,
+        .shrink_to_fit = batch == 0,
     };
     Run run = {
         .tok = tok, .max_batch = cfg.max_batch,
@@ -462,6 +463,7 @@ int main(int argc, char **argv)
     if (!run.batch)
         cli_die(EXIT_DATA, "%s%s%s", adapter_dir ? adapter_dir : "", adapter_dir ? ": " : "", err.msg);
     adapter_free(adapter);
+    run.max_batch = gen_batch_max_batch(run.batch);
     if (verbose)
         fprintf(stderr, "%s: %s; ready in %.2f s\n", prog, gen_batch_describe(run.batch), now_s() - t_start);
 
