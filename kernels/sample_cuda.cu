@@ -755,8 +755,7 @@ CudaSampler *cuda_sampler_create(int n_slots, uint32_t vocab, const SampleParams
         vocab_bits++;
     int frac = 62 - vocab_bits < 45 ? 62 - vocab_bits : 45;
     s->fx_scale = ldexpf(1.0f, frac);
-    const char *whole_row = getenv("ALP_SAMPLE_WHOLE_ROW");
-    s->candidates = !(whole_row && strcmp(whole_row, "1") == 0);
+    s->candidates = 1;
     if (sampler_buffers(s, err) < 0) {
         cuda_sampler_free(s);
         return NULL;

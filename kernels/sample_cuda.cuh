@@ -44,8 +44,7 @@ int cuda_sample_uniforms(uint64_t seed, const uint64_t *streams, const uint64_t 
 // candidates near its max (a list in shared memory, in id order) and runs the filters and the
 // draw on them, falling back to the whole row when too many survive (top-p near 1 on a flat
 // row, a large top-k); 0 always walks the whole row (the first implementation, kept to be timed
-// and checked against). Both give the same ids. The environment variable
-// ALP_SAMPLE_WHOLE_ROW=1 makes 0 the default of cuda_sampler_create.
+// and checked against). Both give the same ids.
 void cuda_sampler_set_candidates(CudaSampler *s, int on);
 // How many sampled rows went each way since create: [0] the candidate list, [1] the whole row.
 // Synchronises the stream.
