@@ -14,37 +14,6 @@
 #include "cuda_device.h"
 #endif
 
-int gen_device_parse(const char *name, GenDevice *d, Err *err)
-{
-    if (!strcmp(name, "cpu"))
-        *d = GEN_DEVICE_CPU;
-    else if (!strcmp(name, "cuda"))
-        *d = GEN_DEVICE_CUDA;
-    else if (!strcmp(name, "auto"))
-        *d = GEN_DEVICE_AUTO;
-    else
-        return err_set(err, "'%s' is not cpu, cuda or auto", name);
-    return 0;
-}
-
-int gen_device_resolve(GenDevice *d, Err *err)
-{
-#ifdef HAVE_CUDA
-    int gpus = cuda_device_info(NULL, 0, NULL, NULL, NULL);
-    if (*d == GEN_DEVICE_AUTO)
-        *d = gpus > 0 ? GEN_DEVICE_CUDA : GEN_DEVICE_CPU;
-    else if (*d == GEN_DEVICE_CUDA && gpus <= 0)
-        return err_set(err, "--device cuda: no CUDA device found (use --device cpu or auto)");
-#else
-    if (*d == GEN_DEVICE_AUTO)
-        *d = GEN_DEVICE_CPU;
-    else if (*d == GEN_DEVICE_CUDA)
-        return err_set(err, "generation on the GPU is not available in this build (use --device cpu)");
-#endif
-    (void)err;
-    return 0;
-}
-
 // ---- jobs: submitted prompts, delivered in order ----------------------------------------------
 
 enum { JOB_PENDING, JOB_RUNNING, JOB_DONE };
@@ -158,7 +127,7 @@ GenBatch *gen_batch_new(const Model *m, const Adapter *a, const Tokenizer *tok, 
     const ModelConfig *mc = &m->config;
     if (cfg->max_batch < 1)
         return err_set(err, "batch %d: expected at least 1", cfg->max_batch), (GenBatch *)NULL;
-    if (cfg->device != GEN_DEVICE_CPU && cfg->device != GEN_DEVICE_CUDA)
+    if (cfg->device != DEVICE_CPU && cfg->device != DEVICE_CUDA)
         return err_set(err, "generation device not resolved"), (GenBatch *)NULL;
     if (sample_params_check(sp, err) < 0)
         return NULL;
@@ -191,7 +160,7 @@ GenBatch *gen_batch_new(const Model *m, const Adapter *a, const Tokenizer *tok, 
         if (!(b->slots[s].seq = gen_seq_new(tok, lim, err)))
             goto fail;
 
-    if (cfg->device == GEN_DEVICE_CPU) {
+    if (cfg->device == DEVICE_CPU) {
         for (int s = 0; s < B; s++)
             if (!(b->slots[s].gen = generator_new(m, a, cfg->merge_adapter, err)))
                 goto fail;
@@ -386,7 +355,7 @@ static int slot_take(GenBatch *b, int s, uint32_t id, Err *err)
 // pick each one's first token into b->picked.
 static int device_prefill(GenBatch *b, int n, Err *err)
 {
-    if (b->cfg.device == GEN_DEVICE_CPU) {
+    if (b->cfg.device == DEVICE_CPU) {
         for (int i = 0; i < n; i++) {
             Slot *sl = &b->slots[b->rows_slot[i]];
             size_t nh;
@@ -425,7 +394,7 @@ static int device_prefill(GenBatch *b, int n, Err *err)
 // One decode step over slots 0..rows-1 (active[s] for running ones), picks into b->picked[s].
 static int device_decode(GenBatch *b, int rows, Err *err)
 {
-    if (b->cfg.device == GEN_DEVICE_CPU) {
+    if (b->cfg.device == DEVICE_CPU) {
         for (int s = 0; s < rows; s++) {
             if (!b->active[s])
                 continue;
@@ -474,7 +443,7 @@ static int admit(GenBatch *b, Err *err)
             s++;
         if (s == b->cfg.max_batch)
             break;
-        if (b->cfg.device == GEN_DEVICE_CUDA && n > 0 && tokens + j->n_ids > b->max_prefill)
+        if (b->cfg.device == DEVICE_CUDA && n > 0 && tokens + j->n_ids > b->max_prefill)
             break;
         b->next_pending++;
         Slot *sl = &b->slots[s];
@@ -496,7 +465,7 @@ static int admit(GenBatch *b, Err *err)
         }
         b->rows_slot[n++] = s;
         tokens += sl->n_prompt;
-        if (b->cfg.device == GEN_DEVICE_CPU)
+        if (b->cfg.device == DEVICE_CPU)
             break;   // the CPU prefills one prompt a step: running outputs keep streaming
     }
     return n;

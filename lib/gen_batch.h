@@ -1,4 +1,4 @@
-// defines: GenDevice, gen_device_parse, gen_device_resolve, GenBatchConfig, GenOutput, GenBatch,
+// defines: GenBatchConfig, GenOutput, GenBatch,
 //          gen_batch_new, gen_batch_free, gen_batch_submit, gen_batch_step, gen_batch_busy,
 //          gen_batch_pending, gen_batch_finish, gen_batch_describe, gen_batch_max_batch, GenBatchStats,
 //          gen_batch_stats
@@ -20,22 +20,15 @@
 #include <stdint.h>
 
 #include "adapter.h"
+#include "device.h"
 #include "err.h"
 #include "generate.h"
 #include "model.h"
 #include "sample.h"
 #include "tokenizer.h"
 
-typedef enum { GEN_DEVICE_CPU, GEN_DEVICE_CUDA, GEN_DEVICE_AUTO } GenDevice;
-
-// "cpu", "cuda", "auto"; -1 naming the bad value.
-int gen_device_parse(const char *name, GenDevice *d, Err *err);
-// AUTO -> CUDA when this build has CUDA and a GPU is present, else CPU. CUDA -> -1 with a clear
-// message when this build has no CUDA or there is no GPU.
-int gen_device_resolve(GenDevice *d, Err *err);
-
 typedef struct {
-    GenDevice device;      // CPU or CUDA (resolved)
+    Device device;      // CPU or CUDA (resolved)
     int max_batch;         // prompts generated at once, >= 1
     int context;           // tokens per prompt, prompt + output (0: the model's context; on the
                            // GPU each slot reserves this much KV cache)

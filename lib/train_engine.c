@@ -11,26 +11,13 @@
 #endif
 
 struct TrainEngine {
-    TrainDevice device;
+    Device device;
     Engine *cpu;
 #ifdef HAVE_CUDA
     CudaTrainer *cuda;
 #endif
     char description[320];
 };
-
-int train_device_parse(const char *name, TrainDevice *d, Err *err)
-{
-    if (!strcmp(name, "cpu"))
-        *d = TRAIN_DEVICE_CPU;
-    else if (!strcmp(name, "cuda"))
-        *d = TRAIN_DEVICE_CUDA;
-    else if (!strcmp(name, "auto"))
-        *d = TRAIN_DEVICE_AUTO;
-    else
-        return err_set(err, "'%s' is not cpu, cuda or auto", name);
-    return 0;
-}
 
 int train_recompute_parse(const char *name, TrainRecompute *r, Err *err)
 {
@@ -45,35 +32,11 @@ int train_recompute_parse(const char *name, TrainRecompute *r, Err *err)
     return 0;
 }
 
-TrainDevice train_device_resolve(TrainDevice d)
-{
-    if (d != TRAIN_DEVICE_AUTO)
-        return d;
-#ifdef HAVE_CUDA
-    if (cuda_device_info(NULL, 0, NULL, NULL, NULL) > 0)
-        return TRAIN_DEVICE_CUDA;
-#endif
-    return TRAIN_DEVICE_CPU;
-}
-
-int train_device_check(TrainDevice d, Err *err)
-{
-    if (d != TRAIN_DEVICE_CUDA)
-        return 0;
-#ifdef HAVE_CUDA
-    if (cuda_device_info(NULL, 0, NULL, NULL, NULL) <= 0)
-        return err_set(err, "--device cuda: no CUDA device found (use --device cpu or auto)");
-    return 0;
-#else
-    return err_set(err, "the CUDA training path is not available in this build (use --device cpu)");
-#endif
-}
-
-TrainEngine *train_engine_create(TrainDevice d, const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
+TrainEngine *train_engine_create(Device d, const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
                                  TrainRecompute rc, Err *err)
 {
-    d = train_device_resolve(d);
-    if (train_device_check(d, err) < 0)
+    d = device_resolve(d);
+    if (device_check(d, "training", err) < 0)
         return NULL;
 #ifndef HAVE_CUDA
     (void)lc, (void)rc;
@@ -84,7 +47,7 @@ TrainEngine *train_engine_create(TrainDevice d, const Model *m, const LoraConfig
         return NULL;
     }
     e->device = d;
-    if (d == TRAIN_DEVICE_CPU) {
+    if (d == DEVICE_CPU) {
         e->cpu = engine_cpu_create(m, max_batch, max_seq, err);
         snprintf(e->description, sizeof e->description, "cpu (%d threads)", omp_get_max_threads());
         if (!e->cpu) {

@@ -1,7 +1,7 @@
-// defines: TrainDevice, TrainEngine, train_device_parse, train_device_resolve, train_engine_create,
+// defines: TrainEngine, train_engine_create,
 //          train_engine_free, train_engine_upload, train_engine_zero_grad, train_engine_micro_batch,
 //          train_engine_eval_micro_batch, train_engine_step, train_engine_download,
-//          train_engine_describe, train_engine_device_bytes, train_device_check, TrainRecompute,
+//          train_engine_describe, train_engine_device_bytes, TrainRecompute,
 //          train_recompute_parse
 // Where lib/trainer.c's one loop computes: the float32 CPU engine (lib/engine.h) with the host
 // optimizer (lib/optim.h), or the CUDA engine with the optimizer on the device
@@ -15,20 +15,11 @@
 
 #include <stddef.h>
 
+#include "device.h"
 #include "engine.h"
 #include "err.h"
 #include "lora.h"
 #include "optim.h"
-
-typedef enum { TRAIN_DEVICE_CPU, TRAIN_DEVICE_CUDA, TRAIN_DEVICE_AUTO } TrainDevice;
-
-// "cpu", "cuda", "auto"; -1 naming the bad value.
-int train_device_parse(const char *name, TrainDevice *d, Err *err);
-// AUTO -> CUDA when this build has CUDA and a GPU is present, else CPU; others unchanged.
-TrainDevice train_device_resolve(TrainDevice d);
-// -1 with a clear message when d is CUDA and this build has no CUDA or no GPU is present (so a
-// tool can refuse before loading anything).
-int train_device_check(TrainDevice d, Err *err);
 
 // Activation recomputation on CUDA (kernels/engine_cuda.cuh): NONE keeps every layer's
 // activations, LAYER keeps each layer's input and recomputes its forward before its backward,
@@ -42,7 +33,7 @@ typedef struct TrainEngine TrainEngine;
 // An engine on device d (CPU or CUDA, not AUTO) for model m, LoRA config lc and micro-batches of
 // up to max_batch rows of max_seq tokens, recomputing as rc says (CUDA only). CUDA: -1 with a
 // clear message in a build without CUDA, without a GPU, or with LoRA dropout > 0.
-TrainEngine *train_engine_create(TrainDevice d, const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
+TrainEngine *train_engine_create(Device d, const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
                                  TrainRecompute rc, Err *err);
 void train_engine_free(TrainEngine *e);
 // Device <- lora->params and opt's moments.

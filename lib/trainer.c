@@ -406,7 +406,7 @@ static int setup(Run *r, Err *err)
     json_decref(now);
     if (rc < 0)
         return -1;
-    r->engine = train_engine_create(train_device_resolve(o->device), r->model, &o->lora, o->batch,
+    r->engine = train_engine_create(device_resolve(o->device), r->model, &o->lora, o->batch,
                                     (int)ti->seq_len, o->recompute, err);
     if (!r->engine || train_engine_upload(r->engine, r->lora, &r->opt, err) < 0)
         return -1;

@@ -47,7 +47,7 @@ typedef struct {
     double max_grad_norm;        // <= 0: no clipping
     long eval_every;             // 0: evaluate only at the end (when eval_path is set)
     long save_every;             // checkpoint every N steps and after the last; 0: only when stopped
-    TrainDevice device;          // where the steps run (lib/train_engine.h); default CPU
+    Device device;          // where the steps run (lib/train_engine.h); default CPU
     TrainRecompute recompute;    // activation recomputation on CUDA (lib/train_engine.h); default AUTO
     volatile sig_atomic_t *stop; // set (by a SIGINT handler): checkpoint at the next step boundary
 } TrainOptions;

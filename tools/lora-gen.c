@@ -410,8 +410,11 @@ int main(int argc, char **argv)
     if (sample_params_check(&sp, &err) < 0)
         cli_usage_error(usage, "%s", err.msg);
     double t_start = now_s();
-    GenDevice dev;
-    if (gen_device_parse(device, &dev, &err) < 0 || gen_device_resolve(&dev, &err) < 0)
+    Device dev;
+    if (device_parse(device, &dev, &err) < 0)
+        cli_usage_error(usage, "--device: %s", err.msg);
+    dev = device_resolve(dev);
+    if (device_check(dev, "generation", &err) < 0)
         cli_die(EXIT_DATA, "%s", err.msg);
 
     Model *model = model_load(model_dir, &err);
@@ -444,10 +447,10 @@ int main(int argc, char **argv)
 
     GenLimits limits = {.max_new_tokens = (int)max_new, .stop_ids = all_stop, .n_stop_ids = n_all,
                         .stop_strings = stops, .n_stop_strings = n_stops};
-    if (dev == GEN_DEVICE_CUDA && context == 0)
+    if (dev == DEVICE_CUDA && context == 0)
         context = mc->max_seq_len > 0 && mc->max_seq_len < GPU_DEFAULT_CONTEXT ? mc->max_seq_len : GPU_DEFAULT_CONTEXT;
     GenBatchConfig cfg = {
-        .device = dev, .max_batch = batch > 0 ? (int)batch : dev == GEN_DEVICE_CUDA ? GPU_DEFAULT_BATCH : 1,
+        .device = dev, .max_batch = batch > 0 ? (int)batch : dev == DEVICE_CUDA ? GPU_DEFAULT_BATCH : 1,
         .context = (int)context, .merge_adapter = !unmerged, .use_graphs = graphs,
         .shrink_to_fit = batch == 0,
     };

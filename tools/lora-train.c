@@ -256,15 +256,15 @@ int main(int argc, char **argv)
         cli_usage_error(usage, "give --warmup-steps or --warmup-ratio, not both");
     if (o.eval_every && !o.eval_path)
         cli_usage_error(usage, "--eval-every needs --eval SHARDS");
-    TrainDevice dev;
-    if (train_device_parse(device, &dev, &err) < 0)
+    Device dev;
+    if (device_parse(device, &dev, &err) < 0)
         cli_usage_error(usage, "--device: %s", err.msg);
-    o.device = train_device_resolve(dev);
+    o.device = device_resolve(dev);
     // The GPU would need the CPU's dropout masks (drawn from the run's Rng) to train the same run.
-    if (o.device == TRAIN_DEVICE_CUDA && o.lora.dropout > 0)
+    if (o.device == DEVICE_CUDA && o.lora.dropout > 0)
         cli_usage_error(usage, "--dropout %g is not supported on the GPU yet (use --dropout 0, or --device cpu%s)",
-                        o.lora.dropout, dev == TRAIN_DEVICE_AUTO ? "; --device auto picked cuda" : "");
-    if (train_device_check(o.device, &err) < 0)
+                        o.lora.dropout, dev == DEVICE_AUTO ? "; --device auto picked cuda" : "");
+    if (device_check(o.device, "training", &err) < 0)
         cli_die(EXIT_DATA, "%s", err.msg);
 
     char latest[4096];
