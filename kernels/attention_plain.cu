@@ -76,14 +76,22 @@ __global__ void naive_attention_backward_kernel(__nv_bfloat16 *dq, float *dk, fl
         dq[(size_t)idx * hd + i] = __float2bfloat16(dqi[i]);
 }
 
-int cuda_attention_forward_plain(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v,
-                                 const int32_t *seq_start, int T, int n_heads, int n_kv_heads, int head_dim,
-                                 GpuStream stream, Err *err)
+// The launchers' shared argument checks.
+static int check_shapes(int T, int n_heads, int n_kv_heads, int head_dim, Err *err)
 {
     SHAPE_CHECK(T >= 0 && n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, err,
                 "plain attention: %d query heads, %d kv heads", n_heads, n_kv_heads);
     SHAPE_CHECK(head_dim > 0 && head_dim <= ATTENTION_PLAIN_MAX_HEAD_DIM, err,
                 "plain attention: head_dim %d not in 1..%d", head_dim, ATTENTION_PLAIN_MAX_HEAD_DIM);
+    return 0;
+}
+
+int cuda_attention_forward_plain(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v,
+                                 const int32_t *seq_start, int T, int n_heads, int n_kv_heads, int head_dim,
+                                 GpuStream stream, Err *err)
+{
+    if (check_shapes(T, n_heads, n_kv_heads, head_dim, err) < 0)
+        return -1;
     if (T == 0)
         return 0;
     naive_attention_forward_kernel<<<ceil_div((size_t)T * n_heads, 128), 128, 0, (cudaStream_t)stream>>>(
@@ -97,10 +105,8 @@ int cuda_attention_backward_plain(bf16_t *dq, float *dk, float *dv, const bf16_t
                                   const int32_t *seq_start, int T, int n_heads, int n_kv_heads, int head_dim,
                                   GpuStream stream, Err *err)
 {
-    SHAPE_CHECK(T >= 0 && n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, err,
-                "plain attention: %d query heads, %d kv heads", n_heads, n_kv_heads);
-    SHAPE_CHECK(head_dim > 0 && head_dim <= ATTENTION_PLAIN_MAX_HEAD_DIM, err,
-                "plain attention: head_dim %d not in 1..%d", head_dim, ATTENTION_PLAIN_MAX_HEAD_DIM);
+    if (check_shapes(T, n_heads, n_kv_heads, head_dim, err) < 0)
+        return -1;
     if (T == 0)
         return 0;
     naive_attention_backward_kernel<<<ceil_div((size_t)T * n_heads, 128), 128, 0, (cudaStream_t)stream>>>(
