@@ -12,8 +12,9 @@
 //   - Output token segments keep REC_TRAINED; the BOS joins the first segment.
 //   - Decoding inverts this: a segment's trailing EOS id becomes REC_EOS; segments where
 //     special tokens are shown get REC_SPECIAL.
-// Threads: records are read in windows of a fixed size, tokenized in parallel (OpenMP), and
-// written in input order; the output does not depend on the number of threads.
+// Threads: tok_stream is a pipeline over a bounded ring of records: while some threads convert
+// records, one reads the next ones and one writes the converted ones in input order (see
+// tok_records.c); the output and the messages do not depend on the number of threads.
 #ifndef TOK_RECORDS_H
 #define TOK_RECORDS_H
 

@@ -109,8 +109,11 @@ for ch in ("a", " ", "1", "\n", "日"):
         print(f", tiktoken {1 / rate(tt.encode_ordinary, [ch * (1000000 // len(ch.encode()))]) * 1e3:.0f} ms", end="")
     print()
 PY
-# Threads: the tok tool end to end (records in, records out) on the shared Alpaca data (16 copies), -j 1
-# against -j NPROC; the output bytes must not depend on -j.
+# Threads: the tok tool end to end (records in, records out, to a file) on the shared Alpaca data
+# (16 copies, ~56 MB), -j 1, 2, 4, 8 ... up to the number of cores; wall time, median of
+# TROUNDS runs (default 3). "load" is tok on an empty stream (starting, loading the tokenizer:
+# serial); "stream" is the rest, the part the threads share. The output bytes must not
+# depend on -j.
 BIN=${BIN:-$TOP/bin}
 if [ -x "$BIN/tok" ] && [ -x "$BIN/alp-fmt" ]; then
     t=$(mktemp -d)
@@ -119,16 +122,44 @@ if [ -x "$BIN/tok" ] && [ -x "$BIN/alp-fmt" ]; then
     done >"$t/one.rec" 2>/dev/null
     # 16 copies, ~56 MB: enough work that the threads, not loading the tokenizer, set the time
     for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do cat "$t/one.rec"; done >"$t/in.rec"
+    : >"$t/empty.rec"
     n=$(nproc)
-    for j in 1 "$n"; do
-        s0=$(date +%s.%N)
-        "$BIN/tok" -q -j "$j" -m "$TESTDATA/llama3/tokenizer.model" "$t/in.rec" >"$t/out$j.rec"
-        s1=$(date +%s.%N)
-        echo "$j $s0 $s1"
-    done | awk -v mb="$(wc -c <"$t/in.rec")" '{ s = $3 - $2; r[NR] = mb / 1e6 / s;
-        printf "tok -j %-3s %6.2f s  %6.1f MB/s of records (wall)\n", $1, s, r[NR] }
-        END { if (NR == 2) printf "threads: %.1fx with -j %s over -j 1\n", r[2] / r[1], $1 }'
-    cmp -s "$t/out1.rec" "$t/out$n.rec" && echo "output identical for -j 1 and -j $n" || echo "tok bench: OUTPUT DIFFERS between -j 1 and -j $n"
+    jobs=1
+    for j in 2 4 8 16 32 64 128; do
+        if [ "$j" -lt "$n" ]; then jobs="$jobs $j"; fi
+    done
+    if [ "$n" -gt 1 ]; then jobs="$jobs $n"; fi
+    echo "threads: $n cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    # wall OUT CMD...: runs CMD with stdout to OUT; prints its wall seconds (by date(1))
+    wall() { o=$1; shift; s0=$(date +%s.%N); "$@" >"$o"; s1=$(date +%s.%N); echo "$s0 $s1" | awk '{ printf "%.4f\n", $2 - $1 }'; }
+    median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+    for r in $(seq "${TROUNDS:-3}"); do
+        wall /dev/null "$BIN/tok" -q -j 1 -m "$TESTDATA/llama3/tokenizer.model" "$t/empty.rec" >"$t/load.$r"
+    done
+    load=$(cat "$t"/load.* | median)
+    for j in $jobs; do
+        for r in $(seq "${TROUNDS:-3}"); do
+            wall "$t/out$j.rec" "$BIN/tok" -q -j "$j" -m "$TESTDATA/llama3/tokenizer.model" "$t/in.rec"
+        done | median | awk -v j="$j" '{ print j, $1 }'
+        cmp -s "$t/out1.rec" "$t/out$j.rec" || echo "$j" >>"$t/differs"
+        if [ "$j" != 1 ]; then rm -f "$t/out$j.rec"; fi
+    done | awk -v mb="$(wc -c <"$t/in.rec")" -v load="$load" '
+        { j[NR] = $1; s[NR] = $2 }
+        END {
+            printf "load (tok on no records): %.3f s\n", load
+            printf "%-9s %8s %11s %8s %14s\n", "", "wall s", "MB/s", "speedup", "stream speedup"
+            for (i = 1; i <= NR; i++)
+                if (s[i] - load > 0.001)
+                    printf "tok -j %-3s %7.3f %11.1f %7.2fx %13.2fx\n", j[i], s[i], mb / 1e6 / s[i], s[1] / s[i],
+                        (s[1] - load) / (s[i] - load)
+                else
+                    printf "tok -j %-3s %7.3f %11.1f %7.2fx %14s\n", j[i], s[i], mb / 1e6 / s[i], s[1] / s[i], "-"
+        }'
+    echo "(MB/s: of input records, wall time, median of ${TROUNDS:-3}; stream speedup: with the load taken off)"
+    if [ -e "$t/differs" ]; then
+        echo "tok bench: OUTPUT DIFFERS between -j 1 and -j $(cat "$t/differs" | tr '\n' ' ')"
+    else
+        echo "output identical for -j $jobs"
+    fi
     rm -rf "$t"
 fi
-
