@@ -1,5 +1,5 @@
 // defines: CUDA_CHECK, CUBLAS_CHECK, SHAPE_CHECK, LAUNCH_CHECK, ceil_div, block_sum, block_max,
-//          load_bf16x8, store_bf16x8, is_aligned16
+//          load_bf16x8, store_bf16x8, is_aligned16, rope_pair
 // For .cu files only: error checks that name file and line (into an Err, since the library
 // never prints; the tool prints it on stderr), and the device helpers the kernels share.
 #ifndef CUDA_CHECK_CUH
@@ -85,6 +85,16 @@ __device__ inline void load_bf16x8(float out[8], const __nv_bfloat16 *p)
         out[2 * k] = f.x;
         out[2 * k + 1] = f.y;
     }
+}
+
+// One RoPE rotation pair (x1 = element i, x2 = element i + head_dim / 2 of a head) by the
+// angle whose cosine and sine are c and s. The generation kernels (gen_cuda.cu's prefill,
+// decode_attention.cu) share this one definition, and its multiply-adds are spelled out so that
+// the compiler cannot fuse them differently in different kernels: their roundings agree bit for bit.
+__device__ inline void rope_pair(float x1, float x2, float c, float s, float *a, float *b)
+{
+    *a = __fmaf_rn(x1, c, __fmul_rn(-x2, s));
+    *b = __fmaf_rn(x2, c, __fmul_rn(x1, s));
 }
 
 __device__ inline void store_bf16x8(__nv_bfloat16 *p, const float in[8])

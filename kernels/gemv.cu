@@ -395,3 +395,230 @@ extern "C" int cuda_gemv(bf16_t *y, float *y_f32, const bf16_t *x, const bf16_t 
 {
     return cuda_gemv_ex(y, y_f32, NULL, x, W, batch, out, in, lora, workspace, workspace_bytes, NULL, 0, stream, err);
 }
+
+namespace {
+
+// ---- one row: cuda_gemv_row -------------------------------------------------------------------
+//
+// A decode step of one sequence reads every weight once for one row of x: nothing for tensor
+// cores to reuse, and the products of a layer (8 to 235 MB) are small enough that a launch's ramp
+// and tail, and the small kernels between them, cost as much as the bytes. So: blocks of ROW_WARPS
+// warps that stay resident and walk the output rows (a warp a row at a time, every lane loading
+// ROW_LOADS 16-byte pieces of it at once), plain fp32 FMAs and a warp sum; no split-K, no second
+// kernel. Each block first puts the row of x as the product sees it in shared memory, RMSNorm
+// applied when asked (1/rms from a block sum: the kernel before it need not exist); with swiglu a
+// warp computes gate row i and up row i together and writes silu(gate) * up, so the SwiGLU kernel
+// is gone too; the residual add is in the epilogue. A decode layer is then four of these and the
+// attention kernel. pdl: a programmatic dependent launch, whose blocks may start while the
+// previous kernel finishes, load their first weights (which no kernel writes), and only then wait
+// (griddepcontrol.wait) before reading x; each block lets the next kernel launch as soon as it runs.
+constexpr int ROW_WARPS = 8;   // warps a block
+constexpr int ROW_LOADS = 16;  // 16-byte pieces of a row a lane has in flight (a whole 4096-wide row a warp)
+
+struct RowArgs {
+    const __nv_bfloat16 *W, *x, *residual, *norm_weight;
+    __nv_bfloat16 *y;
+    float *y_f32;
+    int out, in, swiglu;
+    float eps;
+};
+
+__device__ inline void bf16x8_unpack(float f[8], uint4 raw)
+{
+    const __nv_bfloat162 *pairs = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float2 v = __bfloat1622float2(pairs[k]);
+        f[2 * k] = v.x;
+        f[2 * k + 1] = v.y;
+    }
+}
+
+// NR rows of W (row0, row0 + row_step for NR = 2) against x in shared memory: acc[r] over the
+// pieces of this lane. w holds round 0's pieces already (loaded before x was ready).
+template <int NR>
+__device__ inline void row_dot(float acc[NR], uint4 (&w)[NR][ROW_LOADS / NR], const uint4 *const rows[NR],
+                               const uint4 *xs, int pieces, int lane)
+{
+    constexpr int NL = ROW_LOADS / NR;
+    for (int c0 = 0; c0 < pieces; c0 += 32 * NL) {
+        if (c0 > 0)
+#pragma unroll
+            for (int r = 0; r < NR; r++)
+#pragma unroll
+                for (int i = 0; i < NL; i++) {
+                    int c = c0 + lane + i * 32;
+                    w[r][i] = c < pieces ? load_weights<false>(reinterpret_cast<const __nv_bfloat16 *>(rows[r] + c))
+                                         : make_uint4(0, 0, 0, 0);
+                }
+#pragma unroll
+        for (int i = 0; i < NL; i++) {
+            int c = c0 + lane + i * 32;
+            if (c >= pieces)
+                break;
+            float xf[8];
+            bf16x8_unpack(xf, xs[c]);
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                float wf[8];
+                bf16x8_unpack(wf, w[r][i]);
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    acc[r] += wf[k] * xf[k];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < NR; r++)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+}
+
+// NR = 1: row task t is row t; NR = 2 (swiglu): task t is rows t (gate) and out + t (up).
+template <int NR, bool NORM, bool PDL>
+__global__ void __launch_bounds__(ROW_WARPS * 32) gemv_row_kernel(RowArgs a)
+{
+    constexpr int NL = ROW_LOADS / NR;
+    extern __shared__ uint4 xs[];  // (in / 8): x as the product sees it, bf16
+    __shared__ float red[ROW_WARPS];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, pieces = a.in / 8;
+    const int stride = gridDim.x * ROW_WARPS;
+    int task = blockIdx.x * ROW_WARPS + warp;
+    if (PDL)
+        asm volatile("griddepcontrol.launch_dependents;");
+    uint4 w[NR][NL];
+    const uint4 *rows[NR];
+    auto start_task = [&](int t) {  // round 0 of task t's rows
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            rows[r] = reinterpret_cast<const uint4 *>(a.W + (size_t)(t + r * a.out) * a.in);
+#pragma unroll
+            for (int i = 0; i < NL; i++) {
+                int c = lane + i * 32;
+                w[r][i] = c < pieces ? load_weights<false>(reinterpret_cast<const __nv_bfloat16 *>(rows[r] + c))
+                                     : make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+    if (task < a.out)
+        start_task(task);
+    if (PDL)
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+
+    // x into shared memory (RMSNorm: rmsnorm.cu's arithmetic, bf16(w * (x * r)))
+    const uint4 *xg = reinterpret_cast<const uint4 *>(a.x);
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < pieces; c += ROW_WARPS * 32) {
+        uint4 v = __ldcg(xg + c);
+        xs[c] = v;
+        if (NORM) {
+            float f[8];
+            bf16x8_unpack(f, v);
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                ss += f[k] * f[k];
+        }
+    }
+    if (NORM) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0)
+            red[warp] = ss;
+        __syncthreads();
+        ss = 0.0f;
+#pragma unroll
+        for (int k = 0; k < ROW_WARPS; k++)
+            ss += red[k];
+        const float r = rsqrtf(ss / a.in + a.eps);
+        const uint4 *nw = reinterpret_cast<const uint4 *>(a.norm_weight);
+        for (int c = threadIdx.x; c < pieces; c += ROW_WARPS * 32) {
+            float f[8], g[8];
+            bf16x8_unpack(f, xs[c]);
+            bf16x8_unpack(g, __ldg(nw + c));
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                f[k] = g[k] * (f[k] * r);
+            uint4 o;
+            __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&o);
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                h[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+            xs[c] = o;
+        }
+    }
+    __syncthreads();
+
+    for (; task < a.out; task += stride) {
+        float acc[NR] = {};
+        row_dot<NR>(acc, w, rows, xs, pieces, lane);
+        if (lane == 0) {
+            if (NR == 2) {  // swiglu.cu's arithmetic on the bf16-rounded gate and up
+                float gt = __bfloat162float(__float2bfloat16(acc[0])), up = __bfloat162float(__float2bfloat16(acc[NR - 1]));
+                a.y[task] = __float2bfloat16(gt / (1.0f + expf(-gt)) * up);
+            } else if (a.y_f32) {
+                a.y_f32[task] = acc[0];
+            } else {
+                float v = acc[0];
+                if (a.residual)  // read before the write, by this lane only: y may alias it
+                    v += __bfloat162float(a.residual[task]);
+                a.y[task] = __float2bfloat16(v);
+            }
+        }
+        if (task + stride < a.out)
+            start_task(task + stride);
+    }
+}
+
+template <int NR, bool NORM> int launch_row(const RowArgs &a, int pdl, cudaStream_t s, Err *err)
+{
+    // as many blocks as stay resident (each walks rows)
+    size_t shared = (size_t)a.in * 2;
+    void (*k)(RowArgs) = pdl ? gemv_row_kernel<NR, NORM, true> : gemv_row_kernel<NR, NORM, false>;
+    if (shared > 48 * 1024)
+        CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared), err);
+    int dev, sms, fit = 0;
+    CUDA_CHECK(cudaGetDevice(&dev), err);
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), err);
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, k, ROW_WARPS * 32, shared), err);
+    fit = fit > 0 ? fit : 1;
+    int tasks_blocks = (a.out + ROW_WARPS - 1) / ROW_WARPS;
+    int blocks = tasks_blocks < fit * sms ? tasks_blocks : fit * sms;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(ROW_WARPS * 32);
+    cfg.dynamicSmemBytes = shared;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, a), err);
+    return 0;
+}
+
+}  // namespace
+
+extern "C" int cuda_gemv_row(bf16_t *y, float *y_f32, const bf16_t *residual, const bf16_t *x, const bf16_t *W,
+                             int out, int in, const bf16_t *norm_weight, float eps, int swiglu, int pdl,
+                             GpuStream stream, Err *err)
+{
+    SHAPE_CHECK(x && W, err, "gemv row: NULL pointer");
+    SHAPE_CHECK((y != NULL) != (y_f32 != NULL), err, "gemv row: give exactly one of the bf16 and fp32 outputs");
+    SHAPE_CHECK(out >= 1 && in >= 8 && in % 8 == 0 && in <= 65536, err,
+                "gemv row: out=%d in=%d (in a multiple of 8, at most 65536)", out, in);
+    SHAPE_CHECK(is_aligned16(x) && is_aligned16(W), err, "gemv row: x and W must be 16-byte aligned");
+    SHAPE_CHECK(!(y_f32 && residual), err, "gemv row: a residual goes with the bf16 output only");
+    SHAPE_CHECK(!swiglu || (y && !residual), err, "gemv row: swiglu writes a bf16 output without a residual");
+    SHAPE_CHECK(!norm_weight || is_aligned16(norm_weight), err, "gemv row: the norm weight must be 16-byte aligned");
+    const char *yb = y ? (const char *)y : (const char *)y_f32;
+    size_t y_bytes = (size_t)out * (y ? 2 : 4), x_bytes = (size_t)in * 2;
+    SHAPE_CHECK(yb + y_bytes <= (const char *)x || (const char *)x + x_bytes <= yb, err, "gemv row: y overlaps x");
+    RowArgs a = {W, x, residual, norm_weight, y, y_f32, out, in, swiglu, eps};
+    cudaStream_t s = (cudaStream_t)stream;
+    if (swiglu)
+        return norm_weight ? launch_row<2, true>(a, pdl, s, err) : launch_row<2, false>(a, pdl, s, err);
+    return norm_weight ? launch_row<1, true>(a, pdl, s, err) : launch_row<1, false>(a, pdl, s, err);
+}

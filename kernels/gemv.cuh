@@ -1,4 +1,5 @@
-// defines: GemvLora, GemvTuning, cuda_gemv, cuda_gemv_tuned, cuda_gemv_ex, cuda_gemv_workspace_bytes
+// defines: GemvLora, GemvTuning, cuda_gemv, cuda_gemv_tuned, cuda_gemv_ex, cuda_gemv_row,
+//          cuda_gemv_workspace_bytes
 //          (kernels/gemv.cu; CPU twin cpu_gemv)
 // The decode-time products y = x W^T for a few rows of x (batch 1 to 64 per pass; more rows
 // are done 64 at a time): W (out, in) bf16 row-major as safetensors stores a Linear's weight,
@@ -52,6 +53,19 @@ int cuda_gemv_tuned(bf16_t *y, float *y_f32, const bf16_t *x, const bf16_t *W, i
 int cuda_gemv_ex(bf16_t *y, float *y_f32, const bf16_t *residual, const bf16_t *x, const bf16_t *W, int batch,
                  int out, int in, const GemvLora *lora, void *workspace, size_t workspace_bytes,
                  const GemvTuning *tuning, int pdl, GpuStream stream, Err *err);
+
+// One row of x (a decode step of one sequence) with the kernels around a product folded in:
+//   y (out) = n(x) W^T [+ residual]
+// where n(x) is x (in), or with norm_weight (in) its RMSNorm (eps), rounded to bf16 as
+// cuda_rmsnorm_forward's output is. With swiglu, W has 2 out rows [gate | up] (the stacked
+// gate|up product) and y (out) = silu(g) * u, g and u the two products rounded to bf16, as the
+// separate SwiGLU kernel computes it. Exactly one of y (bf16; residual (out) or NULL is added
+// before its one rounding and may be y itself) and y_f32 (fp32, no residual, no swiglu). in a
+// multiple of 8; x, W, norm_weight 16-byte aligned. No workspace; results do not depend on timing
+// or on the launch shape. pdl 1: a programmatic dependent launch, reading x only once the previous
+// kernel in the stream is done (only for streams whose kernels allow it: kernels/gen_cuda.cu).
+int cuda_gemv_row(bf16_t *y, float *y_f32, const bf16_t *residual, const bf16_t *x, const bf16_t *W, int out, int in,
+                  const bf16_t *norm_weight, float eps, int swiglu, int pdl, GpuStream stream, Err *err);
 KERNELS_EXTERN_C_END
 
 #endif

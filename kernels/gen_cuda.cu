@@ -62,6 +62,7 @@ struct CudaGen {
     int lora_rank[G_COUNT];          // rank_g, 0 without an unmerged adapter on the group
     float lora_scale;
     int split_attention;             // decode attention by cuda_decode_attention (hd 64/128, <= 8 q per kv head)
+    int row_path;                    // one-row decode steps by cuda_gemv_row (cfg.row_kernels, model shapes)
     cudaStream_t stream;
     cublasHandle_t blas;
     std::vector<void *> *allocs;
@@ -135,6 +136,7 @@ void cuda_gen_free(CudaGen *g)
         cudaFreeHost(g->h_step);
     if (g->step_copied)
         cudaEventDestroy(g->step_copied);
+
     if (g->blas)
         cublasDestroy(g->blas);
     if (g->stream)
@@ -194,7 +196,7 @@ __global__ void fill_random_kernel(__nv_bfloat16 *p, size_t n, uint64_t seed, fl
 // From qkv (T, QD + 2 KD) rows: q (T, QD) rotated, k rotated, v as is; k and v stored in slot's
 // cache at position pos[t] (rows with active[t] == 0 store nothing), and also into k_out, v_out
 // (T, KD) when given (prefill's flash attention reads them). slot NULL: row t is slot t. The
-// rotation is rope.cu's (fp32 sincosf of (float)pos * inv_freq, one bf16 rounding).
+// rotation is rope_pair's (fp32 sincosf of (float)pos * inv_freq, one bf16 rounding).
 __global__ void qkv_rope_store_kernel(__nv_bfloat16 *q_out, __nv_bfloat16 *k_out, __nv_bfloat16 *v_out,
                                       __nv_bfloat16 *k_cache, __nv_bfloat16 *v_cache, const __nv_bfloat16 *qkv,
                                       const int32_t *pos, const int32_t *slot, const int32_t *active,
@@ -211,10 +213,10 @@ __global__ void qkv_rope_store_kernel(__nv_bfloat16 *q_out, __nv_bfloat16 *k_out
             int h = idx / half, i = idx % half;
             bool is_q = h < n_heads;
             int col = h * head_dim + i;   // k heads follow q heads in the row
-            float sn, cs;
+            float sn, cs, r1, r2;
             sincosf((float)p * inv_freq[i], &sn, &cs);
-            float x1 = __bfloat162float(row[col]), x2 = __bfloat162float(row[col + half]);
-            __nv_bfloat16 a = __float2bfloat16(x1 * cs - x2 * sn), b = __float2bfloat16(x2 * cs + x1 * sn);
+            rope_pair(__bfloat162float(row[col]), __bfloat162float(row[col + half]), cs, sn, &r1, &r2);
+            __nv_bfloat16 a = __float2bfloat16(r1), b = __float2bfloat16(r2);
             if (is_q) {
                 q_out[(size_t)t * QD + col] = a;
                 q_out[(size_t)t * QD + col + half] = b;
@@ -429,6 +431,8 @@ static CudaGen *gen_alloc(const ModelConfig *c, const CudaGenConfig *cfg, int lo
                 PLAIN_DECODE_MAX_LEN, c->head_dim, c->n_heads / c->n_kv_heads);
         goto fail;
     }
+    g->row_path = cfg->row_kernels >= 0 && g->split_attention && max_rank == 0 && D % 8 == 0 && F % 8 == 0 &&
+                  QD % 8 == 0;
     if (cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess ||
         cublasCreate(&g->blas) != CUBLAS_STATUS_SUCCESS || cublasSetStream(g->blas, g->stream) != CUBLAS_STATUS_SUCCESS ||
         cudaEventCreateWithFlags(&g->step_copied, cudaEventDisableTiming) != cudaSuccess) {
@@ -534,6 +538,10 @@ static CudaGen *gen_alloc(const ModelConfig *c, const CudaGenConfig *cfg, int lo
         g->attn_ws_bytes = aws;
         if (dev_alloc(g, &g->attn_ws, aws, err) < 0 || dev_alloc(g, &g->blas_ws, CUBLAS_WORKSPACE_BYTES, err) < 0)
             goto fail;
+        if (cudaMemset(g->attn_ws, 0, aws) != cudaSuccess) {   // its counters start at zero
+            err_set(err, "cuda gen: clearing the attention workspace failed");
+            goto fail;
+        }
         if (cublasSetWorkspace(g->blas, g->blas_ws, CUBLAS_WORKSPACE_BYTES) != CUBLAS_STATUS_SUCCESS) {
             err_set(err, "cuda gen: cublasSetWorkspace failed");
             goto fail;
@@ -814,46 +822,95 @@ int cuda_gen_prefill(CudaGen *g, const int *slots, const uint32_t *ids, const in
 
 // ---- decode -----------------------------------------------------------------------------------
 
+// A decode step of one row (row 0) in five kernels a layer: cuda_gemv_row with RMSNorm folded
+// into q|k|v and gate|up, SwiGLU into gate|up's output, the residual adds into o and down; the
+// attention kernel rotates q and k and stores k and v. With PDL each kernel loads its weights while the one before finishes.
+static int decode_one_row(CudaGen *g, Err *err)
+{
+    const ModelConfig *c = &g->c;
+    int S = g->cfg.max_batch, D = c->dim, F = c->hidden_dim, Cap = g->cfg.capacity;
+    const int32_t *d_ids = g->d_step, *d_pos = g->d_step + 2 * S, *d_lens = g->d_step + 3 * S;
+    cudaStream_t s = g->stream;
+    float scale = 1.0f / sqrtf((float)c->head_dim), eps = c->norm_eps;
+    int pdl = g->cfg.row_kernels == 0;
+    if (cuda_embedding_forward(g->x, d_ids, g->embed, 1, D, c->vocab_size, NULL, s, err) < 0)
+        return -1;
+    for (int l = 0; l < c->n_layers; l++) {
+        GenLayer *ly = &g->layers[l];
+        if (cuda_gemv_row(g->qkv, NULL, NULL, g->x, ly->w[G_QKV], g->group_out[G_QKV], D, ly->attn_norm, eps, 0, pdl,
+                          s, err) < 0 ||
+            (!(g->cfg.bench_skip & 1) &&
+             cuda_decode_attention_rope(g->att, g->qkv, ly->k_cache, ly->v_cache, d_pos, d_lens, g->inv_freq, 1,
+                                        c->n_heads, c->n_kv_heads, c->head_dim, Cap, Cap, scale, g->attn_ws,
+                                        g->attn_ws_bytes, pdl, s, err) < 0) ||
+            cuda_gemv_row(g->x, NULL, g->x, g->att, ly->w[G_O], D, g->QD, NULL, eps, 0, pdl, s, err) < 0 ||
+            cuda_gemv_row(g->act, NULL, NULL, g->x, ly->w[G_GU], F, D, ly->ffn_norm, eps, 1, pdl, s, err) < 0 ||
+            cuda_gemv_row(g->x, NULL, g->x, g->act, ly->w[G_DOWN], D, F, NULL, eps, 0, pdl, s, err) < 0)
+            return -1;
+    }
+    return cuda_gemv_row(NULL, g->logits, NULL, g->x, g->lm_head, c->vocab_size, D, g->final_norm, eps, 0, pdl, s,
+                         err);
+}
+
 // The launches of one decode step over rows 0..n-1, reading ids, active, pos and lens from
 // g->d_step: the same whether captured or run directly.
 static int decode_body(CudaGen *g, int n, Err *err)
 {
+    if (n == 1 && g->row_path)
+        return decode_one_row(g, err);
     const ModelConfig *c = &g->c;
     int S = g->cfg.max_batch, D = c->dim, F = c->hidden_dim, Cap = g->cfg.capacity;
     const int32_t *d_ids = g->d_step, *d_active = g->d_step + S, *d_pos = g->d_step + 2 * S,
                   *d_lens = g->d_step + 3 * S;
     cudaStream_t s = g->stream;
     float scale = 1.0f / sqrtf((float)c->head_dim);
+    int skip = g->cfg.bench_skip;
+    bool attention = !(skip & 1), norms = !(skip & 2), swiglu = !(skip & 4), products = !(skip & 8);
     if (cuda_embedding_forward(g->x, d_ids, g->embed, n, D, c->vocab_size, NULL, s, err) < 0)
         return -1;
     for (int l = 0; l < c->n_layers; l++) {
         GenLayer *ly = &g->layers[l];
-        if (cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->attn_norm, n, D, c->norm_eps, s, err) < 0 ||
-            product(g, l, G_QKV, g->qkv, g->xn, n, 0, use_cublas(g, n, G_QKV), err) < 0)
+        if ((norms && cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->attn_norm, n, D, c->norm_eps, s, err) < 0) ||
+            (products && product(g, l, G_QKV, g->qkv, g->xn, n, 0, use_cublas(g, n, G_QKV), err) < 0))
             return -1;
-        qkv_rope_store_kernel<<<n, 128, 0, s>>>(g->q, NULL, NULL, ly->k_cache, ly->v_cache, g->qkv, d_pos, NULL,
-                                                d_active, g->inv_freq, c->n_heads, c->n_kv_heads, c->head_dim, Cap);
-        LAUNCH_CHECK(err);
-        if (g->split_attention) {
-            if (cuda_decode_attention(g->att, g->q, ly->k_cache, ly->v_cache, d_lens, n, c->n_heads, c->n_kv_heads,
-                                      c->head_dim, Cap, Cap, scale, (float *)g->attn_ws, g->attn_ws_bytes, s, err) < 0)
+        if (!attention) {
+        } else if (g->split_attention && !g->cfg.unfused_attention) {
+            if (cuda_decode_attention_rope(g->att, g->qkv, ly->k_cache, ly->v_cache, d_pos, d_lens, g->inv_freq, n,
+                                           c->n_heads, c->n_kv_heads, c->head_dim, Cap, Cap, scale, g->attn_ws,
+                                           g->attn_ws_bytes, 0, s, err) < 0)
                 return -1;
         } else {
-            decode_attention_plain_kernel<<<dim3(c->n_heads, n), 128, (size_t)Cap * 4, s>>>(
-                g->att, g->q, ly->k_cache, ly->v_cache, d_lens, c->n_heads, c->n_kv_heads, c->head_dim, Cap, scale);
+            qkv_rope_store_kernel<<<n, 128, 0, s>>>(g->q, NULL, NULL, ly->k_cache, ly->v_cache, g->qkv, d_pos, NULL,
+                                                    d_active, g->inv_freq, c->n_heads, c->n_kv_heads, c->head_dim,
+                                                    Cap);
+            LAUNCH_CHECK(err);
+            if (g->split_attention) {
+                if (cuda_decode_attention(g->att, g->q, ly->k_cache, ly->v_cache, d_lens, n, c->n_heads,
+                                          c->n_kv_heads, c->head_dim, Cap, Cap, scale, g->attn_ws, g->attn_ws_bytes,
+                                          s, err) < 0)
+                    return -1;
+            } else {
+                decode_attention_plain_kernel<<<dim3(c->n_heads, n), 128, (size_t)Cap * 4, s>>>(
+                    g->att, g->q, ly->k_cache, ly->v_cache, d_lens, c->n_heads, c->n_kv_heads, c->head_dim, Cap,
+                    scale);
+                LAUNCH_CHECK(err);
+            }
+        }
+        if ((products && product(g, l, G_O, g->x, g->att, n, 1, use_cublas(g, n, G_O), err) < 0) ||
+            (norms && cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->ffn_norm, n, D, c->norm_eps, s, err) < 0) ||
+            (products && product(g, l, G_GU, g->gu, g->xn, n, 0, use_cublas(g, n, G_GU), err) < 0))
+            return -1;
+        if (swiglu) {
+            swiglu_stacked_kernel<<<ceil_div((size_t)n * F, 256), 256, 0, s>>>(g->act, g->gu, n, F);
             LAUNCH_CHECK(err);
         }
-        if (product(g, l, G_O, g->x, g->att, n, 1, use_cublas(g, n, G_O), err) < 0 ||
-            cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->ffn_norm, n, D, c->norm_eps, s, err) < 0 ||
-            product(g, l, G_GU, g->gu, g->xn, n, 0, use_cublas(g, n, G_GU), err) < 0)
-            return -1;
-        swiglu_stacked_kernel<<<ceil_div((size_t)n * F, 256), 256, 0, s>>>(g->act, g->gu, n, F);
-        LAUNCH_CHECK(err);
-        if (product(g, l, G_DOWN, g->x, g->act, n, 1, use_cublas(g, n, G_DOWN), err) < 0)
+        if (products && product(g, l, G_DOWN, g->x, g->act, n, 1, use_cublas(g, n, G_DOWN), err) < 0)
             return -1;
     }
-    if (cuda_rmsnorm_forward(g->xn, g->rstd, g->x, g->final_norm, n, D, c->norm_eps, s, err) < 0)
+    if (norms && cuda_rmsnorm_forward(g->xn, g->rstd, g->x, g->final_norm, n, D, c->norm_eps, s, err) < 0)
         return -1;
+    if (!products)
+        return 0;
     if (use_cublas(g, n, G_COUNT) || D % 8)
         return gemm_nt(g, n, c->vocab_size, D, 1.0f, g->xn, g->lm_head, 0.0f, g->logits, CUDA_R_32F, err);
     return cuda_gemv_ex(NULL, g->logits, NULL, g->xn, g->lm_head, n, c->vocab_size, D, NULL, g->gemv_ws,

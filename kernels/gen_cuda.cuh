@@ -39,6 +39,16 @@ typedef struct {
                           // slower as it stands (H200, 8B, batch 1: 6.82 ms a step against 5.72)
     int unfused_residual; // 1: the GEMV path adds o_proj's and down_proj's output to the residual
                           // stream with a separate kernel (two roundings); 0: in the GEMV's epilogue
+    int unfused_attention;// 1: decode steps rotate q and k and store k and v with one kernel, then run
+                          // cuda_decode_attention (two launches); 0: cuda_decode_attention_rope
+                          // does all of it in one (same bits)
+    int row_kernels;      // decode steps of ONE row: 0 the default: cuda_gemv_row for every product with
+                          // RMSNorm and SwiGLU folded in, as programmatic dependent launches (five
+                          // kernels a layer), where the model allows (widths multiples of 8, head_dim
+                          // 64 or 128, no unmerged adapter); 1 the same without PDL; -1 as batches do
+    int bench_skip;       // benchmarks only (results are garbage): leave stages out of decode steps to
+                          // time them by difference: 1 attention (RoPE, cache, attention), 2 the
+                          // norms, 4 SwiGLU, 8 the products; 0 for any real use
 } CudaGenConfig;
 
 // Weights are copied (the model's maps may be unmapped afterwards; a may be freed). NULL with a

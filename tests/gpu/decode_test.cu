@@ -77,6 +77,72 @@ static void test_gemv(int batch, int out, int in, int rank, std::vector<int> ksp
     cudaFree(y32);
 }
 
+// cuda_gemv_row (one row, RMSNorm folded in or not, SwiGLU of stacked rows or a residual) against
+// the CPU: the input made as cuda_rmsnorm_forward makes it (1/rms in double, one bf16 rounding of
+// each value), cpu_gemv, then the residual (one rounding) or SwiGLU of the bf16-rounded gate and
+// up; the fp32 output without either; PDL and plain launches bit-identical.
+static void test_gemv_row(int out, int in, bool norm, bool swiglu)
+{
+    int rows = swiglu ? 2 * out : out;
+    Bf16Tensor x(in), w((size_t)rows * in, 0.05f), nw(in, 0.1f, 1.0f), res(out);
+    std::vector<float> input(in);
+    double ss = 0;
+    for (int k = 0; k < in; k++)
+        ss += (double)x.value[k] * x.value[k];
+    float r = (float)(1.0 / sqrt(ss / in + 1e-5));
+    for (int k = 0; k < in; k++)
+        input[k] = norm ? bf16_float(bf16_bits(nw.value[k] * (x.value[k] * r))) : x.value[k];
+    std::vector<float> prod(rows), want(out);
+    cpu_gemv(prod.data(), input.data(), w.value.data(), 1, rows, in, NULL, NULL, 0, 0.0f);
+    for (int i = 0; i < out; i++) {
+        if (swiglu) {
+            float g = bf16_float(bf16_bits(prod[i])), u = bf16_float(bf16_bits(prod[out + i]));
+            want[i] = g / (1.0f + expf(-g)) * u;
+        } else {
+            want[i] = prod[i] + res.value[i];
+        }
+    }
+    const bf16_t *nwp = norm ? nw.dev : NULL;
+    bf16_t *y = dev_alloc<bf16_t>(out);
+    float *y32 = dev_alloc<float>(rows);
+    HOST_CUDA(cudaMemcpy(y, res.dev, (size_t)out * 2, cudaMemcpyDeviceToDevice));
+    LAUNCHED(cuda_gemv_row(y, NULL, swiglu ? NULL : y, x.dev, w.dev, out, in, nwp, 1e-5f, swiglu, 1, NULL, E));
+    char what[160];
+    snprintf(what, sizeof what, "gemv row out=%d in=%d%s, bf16 out %s (PDL launch)", out, in,
+             norm ? ", RMSNorm" : "", swiglu ? "= SwiGLU of gate|up" : "+= residual");
+    std::vector<float> got = download_bf16(y, out);
+    check(what, got, want, TOL_BF16);
+    LAUNCHED(cuda_gemv_row(NULL, y32, NULL, x.dev, w.dev, rows, in, nwp, 1e-5f, 0, 1, NULL, E));
+    std::vector<float> got32 = download_f32(y32, rows);
+    check("  the product alone, fp32 out", got32, prod, norm ? 1e-3 : TOL_F32);  // 1/rms: float vs double
+    HOST_CUDA(cudaMemset(y32, 0xff, (size_t)rows * 4));
+    LAUNCHED(cuda_gemv_row(NULL, y32, NULL, x.dev, w.dev, rows, in, nwp, 1e-5f, 0, 0, NULL, E));
+    std::vector<float> plain = download_f32(y32, rows);
+    ok(!memcmp(plain.data(), got32.data(), (size_t)rows * 4), "  same, plain launch: identical bits");
+    cudaFree(y);
+    cudaFree(y32);
+}
+
+static void test_gemv_row_errors(void)
+{
+    Err err;
+    void *p = (void *)(uintptr_t)4096;
+    const bf16_t *b = (const bf16_t *)p;
+    int rc = cuda_gemv_row((bf16_t *)p, NULL, NULL, b, b, 64, 12, NULL, 0, 0, 0, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "in=12"), "gemv row rejects in = 12: %s", rc == -1 ? err.msg : "accepted");
+    rc = cuda_gemv_row((bf16_t *)p, NULL, NULL, b, b, 64, 16, b + 1, 0, 0, 0, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "norm weight"), "gemv row rejects a misaligned norm weight: %s",
+       rc == -1 ? err.msg : "accepted");
+    rc = cuda_gemv_row(NULL, (float *)p, b, b, b, 64, 16, NULL, 0, 0, 0, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "residual"), "gemv row rejects a residual with fp32 output: %s",
+       rc == -1 ? err.msg : "accepted");
+    rc = cuda_gemv_row((bf16_t *)p, NULL, b, b + 4096, b, 64, 16, NULL, 0, 1, 0, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "swiglu"), "gemv row rejects SwiGLU with a residual: %s",
+       rc == -1 ? err.msg : "accepted");
+    rc = cuda_gemv_row((bf16_t *)p, NULL, NULL, b + 8, b, 64, 16, NULL, 0, 0, 0, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "overlaps"), "gemv row rejects y over x: %s", rc == -1 ? err.msg : "accepted");
+}
+
 // Every (warps, unroll, L2 prefetch) a batch allows, on one shape.
 static void test_gemv_variants(int batch, int out, int in)
 {
@@ -152,7 +218,7 @@ static void test_decode_attention(int n_heads, int n_kv, int head_dim, int max_s
     HOST_CUDA(cudaMalloc(&d_lens, batch * sizeof(int32_t)));
     HOST_CUDA(cudaMemcpy(d_lens, lens.data(), batch * sizeof(int32_t), cudaMemcpyHostToDevice));
     size_t ws_bytes = cuda_decode_attention_workspace_bytes(batch, n_heads, n_kv, head_dim, max_len);
-    float *ws = dev_alloc<float>(ws_bytes / 4 + 1);
+    void *ws = dev_zeros(ws_bytes);   // the split counters start at zero
     bf16_t *out = dev_alloc<bf16_t>(q_n);
     LAUNCHED(cuda_decode_attention(out, q.dev, k.dev, v.dev, d_lens, batch, n_heads, n_kv, head_dim, max_seq, max_len,
                                    scale, ws, ws_bytes, NULL, E));
@@ -171,6 +237,100 @@ static void test_decode_attention(int n_heads, int n_kv, int head_dim, int max_s
     cudaFree(d_lens);
     cudaFree(ws);
     cudaFree(out);
+}
+
+// cuda_decode_attention_rope: for each active row the new token's k (rotated) and v land in the
+// cache at pos[b] and q (rotated) attends over [0, pos[b] + 1): against the CPU's rope, cache
+// store and attention. Inactive rows (lens == pos) store nothing (their slot stays NaN). Called
+// twice on one workspace: the same bits (its split counters are back at zero after a call).
+static void test_decode_attention_rope(int n_heads, int n_kv, int head_dim, int max_seq, int max_len,
+                                       std::vector<int32_t> pos, std::vector<int> active)
+{
+    int batch = (int)pos.size(), QD = n_heads * head_dim, KD = n_kv * head_dim, W = QD + 2 * KD;
+    size_t cache_n = (size_t)batch * n_kv * max_seq * head_dim, q_n = (size_t)batch * QD;
+    Bf16Tensor qkv((size_t)batch * W), k(cache_n), v(cache_n);
+    std::vector<int32_t> lens(batch);
+    for (int b = 0; b < batch; b++) {
+        lens[b] = pos[b] + active[b];
+        for (int j = 0; j < n_kv; j++)  // from the new position on: NaN (written, or never read)
+            for (int p = pos[b]; p < max_seq; p++)
+                for (int d = 0; d < head_dim; d++) {
+                    size_t i = (((size_t)b * n_kv + j) * max_seq + p) * head_dim + d;
+                    k.bits[i] = v.bits[i] = 0x7fc0;
+                    k.value[i] = v.value[i] = NAN;
+                }
+    }
+    k.upload();
+    v.upload();
+    std::vector<float> inv_freq(head_dim / 2);
+    for (int i = 0; i < head_dim / 2; i++)
+        inv_freq[i] = powf(500000.0f, -2.0f * i / head_dim);
+    // the CPU: rotate q and k (bf16 rounding, as the GPU stores them), store k and v, attend
+    std::vector<float> q(q_n), kn((size_t)batch * KD), vn((size_t)batch * KD);
+    for (int b = 0; b < batch; b++)
+        for (int e = 0; e < W; e++) {
+            float x = qkv.value[(size_t)b * W + e];
+            if (e < QD)
+                q[(size_t)b * QD + e] = x;
+            else if (e < QD + KD)
+                kn[(size_t)b * KD + e - QD] = x;
+            else
+                vn[(size_t)b * KD + e - QD - KD] = x;
+        }
+    cpu_rope_forward(q.data(), q.data(), pos.data(), inv_freq.data(), batch, n_heads, head_dim);
+    cpu_rope_forward(kn.data(), kn.data(), pos.data(), inv_freq.data(), batch, n_kv, head_dim);
+    for (float &x : q)
+        x = bf16_float(bf16_bits(x));
+    for (float &x : kn)
+        x = bf16_float(bf16_bits(x));
+    std::vector<float> kc = k.value, vc = v.value;
+    for (int b = 0; b < batch; b++)
+        for (int e = 0; active[b] && e < KD; e++) {
+            size_t at = (((size_t)b * n_kv + e / head_dim) * max_seq + pos[b]) * head_dim + e % head_dim;
+            kc[at] = kn[(size_t)b * KD + e];
+            vc[at] = vn[(size_t)b * KD + e];
+        }
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    std::vector<float> want(q_n);
+    cpu_decode_attention(want.data(), q.data(), kc.data(), vc.data(), lens.data(), batch, n_heads, n_kv, head_dim,
+                         max_seq, scale);
+
+    int32_t *d_pos = dev_alloc<int32_t>(batch), *d_lens = dev_alloc<int32_t>(batch);
+    float *d_freq = dev_alloc<float>(head_dim / 2);
+    HOST_CUDA(cudaMemcpy(d_pos, pos.data(), batch * 4, cudaMemcpyHostToDevice));
+    HOST_CUDA(cudaMemcpy(d_lens, lens.data(), batch * 4, cudaMemcpyHostToDevice));
+    HOST_CUDA(cudaMemcpy(d_freq, inv_freq.data(), inv_freq.size() * 4, cudaMemcpyHostToDevice));
+    size_t ws_bytes = cuda_decode_attention_workspace_bytes(batch, n_heads, n_kv, head_dim, max_len);
+    void *ws = dev_zeros(ws_bytes);
+    bf16_t *out = dev_alloc<bf16_t>(q_n);
+    LAUNCHED(cuda_decode_attention_rope(out, qkv.dev, k.dev, v.dev, d_pos, d_lens, d_freq, batch, n_heads, n_kv,
+                                        head_dim, max_seq, max_len, scale, ws, ws_bytes, 0, NULL, E));
+    std::vector<float> got = download_bf16(out, q_n);
+    char what[200], pos_s[64] = "";
+    for (int b = 0; b < batch && b < 6; b++)
+        snprintf(pos_s + strlen(pos_s), sizeof pos_s - strlen(pos_s), "%s%d%s", b ? "," : "", pos[b],
+                 active[b] ? "" : "(off)");
+    snprintf(what, sizeof what, "decode attention + RoPE + cache store, heads %d/%d x %d, max_len %d, pos %s",
+             n_heads, n_kv, head_dim, max_len, pos_s);
+    check(what, got, want, TOL_BF16);
+    HOST_CUDA(cudaMemset(out, 0xff, q_n * 2));
+    LAUNCHED(cuda_decode_attention_rope(out, qkv.dev, k.dev, v.dev, d_pos, d_lens, d_freq, batch, n_heads, n_kv,
+                                        head_dim, max_seq, max_len, scale, ws, ws_bytes, 0, NULL, E));
+    std::vector<float> again = download_bf16(out, q_n);
+    ok(!memcmp(again.data(), got.data(), q_n * sizeof(float)), "  a second call on the same workspace: same bits");
+    // the cache entries at pos: written (rotated k within a bf16 step of the CPU's, v exact) or untouched
+    std::vector<float> kg = download_bf16(k.dev, cache_n), vg = download_bf16(v.dev, cache_n);
+    int bad = 0;
+    for (int b = 0; b < batch; b++)
+        for (int e = 0; e < KD; e++) {
+            size_t at = (((size_t)b * n_kv + e / head_dim) * max_seq + pos[b]) * head_dim + e % head_dim;
+            if (active[b])
+                bad += !(fabsf(kg[at] - kc[at]) <= 1.0f / 128 * fabsf(kc[at]) + 1e-6f) || vg[at] != vc[at];
+            else
+                bad += !std::isnan(kg[at]) || !std::isnan(vg[at]);
+        }
+    ok(bad == 0, "  cache at pos: active rows hold the rotated k and the v, inactive rows untouched (%d wrong)", bad);
+    cudaFree(d_pos), cudaFree(d_lens), cudaFree(d_freq), cudaFree(ws), cudaFree(out);
 }
 
 static void test_decode_attention_errors(void)
@@ -197,6 +357,15 @@ static void test_decode_attention_errors(void)
     rc = cuda_decode_attention((bf16_t *)p, b, b, b, (const int32_t *)p, 1, 32, 8, 128, 100, 100, 1, (float *)p, 16,
                                NULL, &err);
     ok(rc == -1 && strstr(err.msg, "workspace"), "decode attention rejects a short workspace: %s",
+       rc == -1 ? err.msg : "accepted");
+    rc = cuda_decode_attention_rope((bf16_t *)p, b, (bf16_t *)p, (bf16_t *)p, NULL, (const int32_t *)p,
+                                    (const float *)p, 1, 32, 8, 128, 100, 100, 1, p, 1 << 20, 0, NULL, &err);
+    ok(rc == -1 && strstr(err.msg, "NULL"), "decode attention with RoPE rejects a NULL pos: %s",
+       rc == -1 ? err.msg : "accepted");
+    rc = cuda_decode_attention_rope((bf16_t *)p, b, (bf16_t *)p, (bf16_t *)p, (const int32_t *)p,
+                                    (const int32_t *)p, (const float *)p, 1, 32, 8, 80, 100, 100, 1, p, 1 << 20, 0, NULL,
+                                    &err);
+    ok(rc == -1 && strstr(err.msg, "head_dim=80"), "decode attention with RoPE rejects head_dim 80: %s",
        rc == -1 ? err.msg : "accepted");
 }
 
@@ -370,8 +539,7 @@ static int bench(void)
         HOST_CUDA(cudaMalloc(&d_lens, batch * 4));
         HOST_CUDA(cudaMemcpy(d_lens, lens.data(), batch * 4, cudaMemcpyHostToDevice));
         size_t wsb = cuda_decode_attention_workspace_bytes(batch, H, KV, D, len);
-        float *aws;
-        HOST_CUDA(cudaMalloc(&aws, wsb));
+        void *aws = dev_zeros(wsb);
         double us = median_per_call_us([&](int) {
             LAUNCHED(cuda_decode_attention(o, q, k, v, d_lens, batch, H, KV, D, len, len, 0.088f, aws, wsb, NULL, E));
         });
@@ -408,6 +576,14 @@ int main(int argc, char **argv)
     test_gemv_variants(16, 300, 520);
     test_gemv_variants(64, 64, 256);
     test_gemv_errors();
+    test_gemv_row(1037, 776, false, false);    // row and piece tails, few rows a block
+    test_gemv_row(4096, 4096, true, false);    // q|k|v-like with RMSNorm: one round of loads
+    test_gemv_row(333, 14336, false, false);   // down-like: four rounds
+    test_gemv_row(5, 8, true, false);          // one piece
+    test_gemv_row(14336, 4096, true, true);    // gate|up with SwiGLU: blocks walk several rows
+    test_gemv_row(77, 2056, false, true);
+    test_gemv_row(50000, 64, true, false);     // more rows than resident warps, short rows
+    test_gemv_row_errors();
     // (n_heads, n_kv_heads, head_dim, max_seq, max_len, lens)
     test_decode_attention(32, 8, 128, 2100, 2049, {2049});             // Llama-3-8B heads
     test_decode_attention(12, 4, 64, 700, 700, {1, 513, 700});         // head_dim 64, G 3
@@ -415,6 +591,11 @@ int main(int argc, char **argv)
     test_decode_attention(16, 2, 128, 20000, 19999, {19999});          // G 8, many splits
     test_decode_attention(4, 2, 64, 3000, 3000, {2999, 64, 1000, 5, 2048});  // splits of 64 exactly
     test_decode_attention(32, 8, 64, 300, 300, std::vector<int32_t>(40, 257));  // batch 40
+    // (n_heads, n_kv_heads, head_dim, max_seq, max_len, pos, active)
+    test_decode_attention_rope(32, 8, 128, 300, 300, {17, 250, 0}, {1, 1, 1});    // 1 and 4 splits used, length 1
+    test_decode_attention_rope(12, 4, 64, 700, 600, {511, 64, 3}, {1, 0, 1});     // an inactive row, G 3
+    test_decode_attention_rope(16, 2, 128, 5000, 5000, {4321}, {1});              // G 8, many splits
+    test_decode_attention_rope(32, 8, 64, 300, 300, std::vector<int32_t>(40, 130), std::vector<int>(40, 1));
     test_decode_attention_errors();
     return done_testing();
 }

@@ -12,6 +12,7 @@
 //     in a row per layer, and a merged adapter is one more bf16 rounding of every weight. A bug
 //     (a wrong position, slot, head or cache row) gives errors of order 1.
 //   - the same scenario with CUDA graphs (and PDL GEMV launches) on and off: bit-identical logits;
+//     and with RoPE + cache store as a kernel of its own: bit-identical too;
 //   - each slot of the batched run against the same sequence run alone in slot 0 (n = 1);
 //   - the errors: a full slot, ids out of range, n > max_batch, prefill over max_prefill;
 //   - stories260K ($TESTDATA/stories260K/hf, skipped when absent): 200 greedy tokens from BOS,
@@ -22,6 +23,8 @@
 //                       on/off, GEMV or cuBLAS, PDL, fused residual), bandwidth, time to first
 //                       token of a 2048-token prompt.
 #include <chrono>
+#include <functional>
+#include <string>
 
 #include <cublas_v2.h>
 
@@ -107,8 +110,10 @@ struct Output {
     std::vector<float> logits;
 };
 
+// other: the decode step's other arrangement, which must give the same bits: RoPE and the cache
+// store as their own kernel before cuda_decode_attention (instead of cuda_decode_attention_rope),
 static std::vector<Output> run_gpu(const Model *m, const Adapter *a, int merge, int graphs, int gemv,
-                                   const Scenario &sc, int only)
+                                   const Scenario &sc, int only, int other = 0, int row_kernels = 0)
 {
     const ModelConfig *c = &m->config;
     CudaGenConfig cfg;
@@ -116,6 +121,8 @@ static std::vector<Output> run_gpu(const Model *m, const Adapter *a, int merge, 
     cfg.max_batch = 4, cfg.capacity = 64, cfg.max_prefill = 32, cfg.merge_adapter = merge, cfg.use_graphs = graphs;
     cfg.cublas_min_batch = gemv ? 64 : 1;   // decode products: the GEMV kernels, or cuBLAS
     cfg.gemv_pdl = graphs;                   // PDL changes no arithmetic: the graph test covers it
+    cfg.unfused_attention = other;
+    cfg.row_kernels = row_kernels;
     Err err;
     CudaGen *g = cuda_gen_create(m, a, &cfg, &err);
     if (!g)
@@ -249,16 +256,30 @@ static void compare_case(const char *name, const Model *m, const Adapter *a, int
         differ += !same_bits(plain[i].logits, graph[i].logits);
     ok(differ == 0, "%s: CUDA graphs (with PDL GEMVs) and plain launches give bit-identical logits (%d of %zu rows differ)", name, differ,
        plain.size());
+    std::vector<Output> other = run_gpu(m, a, merge, 1, gemv, sc, -1, 1);
+    differ = other.size() == graph.size() ? 0 : -1;
+    for (size_t i = 0; differ >= 0 && i < graph.size(); i++)
+        differ += !same_bits(other[i].logits, graph[i].logits);
+    ok(differ == 0, "%s: RoPE and cache store in their own kernel: bit-identical logits (%d rows "
+       "differ)", name, differ);
     printf("# TABLE %-26s prefill %.2e decode %.2e (CPU fp32 vs GPU, relative L2, worst row)\n", name, worst_prefill,
            worst_decode);
 
     // Each slot alone (slot 0, n = 1) against its row in the batched run.
-    int n_identical = 0, n_rows = 0;
-    double worst_alone = 0;
+    // (one row: the row kernels of cuda_gemv_row where the model allows, with PDL)
+    int n_identical = 0, n_rows = 0, pdl_differ = 0;
+    double worst_alone = 0, worst_alone_cpu = 0;
     for (int s = 0; s < 3; s++) {
         std::vector<Output> alone = run_gpu(m, a, merge, 1, gemv, sc, s);
+        if (s == 0) {  // PDL changes no arithmetic
+            std::vector<Output> no_pdl = run_gpu(m, a, merge, 1, gemv, sc, s, 0, 1);
+            pdl_differ = no_pdl.size() == alone.size() ? 0 : -1;
+            for (size_t i = 0; pdl_differ >= 0 && i < alone.size(); i++)
+                pdl_differ += !same_bits(no_pdl[i].logits, alone[i].logits);
+        }
         size_t k = 0;
-        for (const Output &o : plain) {
+        for (size_t i = 0; i < plain.size(); i++) {
+            const Output &o = plain[i];
             if (o.row != s)
                 continue;
             while (k < alone.size() && alone[k].step != o.step)
@@ -273,8 +294,13 @@ static void compare_case(const char *name, const Model *m, const Adapter *a, int
                        o.step < 0 || o.step == 112 ? "prefill" : "decode step", o.step < 0 ? 0 : o.step % 100);
             double e = rel_l2(o.logits.data(), alone[k].logits.data(), o.logits.size());
             worst_alone = e > worst_alone || !(e == e) ? e : worst_alone;
+            e = rel_l2(alone[k].logits.data(), cpu[i].logits.data(), o.logits.size());
+            worst_alone_cpu = e > worst_alone_cpu || !(e == e) ? e : worst_alone_cpu;
         }
     }
+    ok(worst_alone_cpu <= TOL_LOGITS, "%s: each slot alone (one-row steps) against the CPU: worst row %.2e <= %.0e",
+       name, worst_alone_cpu, TOL_LOGITS);
+    ok(pdl_differ == 0, "%s: one-row steps with and without PDL: bit-identical (%d rows differ)", name, pdl_differ);
     ok(n_rows == (int)plain.size() && worst_alone <= TOL_LOGITS,
        "%s: each slot batched equals that sequence alone: %d of %d rows bit-identical, worst %.2e", name,
        n_identical, n_rows, worst_alone);
@@ -435,16 +461,16 @@ static double weight_bytes(const ModelConfig *c)
 }
 
 // batch prompts of prompt_len, then steps decode steps; prints a table row.
-static void bench_decode(const ModelConfig *c, int batch, int prompt_len, int steps, int graphs, int cublas_min,
-                         const char *label, int unfused = 0, int gemv_products = 0, int pdl = 0)
+// label says what `tweak` changes in the default configuration (graphs, cuBLAS products).
+static void bench_decode(const ModelConfig *c, int batch, int prompt_len, int steps, const char *label,
+                         std::function<void(CudaGenConfig &)> tweak = nullptr)
 {
     CudaGenConfig cfg;
     memset(&cfg, 0, sizeof cfg);
-    cfg.gemv_pdl = pdl;
-    cfg.gemv_products = gemv_products;
-    cfg.unfused_residual = unfused;
     cfg.max_batch = batch, cfg.capacity = prompt_len + steps, cfg.max_prefill = 2048, cfg.merge_adapter = 1;
-    cfg.use_graphs = graphs, cfg.cublas_min_batch = cublas_min;
+    cfg.use_graphs = 1;
+    if (tweak)
+        tweak(cfg);
     Err err;
     CudaGen *g = cuda_gen_create_random(c, &cfg, 7, &err);
     if (!g)
@@ -478,7 +504,7 @@ static void bench_decode(const ModelConfig *c, int batch, int prompt_len, int st
     double avg_len = prompt_len + steps / 2.0;
     double kv = 2.0 * 2 * c->n_layers * c->n_kv_heads * c->head_dim * avg_len * batch;
     double bytes = weight_bytes(c) + kv;
-    printf("decode  batch %2d  %-24s  step %7.3f ms  %8.1f tokens/s  %6.2f TB/s (weights %.2f GB + KV %.2f GB)  "
+    printf("decode  batch %2d  %-40s  step %7.3f ms  %8.1f tokens/s  %6.2f TB/s (weights %.2f GB + KV %.2f GB)  "
            "device %.1f GiB  %s\n",
            batch, label, dt * 1e3, batch / dt, bytes / dt / 1e12, weight_bytes(c) / 1e9, kv / 1e9,
            cuda_gen_device_bytes(g) / 1073741824.0, finite ? "finite" : "NaN/inf!");
@@ -566,22 +592,36 @@ static int bench(void)
     bench_products();
     ModelConfig c = llama3_8b();
     printf("# Llama-3-8B shapes, random bf16 weights (%.2f GB read per decode step)\n", weight_bytes(&c) / 1e9);
-    bench_decode(&c, 1, 128, 256, 1, 0, "graphs, cuBLAS");
-    bench_decode(&c, 1, 128, 256, 0, 0, "no graphs, cuBLAS");
-    bench_decode(&c, 1, 128, 256, 1, 64, "graphs, GEMV");
-    bench_decode(&c, 1, 128, 256, 1, 64, "graphs, GEMV, PDL", 0, 0, 1);
-    bench_decode(&c, 1, 128, 256, 0, 64, "no graphs, GEMV, PDL", 0, 0, 1);
-    bench_decode(&c, 4, 128, 256, 1, 64, "graphs, GEMV, PDL", 0, 0, 1);
-    bench_decode(&c, 16, 128, 256, 1, 64, "graphs, GEMV, PDL", 0, 0, 1);
-    bench_decode(&c, 1, 128, 256, 1, 64, "graphs, GEMV, add kernel", 1);
-    bench_decode(&c, 1, 128, 256, 0, 64, "no graphs, GEMV");
-    bench_decode(&c, 4, 128, 256, 1, 0, "graphs, cuBLAS");
-    bench_decode(&c, 4, 128, 256, 1, 64, "graphs, GEMV");
+    int dev = 0;
+    cudaDeviceProp prop;
+    if (cudaGetDevice(&dev) == cudaSuccess && cudaGetDeviceProperties(&prop, dev) == cudaSuccess)
+        printf("# %s: %d multiprocessors, L2 %.0f MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6);
+    typedef std::function<void(CudaGenConfig &)> Tweak;
+    if (getenv("GEN_TEST_PROFILE")) {  // a few plain-launch steps for a profiler (tests/gpu/session.sh ncu-gen)
+        bench_decode(&c, 1, 128, 3, "no graphs, row kernels", [](CudaGenConfig &f) { f.use_graphs = 0, f.row_kernels = 1; });
+        bench_decode(&c, 1, 128, 3, "no graphs, cuBLAS", [](CudaGenConfig &f) { f.use_graphs = 0, f.row_kernels = -1; });
+        return 0;
+    }
+    const Tweak gemv = [](CudaGenConfig &f) { f.cublas_min_batch = 65; };
+    bench_decode(&c, 1, 128, 256, "graphs, row kernels, PDL (default)");
+    bench_decode(&c, 1, 128, 256, "no graphs", [](CudaGenConfig &f) { f.use_graphs = 0; });
+    bench_decode(&c, 1, 128, 256, "row kernels without PDL", [](CudaGenConfig &f) { f.row_kernels = 1; });
+    bench_decode(&c, 1, 128, 256, "row kernels, skip attention", [](CudaGenConfig &f) { f.bench_skip = 1; });
+    bench_decode(&c, 1, 128, 256, "cuBLAS as batches", [](CudaGenConfig &f) { f.row_kernels = -1; });
+    bench_decode(&c, 1, 128, 256, "as batches, old RoPE + attention kernels", [](CudaGenConfig &f) { f.row_kernels = -1, f.unfused_attention = 1; });
+    // where the step goes: leave stages out (garbage results, time only)
+    bench_decode(&c, 1, 128, 256, "as batches, skip attention", [](CudaGenConfig &f) { f.row_kernels = -1, f.bench_skip = 1; });
+    bench_decode(&c, 1, 128, 256, "as batches, products only", [](CudaGenConfig &f) { f.row_kernels = -1, f.bench_skip = 7; });
+    bench_decode(&c, 1, 128, 256, "as batches, GEMV", [](CudaGenConfig &f) { f.row_kernels = -1, f.cublas_min_batch = 65; });
+    bench_decode(&c, 4, 128, 256, "graphs, cuBLAS (default)");
+    bench_decode(&c, 4, 128, 256, "GEMV", gemv);
     bench_prefill(&c, 2048);
-    bench_decode(&c, 64, 128, 256, 1, 0, "graphs, cuBLAS");
-    bench_decode(&c, 64, 128, 256, 1, 65, "graphs, GEMV");
-    bench_decode(&c, 16, 128, 256, 1, 0, "graphs, cuBLAS");
-    bench_decode(&c, 16, 128, 256, 1, 17, "graphs, GEMV");
+    bench_decode(&c, 16, 128, 256, "graphs, cuBLAS (default)");
+    bench_decode(&c, 64, 128, 256, "graphs, cuBLAS (default)");
+    bench_decode(&c, 64, 128, 256, "RoPE kernel + 2-kernel attention (old)", [](CudaGenConfig &f) { f.unfused_attention = 1; });
+    bench_decode(&c, 1, 128, 256, "graphs, row kernels, PDL (default), again");
+    bench_decode(&c, 1, 2048, 256, "graphs, row kernels, PDL (default)");
+    bench_decode(&c, 1, 2048, 256, "cuBLAS as batches", [](CudaGenConfig &f) { f.row_kernels = -1; });
     return 0;
 }
 

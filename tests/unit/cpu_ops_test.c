@@ -649,6 +649,13 @@ static void test_decode_launcher_arguments(void)
             "decode_attention", "workspace", "a decode-attention workspace one byte short");
     rejects(cuda_decode_attention(p, b, b, b, NULL, 2, 32, 8, 128, 100, 100, 1, p, aws, NULL, &err), &err,
             "decode_attention", "NULL", "decode attention without lengths");
+    const float *fp = (const float *)p;
+    rejects(cuda_decode_attention_rope(p, b, p, p, p, p, fp, 2, 32, 8, 128, 100, 100, 1, p, aws - 1, 0, NULL, &err),
+            &err, "decode_attention", "workspace", "a RoPE decode-attention workspace one byte short");
+    rejects(cuda_decode_attention_rope(p, b, p, p, NULL, p, fp, 2, 32, 8, 128, 100, 100, 1, p, aws, 0, NULL, &err),
+            &err, "decode_attention", "NULL", "RoPE decode attention without positions");
+    rejects(cuda_decode_attention_rope(p, b, p, p, p, p, fp, 2, 32, 8, 64, 100, 101, 1, p, aws, 0, NULL, &err), &err,
+            "decode_attention", "max_len=101", "RoPE decode attention with max_len beyond the cache");
 }
 #endif
 
