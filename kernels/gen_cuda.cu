@@ -1,6 +1,7 @@
 // Generation on one GPU (kernels/gen_cuda.cuh): weights as bf16 in four stacked matrices per
-// layer, a per-slot KV cache, prefill through cuBLAS and flash attention, decode steps through the
-// GEMV kernels and split-KV decode attention, optionally replayed as CUDA graphs.
+// layer, a per-slot KV cache, prefill through cuBLAS and flash attention, decode steps of one row
+// through cuda_gemv_row (decode_one_row), of several rows through cuBLAS (decode_body), both with
+// one decode-attention kernel a layer, optionally replayed as CUDA graphs.
 //
 // Shapes: D = dim, Hq/Hkv = query and key-value heads, hd = head_dim, QD = Hq*hd, KD = Hkv*hd,
 // F = hidden_dim, V = vocab, r = LoRA rank, S = max_batch slots, C = capacity (tokens per slot),
@@ -38,10 +39,10 @@ enum { G_QKV, G_O, G_GU, G_DOWN, G_COUNT };
 static const int group_modules[G_COUNT][4] = {
     {PROJ_Q, PROJ_K, PROJ_V, -1}, {PROJ_O, -1, -1, -1}, {PROJ_GATE, PROJ_UP, -1, -1}, {PROJ_DOWN, -1, -1, -1}};
 
-// Decode products on cuBLAS from this many rows on. Measured on an H200, Llama-3-8B shapes, whole
-// decode steps in graphs: cuBLAS everywhere 5.20 ms at batch 1 and 5.28 ms at batch 4, the GEMV
-// kernels 5.74 and 6.10 ms (any product moved to the GEMV costs ~17 us a layer in the step, though
-// the GEMV wins alone in a loop with its weights partly in L2), so cuBLAS from batch 1.
+// Decode products of steps of several rows (and of one row where decode_one_row does not apply)
+// on cuBLAS from this many rows on. Measured on an H200, Llama-3-8B shapes, whole decode steps in
+// graphs: cuBLAS everywhere 5.20 ms at batch 1 and 5.28 ms at batch 4, the tensor-core GEMV
+// kernels 5.74 and 6.10 ms, so cuBLAS from batch 1. (One row: decode_one_row, 4.04 ms.)
 #define DEFAULT_CUBLAS_MIN_BATCH 1
 #define CUBLAS_WORKSPACE_BYTES (32u << 20)
 #define PLAIN_DECODE_MAX_LEN 12000    // the plain decode attention keeps a slot's scores in shared memory (< 48 KiB)

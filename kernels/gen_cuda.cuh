@@ -5,8 +5,10 @@
 // Generation on one GPU: a Llama model (bf16 weights on the device, an optional PEFT adapter
 // merged into them at load time or applied unmerged), a KV cache of max_batch slots of
 // capacity tokens each, prefill of whole prompts (packed, flash attention, cuBLAS products) and
-// decode steps of one token for each of rows 0..n-1 (bandwidth-bound GEMV kernels, split-KV
-// decode attention, replayed as CUDA graphs).
+// decode steps of one token for each of rows 0..n-1, replayed as CUDA graphs: one row (one
+// sequence) in five kernels a layer (cuda_gemv_row with RMSNorm, SwiGLU and the residual add
+// folded in, programmatic dependent launches, and cuda_decode_attention_rope), several rows with
+// cuBLAS products and the same attention kernel.
 //
 // A slot is one sequence. Prefill starts slots afresh at position 0 (whatever they held); a
 // decode step appends one token to each of rows (slots) 0..n-1, skipping the rows whose
