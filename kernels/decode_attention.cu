@@ -1,7 +1,9 @@
 // Decode attention (one query per sequence, GQA) as flash-decoding in ONE kernel: the positions
 // of each (sequence, kv head) are cut into splits of `chunk` positions, one block each, so that
-// even a batch of 1 with 8 kv heads fills the GPU; the last block of a (sequence, kv head) to
-// finish (an atomic counter) merges the splits' partial softmax results. A batch-1 decode step
+// even a batch of 1 with 8 kv heads fills the GPU (the number of splits is planned from max_len,
+// about one wave of blocks; each sequence's actual length is spread over them in chunks of at
+// least 64); the last block of a (sequence, kv head) to finish (an atomic counter) merges the
+// splits' partial softmax results. A batch-1 decode step
 // runs this once a layer and is latency-bound, so what counts is launches and memory round
 // trips: the first version had a second kernel for the merge (and generation a third before it
 // for RoPE and the cache store, which the `_rope` entry point now does inside), and read keys
@@ -27,7 +29,11 @@ namespace {
 constexpr int WARPS = 8;
 constexpr int THREADS = WARPS * 32;
 constexpr int MAX_CHUNK = 512;       // positions per split
-constexpr int TARGET_BLOCKS = 528;   // 4 per multiprocessor of an H200
+// Splits are chosen so that the grid is about one wave: one 8-warp block a multiprocessor of an
+// H200 (a constant, not the device's count, so that the workspace size does not depend on the
+// device). Blocks past the first wave only wait for a place, which at batch 1 with a long cache
+// (4096 positions: 64 splits of 64 before) cost more than a block walking more keys.
+constexpr int TARGET_BLOCKS = 132;
 constexpr int MAX_GROUP = 8;
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -56,7 +62,7 @@ struct Args {
     __nv_bfloat16 *k_cache, *v_cache;   // (batch, n_kv_heads, max_seq, HD); written only by ROPE
     const int32_t *lens, *pos;          // (batch); pos only with ROPE
     const float *inv_freq;              // (HD / 2), ROPE only
-    int n_heads, n_kv_heads, max_seq, max_len, chunk;
+    int n_heads, n_kv_heads, max_seq, max_len;
     float scale;
     float *partials;
     int *counters;
@@ -86,7 +92,12 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(Args a)
     __shared__ float q_shared[GMAX][HD];
     __shared__ int is_last;
     const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, splits = gridDim.x;
-    const int G = a.n_heads / a.n_kv_heads, chunk = a.chunk;
+    const int G = a.n_heads / a.n_kv_heads;
+    // The grid's splits (planned for max_len) share this sequence's actual length: chunks of at
+    // least 64 positions, as few splits as that gives (a short sequence in a long cache keeps
+    // the parallelism a short cache would give it). Every block of the sequence computes the same.
+    const int len = min((int)a.lens[b], a.max_len);
+    const int chunk = max(64, ((len + splits - 1) / splits + 63) / 64 * 64);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, slot = lane / LPK, sub = lane % LPK;
     const size_t head_base = ((size_t)b * a.n_kv_heads + kvh) * a.max_seq;
     const int p_new = ROPE ? a.pos[b] : 0;
@@ -121,7 +132,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(Args a)
         __syncthreads();
     }
 
-    const int len = min((int)a.lens[b], a.max_len), p0 = split * chunk, n = min(chunk, len - p0);
+    const int p0 = split * chunk, n = min(chunk, len - p0);
     const int used = (len + chunk - 1) / chunk;
     __nv_bfloat16 *out = a.out + ((size_t)b * a.n_heads + kvh * G) * HD;
     if (len <= 0) {  // an empty sequence: a zero row, written by split 0
@@ -137,20 +148,21 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(Args a)
     const __nv_bfloat16 *keys = a.k_cache + (head_base + p0) * HD + sub * 8;
     const __nv_bfloat16 *values = a.v_cache + (head_base + p0) * HD + sub * 8;
     // Keys slot, slot + KPB, ... of the warp's stride, LIF at a time, with their values; the first
-    // ones are asked for now, before q is made (the loop bound is uniform over the warp: the
-    // shuffles below need every lane; keys past n load nothing and score -inf).
-    uint4 kraw[LIF], vraw[LIF];
-    auto load_keys = [&](int base) {
+    // ones are asked for now, before q is made, and each round asks for the next round's before
+    // using its own (the loop bound is uniform over the warp: the shuffles below need every lane;
+    // keys past n load nothing and score -inf).
+    uint4 kraw[LIF], vraw[LIF], knext[LIF], vnext[LIF];
+    auto load_keys = [&](int base, uint4 (&kd)[LIF], uint4 (&vd)[LIF]) {
 #pragma unroll
         for (int i = 0; i < LIF; i++) {
             int p = base + i * KPB + slot;
-            kraw[i] = p < n ? *reinterpret_cast<const uint4 *>(keys + (size_t)p * HD) : make_uint4(0, 0, 0, 0);
-            vraw[i] = p < n ? *reinterpret_cast<const uint4 *>(values + (size_t)p * HD) : make_uint4(0, 0, 0, 0);
+            kd[i] = p < n ? *reinterpret_cast<const uint4 *>(keys + (size_t)p * HD) : make_uint4(0, 0, 0, 0);
+            vd[i] = p < n ? *reinterpret_cast<const uint4 *>(values + (size_t)p * HD) : make_uint4(0, 0, 0, 0);
         }
     };
     int base = warp * KPW;
     if (base < n)
-        load_keys(base);
+        load_keys(base, kraw, vraw);
     if (!stores)
         asm volatile("griddepcontrol.wait;" ::: "memory");
 
@@ -207,8 +219,9 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(Args a)
             acc[g][k] = 0.0f;
     }
     for (; base < n; base += KPB * LIF) {
-        if (base > warp * KPW)
-            load_keys(base);
+        const bool more = base + KPB * LIF < n;
+        if (more)
+            load_keys(base + KPB * LIF, knext, vnext);
         float sc[LIF][GMAX];
 #pragma unroll
         for (int i = 0; i < LIF; i++) {
@@ -263,6 +276,10 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(Args a)
                     for (int k = 0; k < 8; k++)
                         acc[g][k] += sc[i][g] * vf[k];
         }
+        if (more)
+#pragma unroll
+            for (int i = 0; i < LIF; i++)
+                kraw[i] = knext[i], vraw[i] = vnext[i];
     }
     // merge the key slots of the warp (lanes with the same dims, `sub`), then the warps, in a fixed order
 #pragma unroll
@@ -423,7 +440,6 @@ int launch(Args a, int batch, int head_dim, bool rope, const void *workspace, si
     SHAPE_CHECK(workspace_bytes >= need, err, "decode attention: workspace of %zu bytes, %zu needed",
                 workspace_bytes, need);
     Plan p = plan_splits(batch, a.n_kv_heads, a.max_len);
-    a.chunk = p.chunk;
     a.counters = (int *)workspace;
     a.partials = (float *)((char *)workspace + counter_bytes(batch, a.n_kv_heads));
     int G = a.n_heads / a.n_kv_heads;

@@ -606,13 +606,14 @@ static int bench(void)
     bench_decode(&c, 1, 128, 256, "graphs, row kernels, PDL (default)");
     bench_decode(&c, 1, 128, 256, "no graphs", [](CudaGenConfig &f) { f.use_graphs = 0; });
     bench_decode(&c, 1, 128, 256, "row kernels without PDL", [](CudaGenConfig &f) { f.row_kernels = 1; });
-    bench_decode(&c, 1, 128, 256, "row kernels, skip attention", [](CudaGenConfig &f) { f.bench_skip = 1; });
     bench_decode(&c, 1, 128, 256, "cuBLAS as batches", [](CudaGenConfig &f) { f.row_kernels = -1; });
-    bench_decode(&c, 1, 128, 256, "as batches, old RoPE + attention kernels", [](CudaGenConfig &f) { f.row_kernels = -1, f.unfused_attention = 1; });
+    bench_decode(&c, 1, 128, 256, "cuBLAS, old RoPE + attention kernels", [](CudaGenConfig &f) { f.row_kernels = -1, f.unfused_attention = 1; });
     // where the step goes: leave stages out (garbage results, time only)
-    bench_decode(&c, 1, 128, 256, "as batches, skip attention", [](CudaGenConfig &f) { f.row_kernels = -1, f.bench_skip = 1; });
-    bench_decode(&c, 1, 128, 256, "as batches, products only", [](CudaGenConfig &f) { f.row_kernels = -1, f.bench_skip = 7; });
-    bench_decode(&c, 1, 128, 256, "as batches, GEMV", [](CudaGenConfig &f) { f.row_kernels = -1, f.cublas_min_batch = 65; });
+    bench_decode(&c, 1, 128, 256, "row kernels, skip attention", [](CudaGenConfig &f) { f.bench_skip = 1; });
+    bench_decode(&c, 1, 128, 256, "cuBLAS, products only", [](CudaGenConfig &f) { f.row_kernels = -1, f.bench_skip = 7; });
+    bench_decode(&c, 1, 128, 256, "capacity 4096 (lora-gen's default)", [](CudaGenConfig &f) { f.capacity = 4096; });
+    bench_decode(&c, 1, 2048, 256, "graphs, row kernels, PDL (default)");
+    bench_decode(&c, 1, 2048, 256, "cuBLAS as batches", [](CudaGenConfig &f) { f.row_kernels = -1; });
     bench_decode(&c, 4, 128, 256, "graphs, cuBLAS (default)");
     bench_decode(&c, 4, 128, 256, "GEMV", gemv);
     bench_prefill(&c, 2048);
@@ -620,8 +621,6 @@ static int bench(void)
     bench_decode(&c, 64, 128, 256, "graphs, cuBLAS (default)");
     bench_decode(&c, 64, 128, 256, "RoPE kernel + 2-kernel attention (old)", [](CudaGenConfig &f) { f.unfused_attention = 1; });
     bench_decode(&c, 1, 128, 256, "graphs, row kernels, PDL (default), again");
-    bench_decode(&c, 1, 2048, 256, "graphs, row kernels, PDL (default)");
-    bench_decode(&c, 1, 2048, 256, "cuBLAS as batches", [](CudaGenConfig &f) { f.row_kernels = -1; });
     return 0;
 }
 
