@@ -52,6 +52,24 @@
 // Load (CPU): tokenizer.model 18-19 -> 44-46 ms (the pair table), tokenizer.json 86-91 -> 72-75 ms.
 // Dropped: prefetching the next piece's vocabulary and cache slots (one piece ahead +0-2%,
 // noise; 3-7 ahead: en -4-7%); merging short segments without the cache (zh +18% instructions).
+//
+// Load (issue 3: a serial load capped tok -j's scaling). Instructions of one load on one thread
+// (callgrind, tokdrv -l with OMP_NUM_THREADS=1, whole process), CPU ms on one thread (medians of
+// alternating runs on the dev VM, noisy), wall ms on its 2 cores (tests/bench/tok.sh):
+//                     tokenizer.model                 tokenizer.json
+//   before            266.6M   54-58 ms CPU            643.8M   87-92 ms CPU
+//   after             230.5M   52-54 ms, 49 ms wall    462.4M   73-84 ms, 66 ms wall
+// Changes: the fingerprint hashed in 64 KB blocks (19.1M -> 7.6M: two update calls a token
+// cost ~150 instructions); tiktoken lines read in one read, tables sized at once, base64 4
+// characters a step; pure pairs from the list of merges, not a pass over the 2-4 MiB pair
+// table; merge results that are all ASCII skip the boundary checks and UTF-8 decoding;
+// byte-level strings converted and checked in one pass; JSON strings scanned 8 bytes at a
+// time, blanks of pretty-printed files 8 at a time, model.merges scanned once, not twice.
+// tokenizer.model's load waits on its pair table (see build_rank_pairs) more than it computes,
+// so one thread gains little; the gain is on many cores: 72% of its instructions now run on
+// the load's threads (the lines, the pair table, the pairs of characters in merge results),
+// 51% of tokenizer.json's (its merges, the pairs of characters; see team_run). The tokenizer
+// is the same whatever the number of threads (the same tables slot for slot).
 #include "bpe_bytelevel.h"
 
 #include <errno.h>
@@ -59,12 +77,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
 #include "pretok.h"
 #include "unicode.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#else   // (the fuzz build, without OpenMP)
+static inline int omp_get_max_threads(void) { return 1; }
+#endif
 
 #define NO_ID UINT32_MAX
 #define NO_RANK UINT32_MAX
@@ -212,6 +237,97 @@ struct ByteLevelBpe {
     ThreadStates *threads;
 };
 
+// ---- threads for the loaders ------------------------------------------------------------
+// The parts of a load that split over threads (the lines of a tiktoken file, the pair table
+// built from them, the merges of a tokenizer.json) run on a team of plain threads that ends
+// with the load: an OpenMP team's idle threads spin for milliseconds after each region, CPU
+// time that whatever follows the load would be charged with. As many threads as OpenMP would
+// use (OMP_NUM_THREADS, else the cores), at most LOAD_THREADS_MAX.
+#define LOAD_THREADS_MAX 32
+
+typedef struct Team Team;
+typedef void TeamFn(void *arg, Team *team, int thread);   // thread: 0 (the caller) .. team->n - 1
+
+struct Team {
+    int wanted;                  // threads asked for
+    int n;                       // threads running, the caller included
+    TeamFn *fn;
+    void *arg;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int started, waiting;        // the gate: threads wait until the team's size is known
+    unsigned generation;         // of team_barrier
+};
+
+// Waits until all n threads of the team are here.
+static void team_barrier(Team *t)
+{
+    pthread_mutex_lock(&t->lock);
+    unsigned generation = t->generation;
+    if (++t->waiting == t->n) {
+        t->waiting = 0;
+        t->generation++;
+        pthread_cond_broadcast(&t->cond);
+    } else {
+        while (generation == t->generation) pthread_cond_wait(&t->cond, &t->lock);
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+typedef struct {
+    Team *team;
+    int thread;
+} TeamMember;
+
+static void *team_thread(void *p)
+{
+    TeamMember *m = p;
+    Team *t = m->team;
+    pthread_mutex_lock(&t->lock);
+    while (!t->started) pthread_cond_wait(&t->cond, &t->lock);
+    pthread_mutex_unlock(&t->lock);
+    t->fn(t->arg, t, m->thread);
+    return NULL;
+}
+
+static int load_threads(void)
+{
+    int n = omp_get_max_threads();
+    return n < 1 ? 1 : n > LOAD_THREADS_MAX ? LOAD_THREADS_MAX : n;
+}
+
+// Runs fn(arg, team, thread) on up to n threads, the caller's as thread 0, and returns when all
+// have returned. Fewer threads when some cannot be started: fn must share out its work by
+// team->n, which is set before any of them runs.
+static void team_run(int n, TeamFn *fn, void *arg)
+{
+    Team t = {.wanted = n, .n = 1, .fn = fn, .arg = arg};
+    pthread_t ids[LOAD_THREADS_MAX];
+    TeamMember members[LOAD_THREADS_MAX];
+    pthread_mutex_init(&t.lock, NULL);
+    pthread_cond_init(&t.cond, NULL);
+    for (int k = 1; k < n && k < LOAD_THREADS_MAX; k++) {
+        members[k] = (TeamMember){&t, k};
+        if (pthread_create(&ids[k], NULL, team_thread, &members[k]) != 0) break;
+        t.n++;
+    }
+    pthread_mutex_lock(&t.lock);
+    t.started = 1;
+    pthread_cond_broadcast(&t.cond);
+    pthread_mutex_unlock(&t.lock);
+    fn(arg, &t, 0);
+    for (int k = 1; k < t.n; k++) pthread_join(ids[k], NULL);
+    pthread_cond_destroy(&t.cond);
+    pthread_mutex_destroy(&t.lock);
+}
+
+// This thread's share [*lo, *hi) of [0, n).
+static void team_share(const Team *t, int thread, size_t n, size_t *lo, size_t *hi)
+{
+    *lo = n * (size_t)thread / (size_t)t->n;
+    *hi = n * (size_t)(thread + 1) / (size_t)t->n;
+}
+
 // ---- byte-level alphabet (GPT-2's bytes_to_unicode) ---------------------------------------
 
 // Code point that stands for byte b in tokenizer.json strings.
@@ -225,34 +341,40 @@ static uint32_t byte_to_char(int b)
 }
 
 // Map a byte-level string back to bytes (out has room for strlen(s) bytes). -1 when it holds a
-// character outside the alphabet (such a token can never be produced from bytes).
-static int16_t char_byte[256 + 68];   // inverse of byte_to_char
+// character outside the alphabet (such a token can never be produced from bytes), and -1 when
+// s is not valid UTF-8: the alphabet is U+0021..U+0143, so each of its characters is one byte,
+// or two with a lead byte C2..C5, and anything else fails here. One pass, validation included.
+static int16_t char_byte[256 + 68];   // inverse of byte_to_char, -1 outside the alphabet
+static int16_t single_byte[256];      // byte c: char_byte[c] below 0x80, -2 for a lead C2..C5, else -1
+static int16_t double_byte[4 << 6];   // (lead - 0xC2) << 6 | continuation & 0x3F: char_byte of it
 static void char_byte_init(void)
 {
     for (int c = 0; c < 256 + 68; c++) char_byte[c] = -1;
     for (int b = 0; b < 256; b++) char_byte[byte_to_char(b)] = (int16_t)b;
+    for (int c = 0; c < 256; c++) single_byte[c] = c < 0x80 ? char_byte[c] : c >= 0xC2 && c <= 0xC5 ? -2 : -1;
+    for (int i = 0; i < 4 << 6; i++) {
+        int cp = (0xC2 + (i >> 6) - 0xC0) << 6 | (i & 0x3F);
+        double_byte[i] = cp < 256 + 68 ? char_byte[cp] : -1;
+    }
 }
 
-static long string_to_bytes_valid(const char *s, size_t len, uint8_t *out);
-
+// (char_byte_init must have run: bytelevel_new does it.)
 static long bytelevel_string_to_bytes(const char *s, size_t len, uint8_t *out)
 {
-    if (utf8_valid_prefix(s, len) != len) return -1;
-    return string_to_bytes_valid(s, len, out);
-}
-
-// The same for s known to be valid UTF-8.
-static long string_to_bytes_valid(const char *s, size_t len, uint8_t *out)
-{
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, char_byte_init);
     const uint8_t *p = (const uint8_t *)s, *end = p + len;
     long n = 0;
     while (p < end) {
-        uint32_t cp;
-        p += utf8_decode(p, &cp);
-        if (cp >= 256 + 68 || char_byte[cp] < 0) return -1;
-        out[n++] = (uint8_t)char_byte[cp];
+        int v = single_byte[*p];
+        if (v >= 0) {
+            out[n++] = (uint8_t)v;
+            p++;
+            continue;
+        }
+        if (v == -1 || end - p < 2 || (p[1] & 0xC0) != 0x80) return -1;
+        v = double_byte[(p[0] - 0xC2) << 6 | (p[1] & 0x3F)];
+        if (v < 0) return -1;
+        out[n++] = (uint8_t)v;
+        p += 2;
     }
     return n;
 }
@@ -495,36 +617,51 @@ static inline uint32_t merge_result(const ByteLevelBpe *b, uint32_t rank)
 
 // ---- token table -------------------------------------------------------------------------
 
-static int ensure_tokens(ByteLevelBpe *b, uint32_t n, Err *err)
+// Room for ids below cap (tok and is_special), n_tokens unchanged.
+static int reserve_tokens(ByteLevelBpe *b, uint32_t cap, Err *err)
+{
+    if (cap <= b->tok_cap) return 0;
+    Span *tok = realloc(b->tok, (size_t)cap * sizeof *tok);
+    if (!tok) return err_set(err, "out of memory");
+    b->tok = tok;
+    uint8_t *sp = realloc(b->is_special, cap);
+    if (!sp) return err_set(err, "out of memory");
+    b->is_special = sp;
+    b->tok_cap = cap;
+    return 0;
+}
+
+// Ids up to n - 1 exist (new ones empty). Inline: the loaders call it once per token.
+static inline int ensure_tokens(ByteLevelBpe *b, uint32_t n, Err *err)
 {
     if (n <= b->n_tokens) return 0;
-    if (n > b->tok_cap) {
-        uint32_t cap = n > 2 * b->tok_cap ? n : 2 * b->tok_cap;
-        Span *tok = realloc(b->tok, (size_t)cap * sizeof *tok);
-        if (!tok) return err_set(err, "out of memory");
-        b->tok = tok;
-        uint8_t *sp = realloc(b->is_special, cap);
-        if (!sp) return err_set(err, "out of memory");
-        b->is_special = sp;
-        b->tok_cap = cap;
+    if (n > b->tok_cap && reserve_tokens(b, n > 2 * b->tok_cap ? n : 2 * b->tok_cap, err) < 0) return -1;
+    for (uint32_t id = b->n_tokens; id < n; id++) {   // (mostly one id: the next)
+        b->tok[id] = (Span){0, 0, 0};
+        b->is_special[id] = 0;
     }
-    memset(b->tok + b->n_tokens, 0, (size_t)(n - b->n_tokens) * sizeof *b->tok);
-    memset(b->is_special + b->n_tokens, 0, n - b->n_tokens);
     b->n_tokens = n;
     return 0;
 }
 
-static int set_token_bytes(ByteLevelBpe *b, uint32_t id, const void *p, size_t len, Err *err)
+// Room for more bytes in the blob.
+static int reserve_blob(ByteLevelBpe *b, size_t more, Err *err)
+{
+    if (b->blob_len + more <= b->blob_cap) return 0;
+    if (more > UINT32_MAX || b->blob_len + more > UINT32_MAX) return err_set(err, "vocabulary too large");
+    size_t cap = b->blob_cap ? b->blob_cap : 1 << 20;
+    while (cap < b->blob_len + more) cap *= 2;
+    char *blob = realloc(b->blob, cap);
+    if (!blob) return err_set(err, "out of memory");
+    b->blob = blob;
+    b->blob_cap = cap;
+    return 0;
+}
+
+static inline int set_token_bytes(ByteLevelBpe *b, uint32_t id, const void *p, size_t len, Err *err)
 {
     if (len > UINT32_MAX / 2 || b->blob_len + len > UINT32_MAX) return err_set(err, "token %u too long", id);
-    if (b->blob_len + len > b->blob_cap) {
-        size_t cap = b->blob_cap ? b->blob_cap : 1 << 20;
-        while (cap < b->blob_len + len) cap *= 2;
-        char *blob = realloc(b->blob, cap);
-        if (!blob) return err_set(err, "out of memory");
-        b->blob = blob;
-        b->blob_cap = cap;
-    }
+    if (b->blob_len + len > b->blob_cap && reserve_blob(b, len, err) < 0) return -1;
     memcpy(b->blob + b->blob_len, p, len);
     b->tok[id].head = head8(p, len);
     b->tok[id].off = (uint32_t)b->blob_len;
@@ -572,6 +709,8 @@ int bytelevel_add_llama3_specials(ByteLevelBpe *b, Err *err)
 
 static ByteLevelBpe *bytelevel_new(Err *err)
 {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, char_byte_init);
     ByteLevelBpe *b = calloc(1, sizeof *b);
     ThreadStates *ts = calloc(1, sizeof *ts);
     if (!b || !ts) goto oom;
@@ -629,8 +768,8 @@ void bytelevel_free(ByteLevelBpe *b)
     free(b);
 }
 
-static int build_rank_pairs(ByteLevelBpe *b, Err *err);
-static int find_whole_chars(ByteLevelBpe *b, Err *err);
+static int build_rank_pairs(ByteLevelBpe *b, uint32_t **merges, size_t *n_merges, Err *err);
+static int find_whole_chars(ByteLevelBpe *b, const uint32_t *merges, size_t n_merges, Err *err);
 
 // ---- tiktoken rank file ------------------------------------------------------------------
 
@@ -642,28 +781,34 @@ static void base64_init(void)
     for (int i = 0; i < 64; i++) base64_value[(uint8_t)alphabet[i]] = (int8_t)i;
 }
 
-static long base64_decode(const char *s, size_t len, uint8_t *out)
+// base64_value must be set up (base64_init). Groups before the last one hold no padding.
+static inline long base64_decode(const char *s, size_t len, uint8_t *out)
 {
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, base64_init);
-    if (len % 4) return -1;
+    if (len % 4 || !len) return len ? -1 : 0;
     long n = 0;
-    for (size_t i = 0; i < len; i += 4) {
-        int pad = (s[i + 3] == '=') + (s[i + 2] == '=' && s[i + 3] == '=');
-        if (pad && i + 4 != len) return -1;
-        uint32_t v = 0;
-        for (int k = 0; k < 4; k++) {
-            int d = (k >= 4 - pad) ? 0 : base64_value[(uint8_t)s[i + k]];
-            if (d < 0) return -1;
-            v = v << 6 | (uint32_t)d;
-        }
-        out[n++] = (uint8_t)(v >> 16);
-        if (pad < 2) out[n++] = (uint8_t)(v >> 8);
-        if (pad < 1) out[n++] = (uint8_t)v;
+    size_t i = 0;
+    for (; i + 4 < len; i += 4) {
+        int v0 = base64_value[(uint8_t)s[i]], v1 = base64_value[(uint8_t)s[i + 1]];
+        int v2 = base64_value[(uint8_t)s[i + 2]], v3 = base64_value[(uint8_t)s[i + 3]];
+        if ((v0 | v1 | v2 | v3) < 0) return -1;   // (also a '=' before the last group)
+        uint32_t v = (uint32_t)v0 << 18 | (uint32_t)v1 << 12 | (uint32_t)v2 << 6 | (uint32_t)v3;
+        out[n] = (uint8_t)(v >> 16), out[n + 1] = (uint8_t)(v >> 8), out[n + 2] = (uint8_t)v;
+        n += 3;
     }
+    int pad = (s[i + 3] == '=') + (s[i + 2] == '=' && s[i + 3] == '=');
+    uint32_t v = 0;
+    for (int k = 0; k < 4; k++) {
+        int d = (k >= 4 - pad) ? 0 : base64_value[(uint8_t)s[i + k]];
+        if (d < 0) return -1;
+        v = v << 6 | (uint32_t)d;
+    }
+    out[n++] = (uint8_t)(v >> 16);
+    if (pad < 2) out[n++] = (uint8_t)(v >> 8);
+    if (pad < 1) out[n++] = (uint8_t)v;
     return n;
 }
 
+// The whole file, NUL-terminated, in one read when its size is known.
 static char *read_file(const char *path, size_t *len, Err *err)
 {
     FILE *f = fopen(path, "rb");
@@ -671,7 +816,9 @@ static char *read_file(const char *path, size_t *len, Err *err)
         err_set(err, "%s: %s", path, strerror(errno));
         return NULL;
     }
+    struct stat st;
     size_t cap = 1 << 16, n = 0;
+    if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0) cap = (size_t)st.st_size + 1;
     char *buf = malloc(cap + 1);
     for (;;) {
         if (!buf) break;
@@ -698,50 +845,131 @@ static char *read_file(const char *path, size_t *len, Err *err)
     return buf;
 }
 
-ByteLevelBpe *bytelevel_load_tiktoken(const char *path, Err *err)
+// Lines [start, end) of a tiktoken file decoded by one thread: its tokens' ranks and bytes, in
+// the order of the lines, up to the first malformed line.
+typedef struct {
+    const char *start, *end;     // whole lines
+    size_t n_lines;              // lines read, the empty ones and a malformed one included
+    size_t n;                    // tokens
+    uint32_t *rank, *len, *line; // (n) rank, byte count, line (0 = the chunk's first)
+    uint8_t *bytes;              // (sum of len) their bytes, one after the other
+    long bad_line;               // the malformed line, -1 when none
+    int oom;
+} RankLines;
+
+// Decodes the "base64 rank" lines of c (see bytelevel_load_tiktoken).
+static void read_rank_lines(RankLines *c)
 {
-    size_t len;
-    char *text = read_file(path, &len, err);
-    if (!text) return NULL;
-    ByteLevelBpe *b = bytelevel_new(err);
-    if (!b) goto fail;
-    b->use_ranks = 1;
-    b->whole_piece_lookup = 1;
-    uint8_t bytes[1024];
-    size_t line = 0;
-    for (char *p = text, *end = text + len; p < end;) {
-        char *eol = memchr(p, '\n', (size_t)(end - p));
+    size_t cap = 1;
+    for (const char *p = c->start; p < c->end && (p = memchr(p, '\n', (size_t)(c->end - p))); p++) cap++;
+    c->rank = malloc(cap * sizeof *c->rank);
+    c->len = malloc(cap * sizeof *c->len);
+    c->line = malloc(cap * sizeof *c->line);
+    c->bytes = malloc((size_t)(c->end - c->start) / 4 * 3 + 4);
+    c->bad_line = -1;
+    if (!c->rank || !c->len || !c->line || !c->bytes) {
+        c->oom = 1;
+        return;
+    }
+    size_t used = 0;
+    for (const char *p = c->start, *end = c->end; p < end;) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
         if (!eol) eol = end;
-        line++;
-        char *q = eol;
+        size_t line = c->n_lines++;
+        const char *q = eol;
         if (q > p && q[-1] == '\r') q--;
         if (q == p) {   // an empty line (the last one) carries nothing
             p = eol + 1;
             continue;
         }
-        char *space = memchr(p, ' ', (size_t)(q - p));
-        char *num_end = space ? space + 1 : NULL;
-        long rank = -1;
-        if (space && num_end < q) {   // decimal digits up to the end of the line
-            rank = 0;
-            while (num_end < q && *num_end >= '0' && *num_end <= '9' && rank < (1L << 30))
-                rank = rank * 10 + (*num_end++ - '0');
+        // "base64 rank": the rank's digits end the line, after a space (a space inside the
+        // base64 part fails its decoding, so this is the first space of a valid line).
+        const char *digits = q;
+        while (digits > p && digits[-1] >= '0' && digits[-1] <= '9') digits--;
+        long rank = 0, n = -1;
+        for (const char *d = digits; d < q && rank < (1L << 30); d++) rank = rank * 10 + (*d - '0');
+        const char *space = digits - 1;
+        if (digits > p && digits < q && *space == ' ' && (size_t)(space - p) <= 4 * 1024 / 3)
+            n = base64_decode(p, (size_t)(space - p), c->bytes + used);
+        if (n <= 0 || rank >= (1L << 30)) {
+            c->bad_line = (long)line;
+            return;
         }
-        long n = -1;
-        if (space && (size_t)(space - p) <= 4 * sizeof bytes / 3)
-            n = base64_decode(p, (size_t)(space - p), bytes);
-        if (!space || num_end != q || rank < 0 || rank >= (1L << 30) || n <= 0) {
-            err_set(err, "%s:%zu: not a tiktoken rank line (\"base64 rank\")", path, line);
-            goto fail;
-        }
-        if (ensure_tokens(b, (uint32_t)rank + 1, err) < 0) goto fail;
-        if (b->tok[rank].len) {
-            err_set(err, "%s:%zu: rank %ld appears twice", path, line, rank);
-            goto fail;
-        }
-        if (set_token_bytes(b, (uint32_t)rank, bytes, (size_t)n, err) < 0) goto fail;
+        c->rank[c->n] = (uint32_t)rank;
+        c->len[c->n] = (uint32_t)n;
+        c->line[c->n++] = (uint32_t)line;
+        used += (size_t)n;
         p = eol + 1;
     }
+}
+
+// TeamFn: the chunks of RankLines in arg (team_run's n of them), shared out over the team.
+static void read_rank_chunks(void *arg, Team *team, int thread)
+{
+    RankLines *chunks = arg;
+    for (int k = thread; k < team->wanted; k += team->n) read_rank_lines(&chunks[k]);
+}
+
+ByteLevelBpe *bytelevel_load_tiktoken(const char *path, Err *err)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, base64_init);
+    size_t len;
+    char *text = read_file(path, &len, err);
+    if (!text) return NULL;
+    int threads = len >= (1 << 18) ? load_threads() : 1;
+    RankLines *chunks = calloc((size_t)threads, sizeof *chunks);
+    ByteLevelBpe *b = bytelevel_new(err);
+    if (!b || !chunks) goto fail;
+    b->use_ranks = 1;
+    b->whole_piece_lookup = 1;
+    // The lines, cut into a run per thread at line ends, decoded on all threads; then stored by
+    // rank in the order of the lines, one thread: the same tokenizer, and the same first error.
+    for (int k = 0; k < threads; k++) {
+        const char *start = k ? chunks[k - 1].end : text, *end = text + len * (size_t)(k + 1) / (size_t)threads;
+        if (end < start) end = start;
+        if (k + 1 < threads) {
+            const char *eol = memchr(end, '\n', (size_t)(text + len - end));
+            end = eol ? eol + 1 : text + len;
+        }
+        chunks[k].start = start;
+        chunks[k].end = k + 1 < threads ? end : text + len;
+    }
+    team_run(threads, read_rank_chunks, chunks);   // (a thread that did not start: its chunk is read by another)
+    size_t n_tokens = 0, line = 1;   // (line: of the chunk's first)
+    for (int k = 0; k < threads; k++) {
+        if (chunks[k].oom) {
+            err_set(err, "out of memory");
+            goto fail;
+        }
+        n_tokens += chunks[k].n;
+    }
+    // Sized at once: ranks are 0, 1, 2, ... in the files there are.
+    if (reserve_tokens(b, n_tokens < (1u << 30) ? (uint32_t)n_tokens : 1u << 30, err) < 0 ||
+        reserve_blob(b, len / 4 * 3 + 4, err) < 0)
+        goto fail;
+    for (int k = 0; k < threads; k++) {
+        const RankLines *c = &chunks[k];
+        const uint8_t *bytes = c->bytes;
+        for (size_t i = 0; i < c->n; i++) {
+            uint32_t rank = c->rank[i];
+            if (ensure_tokens(b, rank + 1, err) < 0) goto fail;
+            if (b->tok[rank].len) {
+                err_set(err, "%s:%zu: rank %u appears twice", path, line + c->line[i], rank);
+                goto fail;
+            }
+            if (set_token_bytes(b, rank, bytes, c->len[i], err) < 0) goto fail;
+            bytes += c->len[i];
+        }
+        if (c->bad_line >= 0) {
+            err_set(err, "%s:%zu: not a tiktoken rank line (\"base64 rank\")", path, line + (size_t)c->bad_line);
+            goto fail;
+        }
+        line += c->n_lines;
+    }
+    for (int k = 0; k < threads; k++) free(chunks[k].rank), free(chunks[k].len), free(chunks[k].line), free(chunks[k].bytes);
+    free(chunks);
+    chunks = NULL;
     free(text);
     text = NULL;
     if (!b->n_tokens) {
@@ -754,9 +982,16 @@ ByteLevelBpe *bytelevel_load_tiktoken(const char *path, Err *err)
             err_set(err, "%s: byte 0x%02x has no token (a byte-level vocabulary needs all 256)", path, c);
             goto fail;
         }
-    if (build_rank_pairs(b, err) < 0 || find_whole_chars(b, err) < 0) goto fail;
+    uint32_t *merges = NULL;
+    size_t n_merges = 0;
+    int rc = build_rank_pairs(b, &merges, &n_merges, err) < 0 || find_whole_chars(b, merges, n_merges, err) < 0;
+    free(merges);
+    if (rc) goto fail;
     return b;
 fail:
+    for (int k = 0; chunks && k < threads; k++)
+        free(chunks[k].rank), free(chunks[k].len), free(chunks[k].line), free(chunks[k].bytes);
+    free(chunks);
     free(text);
     bytelevel_free(b);
     return NULL;
@@ -829,9 +1064,9 @@ static int merge_part_ids(const ByteLevelBpe *b, const char *a, size_t alen, con
 {
     uint8_t buf[1024];
     if (alen + clen > sizeof buf) return -1;
-    long na = string_to_bytes_valid(a, alen, buf);   // (JSON strings are valid UTF-8)
+    long na = bytelevel_string_to_bytes(a, alen, buf);
     if (na < 0) return -1;
-    long nc = string_to_bytes_valid(c, clen, buf + na);
+    long nc = bytelevel_string_to_bytes(c, clen, buf + na);
     if (nc < 0) return -1;
     *left = vocab_find(b, buf, (size_t)na);
     *right = vocab_find(b, buf + na, (size_t)nc);
@@ -890,7 +1125,8 @@ static int insert_merges(ByteLevelBpe *b, const uint32_t *merges, size_t n, Err 
     return 0;
 }
 
-static int load_merges(ByteLevelBpe *b, const json_t *merges, const char *name, Err *err)
+// The merges from the tree; their ids (n, 3) in *out as read_merges_span gives them.
+static int load_merges(ByteLevelBpe *b, const json_t *merges, const char *name, uint32_t **out, size_t *count, Err *err)
 {
     size_t n = json_array_size(merges);
     uint32_t *ids = malloc((n ? n : 1) * 3 * sizeof *ids);
@@ -905,9 +1141,9 @@ static int load_merges(ByteLevelBpe *b, const json_t *merges, const char *name, 
             return err_set(err, "%s: model.merges[%zu] names a token not in model.vocab", name, r);
         }
     }
-    int rc = insert_merges(b, ids, n, err);
-    free(ids);
-    return rc;
+    *out = ids;
+    *count = n;
+    return insert_merges(b, ids, n, err);
 }
 
 // post_processor: TemplateProcessing (alone or in a Sequence) whose "single" starts with a
@@ -940,11 +1176,17 @@ static void read_post_processor(ByteLevelBpe *b, const json_t *post)
 typedef struct {
     const char *vocab, *merges;  // the text of model.vocab ("{...}") and model.merges ("[...]")
     size_t vocab_len, merges_len;
+    const char **merge_at;       // (n_merges) where each entry of model.merges starts
+    size_t n_merges, merge_cap;
 } ModelSpans;
+
+static const uint8_t json_space[256] = {[' '] = 1, ['\n'] = 1, ['\t'] = 1, ['\r'] = 1};
 
 static inline const char *skip_ws(const char *p, const char *end)
 {
-    while (p < end && (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r')) p++;
+    // (pretty-printed files indent every entry: runs of 8 spaces at a time)
+    while (end - p >= 8 && !memcmp(p, "        ", 8)) p += 8;
+    while (p < end && json_space[(uint8_t)*p]) p++;
     return p;
 }
 
@@ -959,16 +1201,36 @@ static int hex4(const char *p, uint32_t *v)
     return 0;
 }
 
-// The JSON string whose opening quote is at p: its UTF-8 value into out (room for cap bytes,
-// length in *len) unless out is NULL. Returns the position after the closing quote, or NULL
-// for anything unusual (invalid, too long, a NUL, a lone surrogate, invalid UTF-8).
+// The end of the run at p of string bytes that need no care (not '"', '\\' or below 0x20):
+// 8 bytes at a time (a byte-wise loop was most of the time of the scan).
+static inline const char *plain_run(const char *p, const char *end)
+{
+    const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    while (end - p >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        uint64_t quote = v ^ (ones * '"'), slash = v ^ (ones * '\\');
+        // A zero byte in quote or slash, or a byte below 0x20 in v: the high bit of such a byte
+        // is set, and of no byte before the first such one (a borrow only moves up), so the
+        // lowest set bit is the first byte that needs care (little-endian).
+        uint64_t special = (((quote - ones) & ~quote) | ((slash - ones) & ~slash) | ((v - ones * 0x20) & ~v)) & highs;
+        if (special) return p + (__builtin_ctzll(special) >> 3);
+        p += 8;
+    }
+    while (p < end && *p != '"' && *p != '\\' && (unsigned char)*p >= 0x20) p++;
+    return p;
+}
+
+// The JSON string whose opening quote is at p: its value into out (room for cap bytes, length
+// in *len) unless out is NULL. Returns the position after the closing quote, or NULL for
+// anything unusual (invalid, too long, a NUL, a lone surrogate). Raw bytes are copied as they
+// are: the caller checks that they are valid UTF-8 (skipped strings are left to jansson).
 static const char *scan_string(const char *p, const char *end, char *out, size_t cap, size_t *len)
 {
     size_t n = 0;
     p++;
     for (;;) {
-        const char *q = p;
-        while (q < end && *q != '"' && *q != '\\' && (unsigned char)*q >= 0x20) q++;
+        const char *q = plain_run(p, end);
         if (out) {
             if (n + (size_t)(q - p) > cap) return NULL;
             memcpy(out + n, p, (size_t)(q - p));
@@ -1018,31 +1280,41 @@ static const char *scan_string(const char *p, const char *end, char *out, size_t
         }
         n += k;
     }
-    if (out) {   // (skipped strings are left to jansson, which checks them)
-        if (utf8_valid_prefix(out, n) != n) return NULL;
-        *len = n;
-    }
+    if (out) *len = n;   // (not checked for valid UTF-8: the callers' conversion does)
     return p + 1;
 }
+
+// scan_string(p, end, NULL, 0, NULL), without its call for the plain strings most are.
+static inline const char *skip_string(const char *p, const char *end)
+{
+    const char *q = plain_run(p + 1, end);
+    if (q < end && *q == '"') return q + 1;
+    return scan_string(p, end, NULL, 0, NULL);
+}
+
+// The bytes skip_value stops at inside an object or array: '"', '{', '[', '}', ']'.
+static const uint8_t json_structural[256] = {['"'] = 1, ['{'] = 1, ['['] = 1, ['}'] = 1, [']'] = 1};
 
 // End of the JSON value at p (not validated beyond strings and nesting: jansson reads the
 // rest), or NULL.
 static const char *skip_value(const char *p, const char *end)
 {
     if (p >= end) return NULL;
-    if (*p == '"') return scan_string(p, end, NULL, 0, NULL);
+    if (*p == '"') return skip_string(p, end);
     if (*p != '{' && *p != '[') {
         while (p < end && !strchr(",}] \t\r\n", *p)) p++;
         return p;
     }
     int depth = 0;
     while (p < end) {
+        while (p < end && !json_structural[(uint8_t)*p]) p = skip_ws(p + 1, end);   // (numbers, commas, blanks)
+        if (p >= end) break;
         if (*p == '"') {
-            if (!(p = scan_string(p, end, NULL, 0, NULL))) return NULL;
+            if (!(p = skip_string(p, end))) return NULL;
             continue;
         }
         if (*p == '{' || *p == '[') depth++;
-        else if ((*p == '}' || *p == ']') && --depth == 0) return p + 1;
+        else if (--depth == 0) return p + 1;   // '}' or ']'
         p++;
     }
     return NULL;
@@ -1060,7 +1332,7 @@ static const char *scan_object(const char *p, const char *end, MemberFn *member,
     if (p < end && *p == '}') return p + 1;
     for (;;) {
         if (p >= end || *p != '"') return NULL;
-        const char *key = p + 1, *q = scan_string(p, end, NULL, 0, NULL);
+        const char *key = p + 1, *q = skip_string(p, end);
         if (!q) return NULL;
         size_t key_len = (size_t)(q - 1 - key);   // raw: an escaped "model" just misses the fast path
         p = skip_ws(q, end);
@@ -1079,9 +1351,34 @@ static int key_is(const char *key, size_t key_len, const char *want)
     return key_len == strlen(want) && !memcmp(key, want, key_len);
 }
 
+// skip_value for model.merges (p at its '['), noting where each entry starts in sp (so that
+// read_merges_span can give the entries to threads); NULL also for an entry that is not a
+// string or an array, and out of memory (then jansson's path reads the file).
+static const char *skip_merges(const char *p, const char *end, ModelSpans *sp)
+{
+    if (sp->merge_at) return NULL;   // a second "merges"
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == ']') return p + 1;
+    for (;;) {
+        if (sp->n_merges == sp->merge_cap) {
+            sp->merge_cap = sp->merge_cap ? 2 * sp->merge_cap : 1 << 16;
+            const char **bigger = realloc(sp->merge_at, sp->merge_cap * sizeof *bigger);
+            if (!bigger) return NULL;
+            sp->merge_at = bigger;
+        }
+        sp->merge_at[sp->n_merges++] = p;
+        if (p >= end || (*p != '"' && *p != '[') || !(p = skip_value(p, end))) return NULL;
+        p = skip_ws(p, end);
+        if (p < end && *p == ']') return p + 1;
+        if (p >= end || *p != ',') return NULL;
+        p = skip_ws(p + 1, end);
+    }
+}
+
 static const char *model_member(const char *key, size_t key_len, const char *value, const char *end, ModelSpans *sp)
 {
-    const char *after = skip_value(value, end);
+    int merges = key_is(key, key_len, "merges") && *value == '[';
+    const char *after = merges ? skip_merges(value, end, sp) : skip_value(value, end);
     if (!after) return NULL;
     if (key_is(key, key_len, "vocab") || key_is(key, key_len, "merges")) {
         int is_vocab = key[0] == 'v';
@@ -1121,7 +1418,8 @@ static int read_vocab_span(ByteLevelBpe *b, const char *p, size_t len, Err *err)
         while (p < end && *p >= '0' && *p <= '9' && id < (1u << 30)) id = id * 10 + (uint32_t)(*p++ - '0');
         if (p == digits || id >= (1u << 30) || (*digits == '0' && p - digits > 1)) return -1;
         if (p < end && (*p == '.' || *p == 'e' || *p == 'E' || (*p >= '0' && *p <= '9'))) return -1;
-        long n = klen ? string_to_bytes_valid(key, klen, buf) : -1;
+        long n = klen ? bytelevel_string_to_bytes(key, klen, buf) : -1;
+        if (n < 0 && utf8_valid_prefix(key, klen) != klen) return -1;   // (scan_string does not check)
         if (ensure_tokens(b, id + 1, err) < 0) return -2;
         int rc = n > 0 ? set_token_bytes(b, id, buf, (size_t)n, err) : set_token_bytes(b, id, key, klen, err);
         if (rc < 0) return -2;
@@ -1133,62 +1431,79 @@ static int read_vocab_span(ByteLevelBpe *b, const char *p, size_t len, Err *err)
     }
 }
 
-// model.merges from its text: (n, 3) ids in *out. 0, -1 when unusual, -2 out of memory.
-static int read_merges_span(const ByteLevelBpe *b, const char *p, size_t len, uint32_t **out, size_t *count)
+// One entry of model.merges at p ("a b" or ["a", "b"]): its ids in ids[0..2] (ids[2]: the
+// result; *merged: the guess of merge_part_ids). Returns the end of the entry, NULL when unusual.
+static const char *read_merge(const ByteLevelBpe *b, const char *p, const char *end, uint32_t *ids, uint32_t *merged)
 {
-    const char *end = p + len;
     char s1[2048], s2[2048];
-    size_t n = 0, cap = 0;
-    uint32_t *ids = NULL, merged = 0;
-    p = skip_ws(p + 1, end);
-    if (p < end && *p == ']') goto done;
-    for (;;) {
-        const char *a = s1, *c;
-        size_t alen, clen;
-        if (p < end && *p == '"') {
-            if (!(p = scan_string(p, end, s1, sizeof s1, &alen))) goto unusual;
-            const char *space = memchr(s1, ' ', alen);
-            if (!space || memchr(space + 1, ' ', alen - (size_t)(space + 1 - s1))) goto unusual;
-            c = space + 1;
-            clen = alen - (size_t)(c - s1);
-            alen = (size_t)(space - s1);
-        } else if (p < end && *p == '[') {
-            p = skip_ws(p + 1, end);
-            if (p >= end || *p != '"' || !(p = scan_string(p, end, s1, sizeof s1, &alen))) goto unusual;
-            p = skip_ws(p, end);
-            if (p >= end || *p != ',') goto unusual;
-            p = skip_ws(p + 1, end);
-            if (p >= end || *p != '"' || !(p = scan_string(p, end, s2, sizeof s2, &clen))) goto unusual;
-            p = skip_ws(p, end);
-            if (p >= end || *p != ']') goto unusual;
-            p++;
-            c = s2;
-        } else
-            goto unusual;
-        if (n == cap) {
-            cap = cap ? 2 * cap : 1 << 16;
-            uint32_t *bigger = realloc(ids, cap * 3 * sizeof *ids);
-            if (!bigger) {
-                free(ids);
-                return -2;
-            }
-            ids = bigger;
-        }
-        if (merge_part_ids(b, a, alen, c, clen, &ids[3 * n], &ids[3 * n + 1], &merged) < 0) goto unusual;
-        ids[3 * n++ + 2] = merged;
-        p = skip_ws(p, end);
-        if (p < end && *p == ']') break;
-        if (p >= end || *p != ',') goto unusual;
+    const char *a = s1, *c;
+    size_t alen, clen;
+    if (p < end && *p == '"') {
+        if (!(p = scan_string(p, end, s1, sizeof s1, &alen))) return NULL;
+        const char *space = memchr(s1, ' ', alen);
+        if (!space || memchr(space + 1, ' ', alen - (size_t)(space + 1 - s1))) return NULL;
+        c = space + 1;
+        clen = alen - (size_t)(c - s1);
+        alen = (size_t)(space - s1);
+    } else if (p < end && *p == '[') {
         p = skip_ws(p + 1, end);
+        if (p >= end || *p != '"' || !(p = scan_string(p, end, s1, sizeof s1, &alen))) return NULL;
+        p = skip_ws(p, end);
+        if (p >= end || *p != ',') return NULL;
+        p = skip_ws(p + 1, end);
+        if (p >= end || *p != '"' || !(p = scan_string(p, end, s2, sizeof s2, &clen))) return NULL;
+        p = skip_ws(p, end);
+        if (p >= end || *p != ']') return NULL;
+        p++;
+        c = s2;
+    } else
+        return NULL;
+    if (merge_part_ids(b, a, alen, c, clen, &ids[0], &ids[1], merged) < 0) return NULL;
+    ids[2] = *merged;
+    return p;
+}
+
+typedef struct {
+    const ByteLevelBpe *b;
+    const ModelSpans *sp;
+    uint32_t *ids;               // (n_merges, 3)
+    int bad;                     // an entry was unusual
+} MergesWork;
+
+// TeamFn: this thread's share of the merges.
+static void read_merges_share(void *arg, Team *team, int thread)
+{
+    MergesWork *w = arg;
+    const char *end = w->sp->merges + w->sp->merges_len;
+    size_t lo, hi;
+    uint32_t merged = 0;
+    team_share(team, thread, w->sp->n_merges, &lo, &hi);
+    for (size_t r = lo; r < hi; r++)
+        if (!read_merge(w->b, w->sp->merge_at[r], end, &w->ids[3 * r], &merged)) {
+            __atomic_store_n(&w->bad, 1, __ATOMIC_RELAXED);
+            return;
+        }
+}
+
+// model.merges from its text, its entries found by skip_merges: (n, 3) ids in *out. 0, -1 when
+// unusual, -2 out of memory. The entries on all threads: converting their strings and looking
+// up their three tokens is most of the time of the load (each thread's guess of the result
+// starts from 0: it only spares lookups).
+static int read_merges_span(const ByteLevelBpe *b, const ModelSpans *sp, uint32_t **out, size_t *count)
+{
+    size_t n = sp->n_merges;
+    uint32_t *ids = malloc((n ? n : 1) * 3 * sizeof *ids);
+    if (!ids) return -2;
+    MergesWork w = {b, sp, ids, 0};
+    team_run(n >= 8192 ? load_threads() : 1, read_merges_share, &w);
+    int bad = w.bad;
+    if (bad) {
+        free(ids);
+        return -1;
     }
-    if (skip_ws(p + 1, end) != end) goto unusual;
-done:
     *out = ids;
     *count = n;
     return 0;
-unusual:
-    free(ids);
-    return -1;
 }
 
 static ByteLevelBpe *load_json_model(const json_t *root, const ModelSpans *spans, const char *name, int *unusual,
@@ -1199,10 +1514,11 @@ ByteLevelBpe *bytelevel_load_json_text(const char *text, size_t len, const char 
     *fallback = 1;
     ModelSpans sp = {0};
     const char *end = scan_object(text, text + len, top_member, &sp);
-    if (!end || skip_ws(end, text + len) != text + len || !sp.vocab || !sp.merges) return NULL;
+    char *skeleton = NULL;
+    ByteLevelBpe *b = NULL;
+    if (!end || skip_ws(end, text + len) != text + len || !sp.vocab || !sp.merges) goto done;
     // The text with the two values emptied, for jansson.
-    char *skeleton = malloc(len + 1);
-    if (!skeleton) return NULL;
+    if (!(skeleton = malloc(len + 1))) goto done;
     const char *first = sp.vocab < sp.merges ? sp.vocab : sp.merges, *second = sp.vocab < sp.merges ? sp.merges : sp.vocab;
     size_t first_len = first == sp.vocab ? sp.vocab_len : sp.merges_len;
     size_t second_len = second == sp.vocab ? sp.vocab_len : sp.merges_len, n = 0;
@@ -1217,15 +1533,15 @@ ByteLevelBpe *bytelevel_load_json_text(const char *text, size_t len, const char 
     }
     json_error_t je;
     json_t *root = json_loadb(skeleton, n, 0, &je);
-    free(skeleton);
-    if (!root) return NULL;
-    ByteLevelBpe *b = NULL;
-    if (bytelevel_json_is_bytelevel(root)) {
+    if (root && bytelevel_json_is_bytelevel(root)) {
         int unusual = 0;
         b = load_json_model(root, &sp, name, &unusual, err);
         if (!b && !unusual) *fallback = 0;   // an error jansson's path would report the same way
     }
     json_decref(root);
+done:
+    free(skeleton);
+    free(sp.merge_at);
     return b;
 }
 
@@ -1322,20 +1638,23 @@ static ByteLevelBpe *load_json_model(const json_t *root, const ModelSpans *spans
             err_set(err, "%s: byte 0x%02x has no token in model.vocab (a byte-level vocabulary needs all 256)", name, c);
             goto fail;
         }
+    uint32_t *ids = NULL;   // (n, 3) left, right, result of each merge, in rank order
+    size_t n = 0;
     if (spans) {
-        uint32_t *ids = NULL;
-        size_t n = 0;
-        int rc = read_merges_span(b, spans->merges, spans->merges_len, &ids, &n);
+        int rc = read_merges_span(b, spans, &ids, &n);
         if (rc == -1) *unusual = 1;
         if (rc == -2) err_set(err, "out of memory");
         if (rc < 0 || insert_merges(b, ids, n, err) < 0) {
             free(ids);
             goto fail;
         }
+    } else if (load_merges(b, merges, name, &ids, &n, err) < 0) {
         free(ids);
-    } else if (load_merges(b, merges, name, err) < 0)
         goto fail;
-    if (find_whole_chars(b, err) < 0) goto fail;
+    }
+    int rc = find_whole_chars(b, ids, n, err);
+    free(ids);
+    if (rc < 0) goto fail;
     read_post_processor(b, json_object_get(root, "post_processor"));
     return b;
 fail:
@@ -1583,30 +1902,30 @@ static int token_is_pure(const uint8_t *t, uint32_t len)
     return 1;
 }
 
-static int build_pure_pairs(ByteLevelBpe *b, Err *err)
+// merges: (n_merges, 3) left, right, x in rank order; the rank is x for tiktoken (the token)
+// and the row for tokenizer.json. The same pairs as the entries of b->pairs, without a pass over
+// its 2-4 MiB of slots; a repeated pair keeps its first (lowest) rank, as there.
+static int build_pure_pairs(ByteLevelBpe *b, const uint32_t *merges, size_t n_merges, Err *err)
 {
     b->is_pure = calloc(b->n_tokens / 8 + 1, 1);
     b->pure_filter = calloc(PURE_FILTER_BITS / 64, sizeof *b->pure_filter);
     if (!b->is_pure || !b->pure_filter) return err_set(err, "out of memory");
     for (uint32_t id = 0; id < b->n_tokens; id++) {
         const uint8_t *t = (const uint8_t *)b->blob + b->tok[id].off;
-        if (!b->is_special[id] && token_is_pure(t, b->tok[id].len)) b->is_pure[id >> 3] |= (uint8_t)(1u << (id & 7));
+        // (ASCII tokens, most of them, fail on their first byte)
+        if (!b->is_special[id] && b->tok[id].len && t[0] >= 0xC0 && token_is_pure(t, b->tok[id].len))
+            b->is_pure[id >> 3] |= (uint8_t)(1u << (id & 7));
     }
     size_t n_pairs = 0;
-    uint32_t left, right, rank;
-    for (int pass = 0; pass < 2; pass++) {   // count, then copy
-        if (pass && pair_table_alloc(&b->pure_pairs, n_pairs, b->pairs.narrow ? 0 : UINT32_MAX, err) < 0) return -1;
-        for (uint32_t i = 0; i <= b->pairs.mask; i++) {
-            if (!pair_table_entry(&b->pairs, i, &left, &right, &rank) || !is_pure(b, left) || !is_pure(b, right))
-                continue;
-            if (!pass) {
-                n_pairs++;
-                continue;
-            }
-            pair_table_insert(&b->pure_pairs, left, right, rank);
-            uint32_t bit = pure_filter_bit(left, right);
-            b->pure_filter[bit >> 6] |= 1ull << (bit & 63);
-        }
+    for (size_t r = 0; r < n_merges; r++)
+        if (is_pure(b, merges[3 * r]) && is_pure(b, merges[3 * r + 1])) n_pairs++;
+    if (pair_table_alloc(&b->pure_pairs, n_pairs, b->pairs.narrow ? 0 : UINT32_MAX, err) < 0) return -1;
+    for (size_t r = 0; r < n_merges; r++) {
+        uint32_t left = merges[3 * r], right = merges[3 * r + 1];
+        if (!is_pure(b, left) || !is_pure(b, right)) continue;
+        pair_table_insert(&b->pure_pairs, left, right, b->use_ranks ? merges[3 * r + 2] : (uint32_t)r);
+        uint32_t bit = pure_filter_bit(left, right);
+        b->pure_filter[bit >> 6] |= 1ull << (bit & 63);
     }
     return 0;
 }
@@ -1622,13 +1941,111 @@ static int build_pure_pairs(ByteLevelBpe *b, Err *err)
 // choice. The table holds, for each token T that its own bytes merge to, T's pair -> T, and
 // answers every pair with one probe, no bytes hashed. Built by length, so that merging T's bytes
 // finds the pairs of all shorter tokens: T's pair is what is left when no shorter merge applies
-// (two parts; more: T is never made). Llama 3: 128K tokens, ~25 ms of the ~45 ms load.
-static int build_rank_pairs(ByteLevelBpe *b, Err *err)
+// (two parts; more: T is never made).
+//
+// Tokens of one length do not depend on each other (their merges only use the pairs of shorter
+// tokens), so the tokens of a length merge on the load's threads, each into its own slot of
+// pair_left/right; the pairs go into the table after the whole length, one thread, in the order
+// of the tokens, so the table is the same slot for slot whatever the number of threads.
+// Llama 3: 128K tokens, 575K merge steps, 105M instructions, ~28 ms on one core of the dev VM,
+// about half of it waiting for the probes of the 2 MiB table.
+// Tried and dropped: 16 tokens merging in turns on one thread, the probe of each step
+// prefetched for the next turn (no gain: the prefetches stalled as the loads had); the table on
+// 2 MiB pages (MADV_HUGEPAGE: -10% here, but with THP defrag=madvise a fault may compact
+// memory for milliseconds).
+
+// The pair of token (bytes, len >= 3): its bytes merged as merge_scan does, stopping at two
+// parts, in *left, *right; NO_ID when they stop at more. id, rank: room for len entries.
+static void token_pair(const ByteLevelBpe *b, const PairTable *pairs, const uint32_t *byte_pair, const uint8_t *bytes,
+                       uint32_t len, uint32_t *id, uint32_t *rank, uint32_t *left, uint32_t *right)
+{
+    uint32_t m = len;
+    for (uint32_t i = 0; i < m; i++) id[i] = b->byte_id[bytes[i]];
+    for (uint32_t i = 0; i + 1 < m; i++) rank[i] = byte_pair[bytes[i] << 8 | bytes[i + 1]];
+    *left = *right = NO_ID;
+    while (m > 2) {
+        uint32_t best = 0, best_rank = NO_RANK;
+        for (uint32_t i = 0; i + 1 < m; i++)
+            if (rank[i] < best_rank) {
+                best_rank = rank[i];
+                best = i;
+            }
+        if (best_rank == NO_RANK) return;
+        id[best] = best_rank;
+        for (uint32_t i = best + 1; i + 1 < m; i++) id[i] = id[i + 1];   // parts after the pair, one to the left
+        for (uint32_t i = best + 1; i + 2 < m; i++) rank[i] = rank[i + 1];
+        m--;
+        if (best + 1 < m) rank[best] = pair_lookup(pairs, id[best], id[best + 1]);
+        if (best > 0) rank[best - 1] = pair_lookup(pairs, id[best - 1], id[best]);
+    }
+    *left = id[0];
+    *right = id[1];
+}
+
+typedef struct {
+    ByteLevelBpe *b;
+    const uint32_t *order;       // (n) ordinary tokens by length
+    const uint32_t *end_of;      // (max_len + 2) end_of[len]: where the tokens of len end in order
+    uint32_t *byte_pair;         // (65536) two bytes -> their token
+    uint32_t *pair_left, *pair_right;   // (n) the pair of order[k]
+    uint32_t *scratch;           // (threads, 2, max_len + 1) id and rank of each thread
+    size_t n;
+} RankBuild;
+
+// The pairs of order[lo, hi) (tokens of len >= 2 bytes) that fall to this thread.
+static void rank_build_range(RankBuild *w, int thread, size_t lo, size_t hi, uint32_t len)
+{
+    const ByteLevelBpe *b = w->b;
+    uint32_t *id = w->scratch + (size_t)thread * 2 * (b->max_token_len + 1), *rank = id + b->max_token_len + 1;
+    for (size_t k = lo; k < hi; k++) {
+        const uint8_t *bytes = (const uint8_t *)b->blob + b->tok[w->order[k]].off;
+        if (len > 2) {
+            token_pair(b, &b->pairs, w->byte_pair, bytes, len, id, rank, &w->pair_left[k], &w->pair_right[k]);
+            continue;
+        }
+        w->pair_left[k] = b->byte_id[bytes[0]];
+        w->pair_right[k] = b->byte_id[bytes[1]];
+        w->byte_pair[bytes[0] << 8 | bytes[1]] = w->order[k];
+    }
+}
+
+// TeamFn: lengths in turn. A length of many tokens is shared out (between two barriers: its
+// merges read the pairs of the shorter ones, all in the table); the others, and every insert,
+// are thread 0's, in the order of the tokens.
+static void rank_build_share(void *arg, Team *team, int thread)
+{
+    RankBuild *w = arg;
+    for (size_t lo = 0; lo < w->n;) {
+        uint32_t len = w->b->tok[w->order[lo]].len;
+        size_t hi = w->end_of[len];
+        int shared = len > 2 && hi - lo >= 1024 && team->n > 1;
+        if (shared) {
+            size_t a, z;
+            team_barrier(team);   // (thread 0's inserts so far are done)
+            team_share(team, thread, hi - lo, &a, &z);
+            rank_build_range(w, thread, lo + a, lo + z, len);
+            team_barrier(team);
+        }
+        if (thread == 0) {
+            if (!shared) rank_build_range(w, 0, lo, hi, len);
+            for (size_t k = lo; k < hi; k++)
+                if (w->pair_left[k] != NO_ID) pair_table_insert(&w->b->pairs, w->pair_left[k], w->pair_right[k], w->order[k]);
+        }
+        lo = hi;
+    }
+}
+
+// Builds b->pairs; *merges (n_merges, 3): left, right, token of each pair, by token.
+static int build_rank_pairs(ByteLevelBpe *b, uint32_t **merges, size_t *n_merges, Err *err)
 {
     uint32_t max_len = b->max_token_len, n_tokens = b->n_tokens;
-    uint32_t *first = calloc((size_t)max_len + 2, sizeof *first), *order = NULL, *id = NULL, *rank = NULL;
+    int threads = load_threads();
+    uint32_t *first = calloc((size_t)max_len + 2, sizeof *first), *order = NULL, *scratch = NULL;
+    uint32_t *pair_left = NULL, *pair_right = NULL;
     uint32_t *byte_pair = malloc(65536 * sizeof *byte_pair);   // the first pairs of a token: two bytes -> token
     int rc = -1;
+    *merges = NULL;
+    *n_merges = 0;
     if (!first || !byte_pair) goto oom;
     memset(byte_pair, 0xFF, 65536 * sizeof *byte_pair);   // NO_RANK
     // Ordinary tokens of >= 2 bytes (the first id of duplicates) by length: order[first[len]...].
@@ -1642,9 +2059,10 @@ static int build_rank_pairs(ByteLevelBpe *b, Err *err)
     }
     for (uint32_t len = 1; len <= max_len + 1; len++) first[len] += first[len - 1];
     order = malloc((n ? n : 1) * sizeof *order);
-    id = malloc(((size_t)max_len + 1) * sizeof *id);
-    rank = malloc(((size_t)max_len + 1) * sizeof *rank);
-    if (!order || !id || !rank) goto oom;
+    pair_left = malloc((n ? n : 1) * sizeof *pair_left);   // by position in order
+    pair_right = malloc((n ? n : 1) * sizeof *pair_right);
+    scratch = malloc((size_t)threads * 2 * ((size_t)max_len + 1) * sizeof *scratch);   // id, rank of each thread
+    if (!order || !pair_left || !pair_right || !scratch) goto oom;
     for (uint32_t t = 0; t < n_tokens; t++) {
         uint32_t len = b->tok[t].len;
         if (len < 2 || b->is_special[t]) continue;
@@ -1652,37 +2070,29 @@ static int build_rank_pairs(ByteLevelBpe *b, Err *err)
         order[first[len]++] = t;   // (first[len] ends as the start of len + 1)
     }
     if (pair_table_alloc(&b->pairs, n, n_tokens, err) < 0) goto done;
-    PairTable *pairs = &b->pairs;
-    for (size_t k = 0; k < n; k++) {
-        uint32_t token = order[k], len = b->tok[token].len;
-        const uint8_t *bytes = (const uint8_t *)b->blob + b->tok[token].off;
-        if (len == 2) {
-            pair_table_insert(pairs, b->byte_id[bytes[0]], b->byte_id[bytes[1]], token);
-            byte_pair[bytes[0] << 8 | bytes[1]] = token;
-            continue;
-        }
-        // Merge the bytes as merge_scan does, stopping at two parts.
-        size_t m = len;
-        for (size_t i = 0; i < m; i++) id[i] = b->byte_id[bytes[i]];
-        for (size_t i = 0; i + 1 < m; i++) rank[i] = byte_pair[bytes[i] << 8 | bytes[i + 1]];
-        while (m > 2) {
-            size_t best = 0;
-            uint32_t best_rank = NO_RANK;
-            for (size_t i = 0; i + 1 < m; i++)
-                if (rank[i] < best_rank) {
-                    best_rank = rank[i];
-                    best = i;
-                }
-            if (best_rank == NO_RANK) break;
-            id[best] = best_rank;
-            memmove(id + best + 1, id + best + 2, (m - best - 2) * sizeof *id);
-            memmove(rank + best + 1, rank + best + 2, (m - best - 2) * sizeof *rank);
-            m--;
-            if (best + 1 < m) rank[best] = pair_lookup(pairs, id[best], id[best + 1]);
-            if (best > 0) rank[best - 1] = pair_lookup(pairs, id[best - 1], id[best]);
-        }
-        if (m == 2) pair_table_insert(pairs, id[0], id[1], token);
+    RankBuild w = {b, order, first, byte_pair, pair_left, pair_right, scratch, n};
+    team_run(threads, rank_build_share, &w);
+    // The pairs by token (rank order) for build_pure_pairs.
+    size_t n_pairs = 0;
+    for (size_t k = 0; k < n; k++) n_pairs += pair_left[k] != NO_ID;
+    uint32_t *by_token = malloc((size_t)n_tokens * 2 * sizeof *by_token);
+    *merges = malloc((n_pairs ? n_pairs : 1) * 3 * sizeof **merges);
+    if (!by_token || !*merges) {
+        free(by_token);
+        goto oom;
     }
+    memset(by_token, 0xFF, (size_t)n_tokens * 2 * sizeof *by_token);
+    for (size_t k = 0; k < n; k++) {
+        by_token[2 * order[k]] = pair_left[k];
+        by_token[2 * order[k] + 1] = pair_right[k];
+    }
+    for (uint32_t t = 0; t < n_tokens; t++)
+        if (by_token[2 * t] != NO_ID) {
+            uint32_t *row = *merges + 3 * *n_merges;
+            row[0] = by_token[2 * t], row[1] = by_token[2 * t + 1], row[2] = t;
+            ++*n_merges;
+        }
+    free(by_token);
     rc = 0;
     goto done;
 oom:
@@ -1691,40 +2101,52 @@ done:
     free(first);
     free(byte_pair);
     free(order);
-    free(id);
-    free(rank);
+    free(pair_left);
+    free(pair_right);
+    free(scratch);
     return rc;
 }
 
-static int find_whole_chars(ByteLevelBpe *b, Err *err)
+typedef struct {
+    const ByteLevelBpe *b;
+    uint64_t *bigram;            // (threads, BIGRAM_FILTER_BITS / 64) a filter per thread
+    uint32_t *non_ascii;         // (n) ranks of the results with a byte >= 0x80, each thread's from start[thread]
+    size_t start[LOAD_THREADS_MAX], n_non_ascii[LOAD_THREADS_MAX];
+    size_t n;                    // merge results (by rank)
+    int threads;                 // the team's (set by its thread 0)
+} CharPairsWork;
+
+// TeamFn: for this thread's share of the merge results, the pairs of adjacent characters in its
+// filter, and the results that are not all ASCII in its part of non_ascii.
+static void char_pairs_share(void *arg, Team *team, int thread)
 {
-    if (build_pure_pairs(b, err) < 0) return -1;
-    b->chars = malloc(65536 * sizeof *b->chars);
-    b->left_rank = malloc(65536 * sizeof *b->left_rank);
-    b->right_rank = malloc(65536 * sizeof *b->right_rank);
-    b->bigram_filter = calloc(BIGRAM_FILTER_BITS / 64, sizeof *b->bigram_filter);
-    b->no_partial = calloc(65536 / 64, sizeof *b->no_partial);
-    if (!b->chars || !b->left_rank || !b->right_rank || !b->bigram_filter || !b->no_partial)
-        return err_set(err, "out of memory");
-    memset(b->left_rank, 0xFF, 65536 * sizeof *b->left_rank);   // NO_RANK
-    memset(b->right_rank, 0xFF, 65536 * sizeof *b->right_rank);
-    // Every merge result, in the order of the tables (memory order): tiktoken's are tokens
-    // (rank = id; all of them, a superset of those the pair table makes, which only makes the
-    // bounds lower), tokenizer.json's are the merges list's (a repeated merge adds nothing).
-    for (uint32_t i = 0, n = b->use_ranks ? b->n_tokens : b->n_merges; i < n; i++) {
-        uint32_t id = merge_result(b, i), rank = i;
+    CharPairsWork *w = arg;
+    const ByteLevelBpe *b = w->b;
+    uint64_t *filter = w->bigram + (size_t)thread * BIGRAM_FILTER_BITS / 64;
+    size_t lo, hi, m = 0;
+    team_share(team, thread, w->n, &lo, &hi);
+    if (thread == 0) w->threads = team->n;
+    w->start[thread] = lo;
+    for (size_t i = lo; i < hi; i++) {
+        uint32_t id = merge_result(b, (uint32_t)i);
         if (b->is_special[id]) continue;
         const uint8_t *t = (const uint8_t *)b->blob + b->tok[id].off;
         uint32_t len = b->tok[id].len, k;
         if (len < 2) continue;
-        // Ends in an incomplete character after a byte: a left-boundary crossing.
-        for (k = len; k > 0 && (t[k - 1] & 0xC0) == 0x80; k--) continue;
-        if (k >= 2 && t[k - 1] >= 0xC0 && len - (k - 1) < utf8_length(t[k - 1])) lower(&b->left_rank[t[k - 2] << 8 | t[k - 1]], rank);
-        // Starts with continuation bytes, then a byte: a right-boundary crossing.
+        uint8_t high = 0;   // all ASCII (most results): no boundary crossings, bytes are characters
+        for (k = 0; k < len; k++) high |= t[k];
+        if (high < 0x80) {
+            for (k = 1; k < len; k++) {
+                uint32_t bit = bigram_bit(t[k - 1], t[k]);
+                filter[bit >> 6] |= 1ull << (bit & 63);
+            }
+            continue;
+        }
+        w->non_ascii[lo + m++] = (uint32_t)i;
+        // Its complete characters after any leading continuation bytes, pair by pair (a result
+        // that is not a piece of valid UTF-8 never appears in text: its pairs after the fault
+        // do not matter).
         for (k = 0; k < len && (t[k] & 0xC0) == 0x80; k++) continue;
-        if (k >= 1 && k < len) lower(&b->right_rank[t[k - 1] << 8 | t[k]], rank);
-        // Its complete characters from there, pair by pair (a result that is not a piece of
-        // valid UTF-8 never appears in text: its pairs after the fault do not matter).
         uint32_t prev = NO_ID;
         while (k < len) {
             uint32_t n = t[k] < 0x80 ? 1 : t[k] < 0xC0 ? 0 : t[k] < 0xE0 ? 2 : t[k] < 0xF0 ? 3 : t[k] < 0xF8 ? 4 : 0;
@@ -1735,12 +2157,58 @@ static int find_whole_chars(ByteLevelBpe *b, Err *err)
             utf8_decode(t + k, &cp);
             if (prev != NO_ID) {
                 uint32_t bit = bigram_bit(prev, cp);
-                b->bigram_filter[bit >> 6] |= 1ull << (bit & 63);
+                filter[bit >> 6] |= 1ull << (bit & 63);
             }
             prev = cp;
             k += n;
         }
     }
+    w->n_non_ascii[thread] = m;
+}
+
+// merges: as build_pure_pairs takes them.
+static int find_whole_chars(ByteLevelBpe *b, const uint32_t *merges, size_t n_merges, Err *err)
+{
+    if (build_pure_pairs(b, merges, n_merges, err) < 0) return -1;
+    b->chars = malloc(65536 * sizeof *b->chars);
+    b->left_rank = malloc(65536 * sizeof *b->left_rank);
+    b->right_rank = malloc(65536 * sizeof *b->right_rank);
+    b->bigram_filter = calloc(BIGRAM_FILTER_BITS / 64, sizeof *b->bigram_filter);
+    b->no_partial = calloc(65536 / 64, sizeof *b->no_partial);
+    if (!b->chars || !b->left_rank || !b->right_rank || !b->bigram_filter || !b->no_partial)
+        return err_set(err, "out of memory");
+    memset(b->left_rank, 0xFF, 65536 * sizeof *b->left_rank);   // NO_RANK
+    memset(b->right_rank, 0xFF, 65536 * sizeof *b->right_rank);
+    // Every merge result: tiktoken's are tokens (rank = id; all of them, a superset of those
+    // the pair table makes, which only makes the bounds lower), tokenizer.json's are the merges
+    // list's (a repeated merge adds nothing). The pairs of characters on all threads, each into
+    // its own filter; then the boundary crossings of the results that are not all ASCII.
+    size_t n = b->use_ranks ? b->n_tokens : b->n_merges;
+    int threads = n >= 16384 ? load_threads() : 1;
+    CharPairsWork w = {b, calloc((size_t)threads * BIGRAM_FILTER_BITS / 64, sizeof *w.bigram),
+                       malloc((n ? n : 1) * sizeof *w.non_ascii), {0}, {0}, n, 1};
+    if (!w.bigram || !w.non_ascii) {
+        free(w.bigram);
+        free(w.non_ascii);
+        return err_set(err, "out of memory");
+    }
+    team_run(threads, char_pairs_share, &w);
+    for (int k = 0; k < w.threads; k++)
+        for (size_t i = 0; i < BIGRAM_FILTER_BITS / 64; i++) b->bigram_filter[i] |= w.bigram[(size_t)k * BIGRAM_FILTER_BITS / 64 + i];
+    for (int k = 0; k < w.threads; k++)
+        for (size_t j = 0; j < w.n_non_ascii[k]; j++) {
+            uint32_t rank = w.non_ascii[w.start[k] + j], id = merge_result(b, rank), len = b->tok[id].len, at;
+            const uint8_t *t = (const uint8_t *)b->blob + b->tok[id].off;
+            // Ends in an incomplete character after a byte: a left-boundary crossing.
+            for (at = len; at > 0 && (t[at - 1] & 0xC0) == 0x80; at--) continue;
+            if (at >= 2 && t[at - 1] >= 0xC0 && len - (at - 1) < utf8_length(t[at - 1]))
+                lower(&b->left_rank[t[at - 2] << 8 | t[at - 1]], rank);
+            // Starts with continuation bytes, then a byte: a right-boundary crossing.
+            for (at = 0; at < len && (t[at] & 0xC0) == 0x80; at++) continue;
+            if (at >= 1 && at < len) lower(&b->right_rank[t[at - 1] << 8 | t[at]], rank);
+        }
+    free(w.bigram);
+    free(w.non_ascii);
     for (uint32_t xy = 0; xy < 65536; xy++)
         if (b->left_rank[xy] == NO_RANK && b->right_rank[xy] == NO_RANK) b->no_partial[xy >> 6] |= 1ull << (xy & 63);
     memset(b->chars, 0xFF, 65536 * sizeof *b->chars);   // token NO_ID
@@ -2205,11 +2673,31 @@ uint64_t bytelevel_fingerprint(const ByteLevelBpe *b)
     XXH3_64bits_update(&st, kind, strlen(kind));
     uint8_t lookup = (uint8_t)b->whole_piece_lookup;
     XXH3_64bits_update(&st, &lookup, 1);
+    // Per token: its length and special flag (two uint32), then its bytes. Gathered into 64 KB
+    // blocks: one update call per token pair costs ~150 instructions (19M for Llama 3), and the
+    // streamed hash of the blocks equals that of the same bytes given piece by piece.
+    enum { BLOCK = 1 << 16 };
+    uint8_t *block = malloc(BLOCK);
+    size_t used = 0;
     for (uint32_t id = 0; id < b->n_tokens; id++) {
         uint32_t head[2] = {b->tok[id].len, b->is_special[id] == 1};
-        XXH3_64bits_update(&st, head, sizeof head);
-        XXH3_64bits_update(&st, b->blob + b->tok[id].off, b->tok[id].len);
+        if (!block || b->tok[id].len > BLOCK - sizeof head) {   // (no memory, or a huge token)
+            if (used) XXH3_64bits_update(&st, block, used);
+            used = 0;
+            XXH3_64bits_update(&st, head, sizeof head);
+            XXH3_64bits_update(&st, b->blob + b->tok[id].off, b->tok[id].len);
+            continue;
+        }
+        if (used + sizeof head + b->tok[id].len > BLOCK) {
+            XXH3_64bits_update(&st, block, used);
+            used = 0;
+        }
+        memcpy(block + used, head, sizeof head);
+        memcpy(block + used + sizeof head, b->blob + b->tok[id].off, b->tok[id].len);
+        used += sizeof head + b->tok[id].len;
     }
+    if (used) XXH3_64bits_update(&st, block, used);
+    free(block);
     if (!b->use_ranks && !b->merges_follow_ranks && fingerprint_merges(b, &st) < 0) return 0;
     return XXH3_64bits_digest(&st);
 }

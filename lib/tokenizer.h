@@ -20,6 +20,9 @@ typedef struct Tokenizer Tokenizer;
 // Load from a model directory (tokenizer.json preferred, else tokenizer.model; special tokens
 // and BOS/EOS policy from tokenizer_config.json, generation_config.json, the post-processor)
 // or from a single tokenizer file. NULL with a message naming the file and the unsupported part.
+// Loading a byte-level BPE uses up to omp_get_max_threads() threads (OMP_NUM_THREADS, or
+// omp_set_num_threads before the call; at most 32), all ended when it returns; the tokenizer
+// does not depend on their number.
 Tokenizer *tokenizer_load(const char *path, Err *err);
 void tokenizer_free(Tokenizer *t);
 

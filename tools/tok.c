@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -71,6 +72,7 @@ int main(int argc, char **argv)
         return EXIT_USAGE;
 
     Err err;
+    omp_set_num_threads(o.threads);   // -j bounds the load's threads too
     Tokenizer *t = tokenizer_load(model, &err);
     if (!t) {
         cli_error("%s", err.msg);

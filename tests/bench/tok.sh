@@ -11,7 +11,8 @@
 # Ours is measured after one untimed pass over the corpus (steady state: per-thread caches
 # warm, as over any real data set); the peers have no such caches. The "cold" column is that
 # first pass alone (empty caches), the lower bound for a corpus seen once.
-# Also: load time (CPU) of each tokenizer file, and a 1 MB run of one character (linear time).
+# Also: load time of each tokenizer file (CPU on one thread; wall on all), and a 1 MB run of one
+# character (linear time).
 set -eu
 TOP=$(cd "$(dirname "$0")/../.." && pwd)
 TESTDATA=${TESTDATA:-$TOP/../shared/data}
@@ -93,10 +94,19 @@ for name, texts in corpora.items():
     mb = sum(len(t.encode()) for t in texts) / 1e6
     print(f"{name:8} {mb:5.2f} {med['model']:11.1f} {med['json']:10.1f} {med['cold']:6.1f} {med['tiktoken']:9.1f} {med['hf']:7.1f}"
           f"  {med['model'] / med['tiktoken']:10.1f}x {med['cold'] / med['tiktoken']:9.1f}x {med['model'] / med['hf']:6.1f}x")
+# Load: CPU time on one thread (OMP_NUM_THREADS=1; with more threads the CPU time adds theirs up),
+# and the wall time of the whole tokdrv -l process on all threads (the load uses them).
+one_thread = dict(os.environ, OMP_NUM_THREADS="1")
 for tok in (model, f"{data}/llama3/tokenizer.json"):
-    ms = statistics.median([float(subprocess.run([drv, tok, "-l"], capture_output=True, text=True, check=True).stdout)
-                            for _ in range(3)])
-    print(f"load {os.path.basename(tok)}: {ms:.0f} ms of CPU (median of 3)")
+    ms = statistics.median([float(subprocess.run([drv, tok, "-l"], capture_output=True, text=True, check=True,
+                                                 env=one_thread).stdout) for _ in range(5)])
+    walls = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        subprocess.run([drv, tok, "-l"], capture_output=True, check=True)
+        walls.append((time.perf_counter() - t0) * 1e3)
+    print(f"load {os.path.basename(tok)}: {ms:.0f} ms of CPU on one thread, {statistics.median(walls):.0f} ms wall "
+          f"on {os.cpu_count()} threads (whole process; medians of 5)")
 for name, ms in peer_load.items():
     print(f"load {name}: {ms:.0f} ms of CPU (once)")
 for ch in ("a", " ", "1", "\n", "日"):

@@ -7,6 +7,7 @@
 // and linear time on 1 MB runs of one character.
 #include <jansson.h>
 #include <limits.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -307,6 +308,32 @@ static void test_tiny(void)
     }
     ok(tokenizer_fingerprint(tt) != tokenizer_fingerprint(tj), "fingerprints differ (the JSON has an added token)");
 
+    // The same ranks written backwards, with CRLF line ends and 13 leading zeros: the same tokenizer.
+    FILE *f = fopen(tmp_path("tiny.tiktoken"), "r"), *g = fopen(tmp_path("backwards.tiktoken"), "w");
+    char lines[262][64];
+    int n_lines = 0;
+    while (n_lines < 262 && fgets(lines[n_lines], sizeof lines[0], f)) n_lines++;
+    for (int i = n_lines - 1; i >= 0; i--) {
+        char b64[64];
+        int rank;
+        if (sscanf(lines[i], "%63s %d", b64, &rank) == 2) fprintf(g, "%s 0000000000000%d\r\n", b64, rank);
+    }
+    fclose(f);
+    fclose(g);
+    Tokenizer *backwards = tokenizer_load(tmp_path("backwards.tiktoken"), &err);
+    ok(n_lines == 262 && backwards && tokenizer_fingerprint(backwards) == tokenizer_fingerprint(tt),
+       "ranks in any line order, CRLF, leading zeros: same fingerprint (%s)", backwards ? "loaded" : err.msg);
+    int same_ids = backwards != NULL;
+    for (size_t i = 0; i < sizeof cases / sizeof *cases && same_ids; i++) {
+        long na = encode(tt, cases[i].text, 0, &ids, &cap);
+        uint32_t first[8];
+        memcpy(first, ids, (size_t)(na > 0 ? na : 0) * sizeof *ids);
+        long nb = encode(backwards, cases[i].text, 0, &ids, &cap);
+        same_ids = na > 0 && na <= 8 && ids_equal(first, na, ids, nb);
+    }
+    ok(same_ids, "ranks in any line order: same ids");
+    tokenizer_free(backwards);
+
     // Added token: matched only with parse_special; decode shows or hides it.
     long n = encode(tj, "ab<|end|>ab", 1, &ids, &cap);
     uint32_t want_special[] = {257, 262, 257};
@@ -510,8 +537,20 @@ static void test_load_errors(void)
         {"IQ== 0\nIQ== x\n", ":2: not a tiktoken rank line"},
         {"IQ== 0\nIg== 0\n", "rank 0 appears twice"},
         {"IQ== 0\n", "byte 0x00 has no token"},
+        // the line reader looks for the rank from the end of the line: each part of a line checked
+        {"IQ== 0\nIg==  1\n", ":2: not a tiktoken rank line"},            // two spaces
+        {"IQ== 0\nIg== 1 \n", ":2: not a tiktoken rank line"},            // a space after the rank
+        {"IQ== 0\nIg==1\n", ":2: not a tiktoken rank line"},              // no space
+        {"IQ== 0\n 1\n", ":2: not a tiktoken rank line"},                 // no base64
+        {"IQ== 0\nIg== 12345678901\n", ":2: not a tiktoken rank line"},   // 11 digits
+        {"IQ== 0\nIg== 1073741824\n", ":2: not a tiktoken rank line"},    // 2^30
+        {"IQ== 0\nI g= 1\n", ":2: not a tiktoken rank line"},             // a space in the base64
+        {"IQ== 0\nIg==IQ== 1\n", ":2: not a tiktoken rank line"},         // padding before the last group
+        {"IQ== 0\nI=g= 1\n", ":2: not a tiktoken rank line"},             // padding inside a group
+        {"IQ== 0\nIg= 1\n", ":2: not a tiktoken rank line"},              // not a multiple of 4
+        {"IQ== 0\nIg== 1\nIw== 1\n", ":3: rank 1 appears twice"},
     };
-    for (size_t i = 0; i < 4; i++) {
+    for (size_t i = 0; i < sizeof bad_lines / sizeof *bad_lines; i++) {
         FILE *f = fopen(tmp_path("bad.tiktoken"), "w");
         fputs(bad_lines[i][0], f);
         fclose(f);
@@ -837,6 +876,29 @@ static void test_llama3_merges(const char *llama3)
     if (text) load_both(text, len, &fast, &fallback, &tree);
     free(text);
     ok(model && fast && tree, "Llama 3 loads: tokenizer.model, tokenizer.json by the scanner and by jansson");
+    // Loading uses threads (the pair table of tokenizer.model, the merges of tokenizer.json):
+    // one thread and several give the same tokenizer.
+    int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    ByteLevelBpe *model1 = bytelevel_load_tiktoken(path_in(llama3, NULL, "tokenizer.model"), &err);
+    text = slurp(path_in(llama3, NULL, "tokenizer.json"), &len);
+    ByteLevelBpe *fast1 = text ? bytelevel_load_json_text(text, len, "tokenizer.json", &fallback, &err) : NULL;
+    int many = threads > 4 ? threads : 4;   // (more threads than cores is fine: the result is what counts)
+    omp_set_num_threads(many);
+    ByteLevelBpe *model4 = bytelevel_load_tiktoken(path_in(llama3, NULL, "tokenizer.model"), &err);
+    ByteLevelBpe *fast4 = text ? bytelevel_load_json_text(text, len, "tokenizer.json", &fallback, &err) : NULL;
+    free(text);
+    omp_set_num_threads(threads);
+    ok(model1 && fast1 && model4 && fast4 && bytelevel_fingerprint(model1) == bytelevel_fingerprint(model4) &&
+       bytelevel_fingerprint(fast1) == bytelevel_fingerprint(fast4), "one thread or %d: same fingerprints", many);
+    if (model1 && fast1 && model4 && fast4) {
+        ok(same_merges(model1, model4, alphabet, n_alphabet, 1000, 6), "tokenizer.model: one thread == %d threads", many);
+        ok(same_merges(fast1, fast4, alphabet, n_alphabet, 1000, 7), "tokenizer.json: one thread == %d threads", many);
+    }
+    bytelevel_free(model1);
+    bytelevel_free(model4);
+    bytelevel_free(fast1);
+    bytelevel_free(fast4);
     if (model && fast && tree) {
         ok(bytelevel_fingerprint(fast) == bytelevel_fingerprint(tree), "scanner and jansson: same fingerprint");
         ok(same_merges(model, fast, alphabet, n_alphabet, 3000, 1), "tokenizer.model: heap == plain == tokenizer.json");
