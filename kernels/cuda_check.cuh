@@ -1,5 +1,5 @@
 // defines: CUDA_CHECK, CUBLAS_CHECK, SHAPE_CHECK, LAUNCH_CHECK, ceil_div, block_sum, block_max,
-//          load_bf16x8, store_bf16x8, is_aligned16, rope_pair
+//          unpack_bf16x8, load_bf16x8, store_bf16x8, is_aligned16, rope_pair, launch_kernel
 // For .cu files only: error checks that name file and line (into an Err, since the library
 // never prints; the tool prints it on stderr), and the device helpers the kernels share.
 #ifndef CUDA_CHECK_CUH
@@ -74,10 +74,9 @@ __device__ inline float block_max(float v)
     return v;
 }
 
-// 8 bf16 = 16 bytes: one vector load or store (p 16-byte aligned).
-__device__ inline void load_bf16x8(float out[8], const __nv_bfloat16 *p)
+// 8 bf16 held in 16 bytes (a vector load's result) as floats.
+__device__ inline void unpack_bf16x8(float out[8], uint4 raw)
 {
-    uint4 raw = *reinterpret_cast<const uint4 *>(p);
     const __nv_bfloat162 *pairs = reinterpret_cast<const __nv_bfloat162 *>(&raw);
 #pragma unroll
     for (int k = 0; k < 4; k++) {
@@ -85,6 +84,12 @@ __device__ inline void load_bf16x8(float out[8], const __nv_bfloat16 *p)
         out[2 * k] = f.x;
         out[2 * k + 1] = f.y;
     }
+}
+
+// 8 bf16 = 16 bytes: one vector load or store (p 16-byte aligned).
+__device__ inline void load_bf16x8(float out[8], const __nv_bfloat16 *p)
+{
+    unpack_bf16x8(out, *reinterpret_cast<const uint4 *>(p));
 }
 
 // One RoPE rotation pair (x1 = element i, x2 = element i + head_dim / 2 of a head) by the
@@ -105,6 +110,26 @@ __device__ inline void store_bf16x8(__nv_bfloat16 *p, const float in[8])
     for (int k = 0; k < 4; k++)
         pairs[k] = __floats2bfloat162_rn(in[2 * k], in[2 * k + 1]);
     *reinterpret_cast<uint4 *>(p) = raw;
+}
+
+// kernel<<<grid, block, shared, s>>>(args...), as a programmatic dependent launch when pdl: the
+// kernel may then start before the previous one in the stream ends, and must run
+// griddepcontrol.wait before it reads anything that kernel writes (or writes anything it reads).
+template <typename... Params, typename... Args>
+static inline cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
+                                        cudaStream_t s, bool pdl, Args... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = shared;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
 #endif

@@ -68,17 +68,6 @@ struct Args {
     int *counters;
 };
 
-__device__ inline void bf16x8_to_float(float f[8], uint4 raw)
-{
-    const __nv_bfloat162 *pairs = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        float2 v = __bfloat1622float2(pairs[k]);
-        f[2 * k] = v.x;
-        f[2 * k + 1] = v.y;
-    }
-}
-
 // grid (splits, n_kv_heads, batch), THREADS threads.
 template <int HD, int GMAX, bool ROPE>
 __global__ void __launch_bounds__(THREADS) decode_attention_kernel(Args a)
@@ -227,7 +216,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(Args a)
         for (int i = 0; i < LIF; i++) {
             bool valid = base + i * KPB + slot < n;
             float kf[8];
-            bf16x8_to_float(kf, kraw[i]);
+            unpack_bf16x8(kf, kraw[i]);
 #pragma unroll
             for (int g = 0; g < GMAX; g++) {
                 sc[i][g] = -INFINITY;
@@ -268,7 +257,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(Args a)
 #pragma unroll
         for (int i = 0; i < LIF; i++) {
             float vf[8];
-            bf16x8_to_float(vf, vraw[i]);
+            unpack_bf16x8(vf, vraw[i]);
 #pragma unroll
             for (int g = 0; g < GMAX; g++)
                 if (g < G)
@@ -396,16 +385,7 @@ __global__ void __launch_bounds__(THREADS) decode_attention_kernel(Args a)
 
 template <int HD, int GMAX, bool ROPE> void launch_one(dim3 grid, int pdl, cudaStream_t s, const Args &a)
 {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(THREADS);
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, decode_attention_kernel<HD, GMAX, ROPE>, a);
+    launch_kernel(decode_attention_kernel<HD, GMAX, ROPE>, grid, dim3(THREADS), 0, s, pdl != 0, a);
 }
 
 template <int HD, bool ROPE> bool launch_group(int G, dim3 grid, int pdl, cudaStream_t s, const Args &a)

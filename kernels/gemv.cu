@@ -251,26 +251,9 @@ WorkspacePlan plan_workspace(int batch, int out, int rank, int ksplit_main, int 
 
 template <int NT, int U, int WARPS> void launch(bool prefetch, const GemvArgs &a, int tiles, cudaStream_t s)
 {
-    if (a.pdl) {  // may start before the previous kernel in the stream ends (it waits inside)
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(tiles, a.ksplit);
-        cfg.blockDim = dim3(WARPS * 32);
-        cfg.stream = s;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        if (prefetch)
-            cudaLaunchKernelEx(&cfg, gemv_kernel<NT, U, WARPS, true>, a);
-        else
-            cudaLaunchKernelEx(&cfg, gemv_kernel<NT, U, WARPS, false>, a);
-        return;
-    }
-    if (prefetch)
-        gemv_kernel<NT, U, WARPS, true><<<dim3(tiles, a.ksplit), WARPS * 32, 0, s>>>(a);
-    else
-        gemv_kernel<NT, U, WARPS, false><<<dim3(tiles, a.ksplit), WARPS * 32, 0, s>>>(a);
+    // with a.pdl it may start before the previous kernel in the stream ends (it waits inside)
+    launch_kernel(prefetch ? gemv_kernel<NT, U, WARPS, true> : gemv_kernel<NT, U, WARPS, false>, dim3(tiles, a.ksplit),
+                  dim3(WARPS * 32), 0, s, a.pdl != 0, a);
 }
 
 template <int NT, int U>
@@ -423,17 +406,6 @@ struct RowArgs {
     float eps;
 };
 
-__device__ inline void bf16x8_unpack(float f[8], uint4 raw)
-{
-    const __nv_bfloat162 *pairs = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        float2 v = __bfloat1622float2(pairs[k]);
-        f[2 * k] = v.x;
-        f[2 * k + 1] = v.y;
-    }
-}
-
 // NR rows of W (row0, row0 + row_step for NR = 2) against x in shared memory: acc[r] over the
 // pieces of this lane. w holds round 0's pieces already (loaded before x was ready).
 template <int NR>
@@ -457,11 +429,11 @@ __device__ inline void row_dot(float acc[NR], uint4 (&w)[NR][ROW_LOADS / NR], co
             if (c >= pieces)
                 break;
             float xf[8];
-            bf16x8_unpack(xf, xs[c]);
+            unpack_bf16x8(xf, xs[c]);
 #pragma unroll
             for (int r = 0; r < NR; r++) {
                 float wf[8];
-                bf16x8_unpack(wf, w[r][i]);
+                unpack_bf16x8(wf, w[r][i]);
 #pragma unroll
                 for (int k = 0; k < 8; k++)
                     acc[r] += wf[k] * xf[k];
@@ -514,7 +486,7 @@ __global__ void __launch_bounds__(ROW_WARPS * 32) gemv_row_kernel(RowArgs a)
         xs[c] = v;
         if (NORM) {
             float f[8];
-            bf16x8_unpack(f, v);
+            unpack_bf16x8(f, v);
 #pragma unroll
             for (int k = 0; k < 8; k++)
                 ss += f[k] * f[k];
@@ -535,8 +507,8 @@ __global__ void __launch_bounds__(ROW_WARPS * 32) gemv_row_kernel(RowArgs a)
         const uint4 *nw = reinterpret_cast<const uint4 *>(a.norm_weight);
         for (int c = threadIdx.x; c < pieces; c += ROW_WARPS * 32) {
             float f[8], g[8];
-            bf16x8_unpack(f, xs[c]);
-            bf16x8_unpack(g, __ldg(nw + c));
+            unpack_bf16x8(f, xs[c]);
+            unpack_bf16x8(g, __ldg(nw + c));
 #pragma unroll
             for (int k = 0; k < 8; k++)
                 f[k] = g[k] * (f[k] * r);
@@ -585,17 +557,7 @@ template <int NR, bool NORM> int launch_row(const RowArgs &a, int pdl, cudaStrea
     fit = fit > 0 ? fit : 1;
     int tasks_blocks = (a.out + ROW_WARPS - 1) / ROW_WARPS;
     int blocks = tasks_blocks < fit * sms ? tasks_blocks : fit * sms;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(ROW_WARPS * 32);
-    cfg.dynamicSmemBytes = shared;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, a), err);
+    CUDA_CHECK(launch_kernel(k, dim3(blocks), dim3(ROW_WARPS * 32), shared, s, pdl != 0, a), err);
     return 0;
 }
 
