@@ -3,8 +3,9 @@
 // mma.sync.m16n8k16 (bf16 in, fp32 accumulate), online softmax in fp32 registers.
 //
 // Tiles: a block of 4 warps owns TILE = 64 rows (queries in the forward, keys in the backward;
-// 128 keys and 8 warps in version 3's backward); each warp owns 16 of them, the rows of its
-// mma fragments; query tiles visited by the backward are 64 rows. Tiles start at any position (not
+// 128 queries in version 3's forward, 128 keys and 8 warps in versions 2 and 3's backward); each
+// warp owns 16 rows of them at a time, the rows of its mma fragments; query tiles visited by the
+// backward are 64 rows. Tiles start at any position (not
 // aligned to a sequence), and a tile may straddle sequences: every score is masked by
 // "same sequence and causal", using the first position of each query's sequence, found by a
 // binary search in cu_seqlens. A tile visits only the keys (forward) or queries (backward) its
@@ -16,8 +17,8 @@
 //   C (16 x 8, fp32):       c0, c1 (g, 2c..2c+1), c2, c3 (g+8, 2c..2c+1)
 // Two C tiles side by side are, rounded to bf16, the A fragment of the next product (P V, dS Q):
 // the probabilities never leave registers. B operands whose k runs along a row of shared
-// memory load as 32-bit words; those whose k runs down a column (V and dO as k = keys/queries)
-// load with ldmatrix.trans.
+// memory load as 32-bit words (versions 1, 2) or by ldmatrix (3); those whose k runs down a
+// column (V and dO as k = keys/queries) load with ldmatrix.trans.
 #include "attention.cuh"
 #include "cuda_check.cuh"
 
@@ -110,23 +111,27 @@ __device__ inline void load_tile_async(__nv_bfloat16 *s, const __nv_bfloat16 *x,
     }
 }
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// 4 bytes, zero-filled where !valid
+__device__ inline void cp_async4(void *dst, const void *src, bool valid)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(src), "r"(valid ? 4 : 0));
+}
 // wait until at most `pending` committed groups are still in flight
 template <int pending> __device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending)); }
 
-// STAGES 1: load a K, V tile, then compute on it (v1); 2: the next tile's copies are in flight
-// while this one is computed on (v2).
-template <int D, int STAGES> constexpr size_t forward_smem_bytes() { return (1 + 2 * STAGES) * TILE * (D + PAD) * 2; }
+template <int D> constexpr size_t forward_smem_bytes() { return 3 * TILE * (D + PAD) * 2; }
 
 // grid (query tiles, n_heads), THREADS threads. Later tiles of a sequence have more keys to
 // visit: blocks run in reverse so the longest start first.
-template <int D, int STAGES>
+template <int D>
 __global__ void __launch_bounds__(THREADS) attention_forward_kernel(
     __nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,
     const int32_t *cu, int n_seqs, int T, int Hq, int Hkv, float scale_log2)
 {
     constexpr int LD = D + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
-    // sQ, then STAGES pairs of (K, V) tiles
+    // sQ, then the K and V tiles
     __nv_bfloat16 *sQ = reinterpret_cast<__nv_bfloat16 *>(smem), *sKV = sQ + TILE * LD;
     __shared__ int seq_first[TILE];  // first position of each query row's sequence
 
@@ -153,22 +158,16 @@ __global__ void __launch_bounds__(THREADS) attention_forward_kernel(
     int key_first = seq_first[0], key_last = min(q0 + TILE, T) - 1;
     int n_tiles = (key_last - key_first) / TILE + 1;
     auto issue = [&](int it) {
-        __nv_bfloat16 *buf = sKV + (it % STAGES) * 2 * TILE * LD;
-        load_tile_async<D>(buf, k, key_first + it * TILE, T, Hkv, kvh);
-        load_tile_async<D>(buf + TILE * LD, v, key_first + it * TILE, T, Hkv, kvh);
+        load_tile_async<D>(sKV, k, key_first + it * TILE, T, Hkv, kvh);
+        load_tile_async<D>(sKV + TILE * LD, v, key_first + it * TILE, T, Hkv, kvh);
         cp_async_commit();
     };
     issue(0);
     for (int it = 0; it < n_tiles; it++) {
         int k0 = key_first + it * TILE;
-        if (STAGES == 2 && it + 1 < n_tiles) {
-            issue(it + 1);  // its buffer was last read in iteration it - 1, before its closing barrier
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_wait<0>();
         __syncthreads();  // tile it has landed for every thread
-        const __nv_bfloat16 *sK = sKV + (it % STAGES) * 2 * TILE * LD, *sV = sK + TILE * LD;
+        const __nv_bfloat16 *sK = sKV, *sV = sK + TILE * LD;
 
         float s[TILE / 8][4];  // scores of 16 rows x 64 keys
 #pragma unroll
@@ -234,7 +233,7 @@ __global__ void __launch_bounds__(THREADS) attention_forward_kernel(
             }
         }
         __syncthreads();  // every warp is done with this buffer before it is refilled
-        if (STAGES == 1 && it + 1 < n_tiles)
+        if (it + 1 < n_tiles)
             issue(it + 1);
     }
     sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 1);
@@ -258,11 +257,238 @@ __global__ void __launch_bounds__(THREADS) attention_forward_kernel(
         lse[(size_t)tb * Hq + h] = (max_b + log2f(sum_b)) / LOG2E;
 }
 
-// delta[t, h] = rowsum(dout * out) in fp32, and the dq accumulator's row zeroed. One warp per
-// (token, head) row.
+// ---- version 3: fewer instructions, fuller grids -------------------------------------------------
+// ldmatrix.x4 gives a thread 4 registers of fragments in one instruction where the 32-bit loads
+// above take 4 (A) or 2 (B of one n-tile); with 8-12 warps a multiprocessor and little else to
+// hide latency behind, the instruction count is what versions 1 and 2 were bound by.
+
+// 4 8x8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of matrix l / 8
+__device__ inline void ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p)
+{
+    uint32_t addr = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+// A fragment of rows [r0, r0+16), columns [k0, k0+16) of a row-major smem matrix (load_a's)
+__device__ inline void load_a_ldsm(uint32_t a[4], const __nv_bfloat16 *m, int ld, int r0, int k0)
+{
+    int lane = threadIdx.x % 32;
+    ldsm_x4(a, m + (size_t)(r0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+}
+// B fragments of two n-tiles from an smem matrix whose rows are n and columns k (K, Q, dO as
+// the right operand of a product with their rows): r0, r1 = b0, b1 of rows [n0, n0+8), r2, r3
+// of [n0+8, n0+16), k columns [k0, k0+16)
+__device__ inline void load_b_ldsm(uint32_t r[4], const __nv_bfloat16 *m, int ld, int n0, int k0)
+{
+    int lane = threadIdx.x % 32;
+    ldsm_x4(r, m + (size_t)(n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+}
+
+// Store 4 8x8 bf16 matrices transposed: r[j] holds matrix j in the fragment layout (lane l: row
+// l / 4, columns 2 (l % 4) ..+1); lane l gives the address where column l % 8 of matrix l / 8
+// goes, as a row of 8 contiguous values.
+__device__ inline void stsm_x4_trans(__nv_bfloat16 *p, const uint32_t r[4])
+{
+    uint32_t addr = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+}
+// 2^x in one MUFU instruction (subnormal results flush to 0: probabilities that small are 0)
+__device__ inline float fast_exp2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The forward of version 3: a block of 4 warps owns MT * 64 queries; warp w's m-tile m holds rows
+// m * 64 + w * 16 + [0, 16), so each K and V fragment loaded serves both m-tiles. Q stays in
+// shared memory (its fragments are reloaded per 16 columns: one ldmatrix per m-tile). The next
+// K, V tile is copied while this one is computed on (registers, not shared memory, set how many
+// blocks a multiprocessor holds: 2). Scores stay raw; the scale goes into the exponent's fma,
+// computed by ex2.approx; the output's rescaling is skipped where it would multiply by exactly 1
+// (no row of the warp found a larger score); whole tiles inside every row's sequence and causal
+// window skip the masks.
+constexpr int FAST_MT = 2, FAST_STAGES = 2;
+template <int D> constexpr size_t forward_fast_smem_bytes() { return (FAST_MT + 2 * FAST_STAGES) * TILE * (D + PAD) * 2; }
+
 template <int D>
-__global__ void attention_backward_prepare_kernel(float *delta, float *dq_acc, const __nv_bfloat16 *dout,
-                                                  const __nv_bfloat16 *out, long rows)
+__global__ void __launch_bounds__(THREADS, 1) attention_forward_fast_kernel(
+    __nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,
+    const int32_t *cu, int n_seqs, int T, int Hq, int Hkv, float scale_log2)
+{
+    constexpr int MT = FAST_MT, STAGES = FAST_STAGES, LD = D + PAD, QT = TILE * MT;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __nv_bfloat16 *sQ = reinterpret_cast<__nv_bfloat16 *>(smem), *sKV = sQ + QT * LD;
+    __shared__ int seq_first[QT];
+
+    int q0 = (gridDim.x - 1 - blockIdx.x) * QT, h = blockIdx.y, kvh = h / (Hq / Hkv);
+    for (int i = threadIdx.x; i < QT; i += THREADS)
+        seq_first[i] = cu[sequence_of(cu, n_seqs, min(q0 + i, T - 1))];
+    load_tile_async<D, QT>(sQ, q, q0, T, Hq, h);
+    cp_async_commit();
+
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    float o[MT][D / 8][4], max_a[MT], max_b[MT], sum_a[MT], sum_b[MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+#pragma unroll
+        for (int i = 0; i < D / 8; i++)
+            o[m][i][0] = o[m][i][1] = o[m][i][2] = o[m][i][3] = 0.0f;
+        max_a[m] = max_b[m] = -INFINITY;
+        sum_a[m] = sum_b[m] = 0.0f;
+    }
+    __syncthreads();  // seq_first
+    int key_first = seq_first[0], key_last = min(q0 + QT, T) - 1;
+    int n_tiles = (key_last - key_first) / TILE + 1;
+    auto issue = [&](int it) {
+        __nv_bfloat16 *buf = sKV + (it % STAGES) * 2 * TILE * LD;
+        load_tile_async<D>(buf, k, key_first + it * TILE, T, Hkv, kvh);
+        load_tile_async<D>(buf + TILE * LD, v, key_first + it * TILE, T, Hkv, kvh);
+        cp_async_commit();
+    };
+    issue(0);
+    for (int it = 0; it < n_tiles; it++) {
+        int k0 = key_first + it * TILE;
+        if (it + 1 < n_tiles) {
+            issue(it + 1);  // its buffer was last read in iteration it - 1, before its closing barrier
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // this tile (and, the first time, Q) has landed for every thread
+        const __nv_bfloat16 *sK = sKV + (it % STAGES) * 2 * TILE * LD, *sV = sK + TILE * LD;
+
+        float s[MT][TILE / 8][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int nt = 0; nt < TILE / 8; nt++)
+                s[m][nt][0] = s[m][nt][1] = s[m][nt][2] = s[m][nt][3] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++) {
+            uint32_t qa[MT][4];
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+                load_a_ldsm(qa[m], sQ, LD, m * TILE + warp * 16, kc * 16);
+#pragma unroll
+            for (int np = 0; np < TILE / 16; np++) {
+                uint32_t b[4];
+                load_b_ldsm(b, sK, LD, np * 16, kc * 16);
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    mma_bf16(s[m][2 * np], qa[m], b[0], b[1]);
+                    mma_bf16(s[m][2 * np + 1], qa[m], b[2], b[3]);
+                }
+            }
+        }
+        uint32_t p[MT][TILE / 16][4];  // probabilities as the A fragments of P V
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            int row_a = m * TILE + warp * 16 + g, row_b = row_a + 8;
+            int ta = q0 + row_a, tb = q0 + row_b, first_a = seq_first[row_a], first_b = seq_first[row_b];
+            // the maxima of the raw scores, then scaled into max_a's log2 units
+            float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
+            // no mask where every key of the tile is in every row's sequence and before it
+            bool full = k0 + TILE - 1 <= q0 + m * TILE + warp * 16 && seq_first[m * TILE + warp * 16 + 15] <= k0;
+#pragma unroll
+            for (int nt = 0; nt < TILE / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int j = k0 + nt * 8 + 2 * c + e;
+                    bool in_a = full || (j <= ta && j >= first_a), in_b = full || (j <= tb && j >= first_b);
+                    s[m][nt][e] = in_a ? s[m][nt][e] : -INFINITY;
+                    s[m][nt][2 + e] = in_b ? s[m][nt][2 + e] : -INFINITY;
+                    tile_max_a = fmaxf(tile_max_a, s[m][nt][e]);
+                    tile_max_b = fmaxf(tile_max_b, s[m][nt][2 + e]);
+                }
+            tile_max_a = fmaxf(max_a[m], tile_max_a * scale_log2);
+            tile_max_b = fmaxf(max_b[m], tile_max_b * scale_log2);
+            tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 1));
+            tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 2));
+            tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 1));
+            tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 2));
+            float base_a = tile_max_a == -INFINITY ? 0.0f : tile_max_a;
+            float base_b = tile_max_b == -INFINITY ? 0.0f : tile_max_b;
+            float rescale_a = fast_exp2(max_a[m] - base_a), rescale_b = fast_exp2(max_b[m] - base_b);
+            max_a[m] = tile_max_a;
+            max_b[m] = tile_max_b;
+            float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < TILE / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    s[m][nt][e] = fast_exp2(fmaf(s[m][nt][e], scale_log2, -base_a));
+                    s[m][nt][2 + e] = fast_exp2(fmaf(s[m][nt][2 + e], scale_log2, -base_b));
+                    tile_sum_a += s[m][nt][e];
+                    tile_sum_b += s[m][nt][2 + e];
+                }
+            sum_a[m] = sum_a[m] * rescale_a + tile_sum_a;
+            sum_b[m] = sum_b[m] * rescale_b + tile_sum_b;
+            if (__any_sync(0xffffffffu, rescale_a != 1.0f || rescale_b != 1.0f)) {
+#pragma unroll
+                for (int i = 0; i < D / 8; i++) {
+                    o[m][i][0] *= rescale_a, o[m][i][1] *= rescale_a;
+                    o[m][i][2] *= rescale_b, o[m][i][3] *= rescale_b;
+                }
+            }
+#pragma unroll
+            for (int kc = 0; kc < TILE / 16; kc++) {
+                p[m][kc][0] = pack_bf16(s[m][2 * kc][0], s[m][2 * kc][1]);
+                p[m][kc][1] = pack_bf16(s[m][2 * kc][2], s[m][2 * kc][3]);
+                p[m][kc][2] = pack_bf16(s[m][2 * kc + 1][0], s[m][2 * kc + 1][1]);
+                p[m][kc][3] = pack_bf16(s[m][2 * kc + 1][2], s[m][2 * kc + 1][3]);
+            }
+        }
+#pragma unroll
+        for (int kc = 0; kc < TILE / 16; kc++)
+#pragma unroll
+            for (int np = 0; np < D / 16; np++) {
+                uint32_t b[4];
+                load_b_trans(b, sV, LD, kc * 16, np * 16);
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    mma_bf16(o[m][2 * np], p[m][kc], b[0], b[1]);
+                    mma_bf16(o[m][2 * np + 1], p[m][kc], b[2], b[3]);
+                }
+            }
+        __syncthreads();  // every warp is done with K and V before they are refilled
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        int ta = q0 + m * TILE + warp * 16 + g, tb = ta + 8;
+        float sa = sum_a[m], sb = sum_b[m];
+        sa += __shfl_xor_sync(0xffffffffu, sa, 1);
+        sa += __shfl_xor_sync(0xffffffffu, sa, 2);
+        sb += __shfl_xor_sync(0xffffffffu, sb, 1);
+        sb += __shfl_xor_sync(0xffffffffu, sb, 2);
+        float inv_a = 1.0f / sa, inv_b = 1.0f / sb;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            int d = i * 8 + 2 * c;
+            if (ta < T)
+                *reinterpret_cast<uint32_t *>(out + ((size_t)ta * Hq + h) * D + d) =
+                    pack_bf16(o[m][i][0] * inv_a, o[m][i][1] * inv_a);
+            if (tb < T)
+                *reinterpret_cast<uint32_t *>(out + ((size_t)tb * Hq + h) * D + d) =
+                    pack_bf16(o[m][i][2] * inv_b, o[m][i][3] * inv_b);
+        }
+        if (c == 0 && ta < T)
+            lse[(size_t)ta * Hq + h] = (max_a[m] + log2f(sa)) / LOG2E;
+        if (c == 0 && tb < T)
+            lse[(size_t)tb * Hq + h] = (max_b[m] + log2f(sb)) / LOG2E;
+    }
+}
+
+// delta[t, h] = rowsum(dout * out) in fp32, and the dq accumulator's row zeroed (and, when
+// dkv_acc is given, the fp32 dk and dv accumulators' rows (t, h) for h < Hkv; when seq_start
+// is, the first position of t's sequence). One warp per (token, head) row.
+template <int D>
+__global__ void attention_backward_prepare_kernel(float *delta, float *dq_acc, float *dkv_acc, int32_t *seq_start,
+                                                  const __nv_bfloat16 *dout, const __nv_bfloat16 *out, long rows,
+                                                  int Hq, int Hkv, const int32_t *cu, int n_seqs)
 {
     long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
@@ -274,6 +500,17 @@ __global__ void attention_backward_prepare_kernel(float *delta, float *dq_acc, c
         float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(out + row * D + d));
         sum += a.x * b.x + a.y * b.y;
         *reinterpret_cast<float2 *>(dq_acc + row * D + d) = make_float2(0.0f, 0.0f);
+    }
+    long t = row / Hq;
+    int h = (int)(row % Hq);
+    if (seq_start && h == 0 && lane == 0)
+        seq_start[t] = cu[sequence_of(cu, n_seqs, (int)t)];
+    if (dkv_acc && h < Hkv) {
+        size_t n_kv = (size_t)(rows / Hq) * Hkv * D, at = ((size_t)t * Hkv + h) * D;
+        for (int d = lane * 2; d < D; d += 64) {
+            *reinterpret_cast<float2 *>(dkv_acc + at + d) = make_float2(0.0f, 0.0f);
+            *reinterpret_cast<float2 *>(dkv_acc + n_kv + at + d) = make_float2(0.0f, 0.0f);
+        }
     }
     for (int o = 16; o > 0; o >>= 1)
         sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -294,9 +531,15 @@ template <int D, int STAGES, int KW> constexpr size_t backward_smem_bytes()
 // blocks (KW 8) issue half the atomics of 64-key ones (and load each Q, dO tile half as often).
 // It walks (query head, query tile) pairs; with STAGES 2 the next pair's Q and dO copies are in
 // flight during this one.
-template <int D, int STAGES, int KW>
+// FAST (version 3): every fragment through ldmatrix, dS stored by stmatrix, masks only on tiles
+// that need them, the exponent as one fma into ex2.approx; one query head a block (grid (Hq, key
+// tiles): 4x the blocks at 4:1 GQA, so far less of the machine idles at the end of the grid), dK
+// and dV added into fp32 accumulators; each query tile's lse, delta and sequence starts (from the
+// prepare kernel) come by cp.async with its Q and dO, so no warp waits on a global load before the
+// step's barrier. Otherwise grid (key tiles, Hkv), all query heads of the group, dK and dV written.
+template <int D, int STAGES, int KW, bool FAST>
 __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
-    __nv_bfloat16 *dk, __nv_bfloat16 *dv, float *dq_acc, const __nv_bfloat16 *q, const __nv_bfloat16 *k,
+    __nv_bfloat16 *dk, __nv_bfloat16 *dv, float *dq_acc, float *dkv_acc, const int32_t *seq_start, const __nv_bfloat16 *q, const __nv_bfloat16 *k,
     const __nv_bfloat16 *v, const __nv_bfloat16 *dout, const float *lse, const float *delta, const int32_t *cu,
     int n_seqs, int T, int Hq, int Hkv, float scale)
 {
@@ -307,19 +550,28 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
     __shared__ float lse_buf[STAGES][TILE], delta_buf[STAGES][TILE];  // lse in log2 units
     __shared__ int first_buf[STAGES][TILE];  // first position of each query's sequence
 
-    int k0 = blockIdx.x * KT, kvh = blockIdx.y, group = Hq / Hkv;
+    int group = Hq / Hkv, k0 = (FAST ? blockIdx.y : blockIdx.x) * KT;
+    int kvh = FAST ? blockIdx.x / group : blockIdx.y, h_first = FAST ? blockIdx.x : kvh * group;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int key_a = k0 + warp * 16 + g, key_b = key_a + 8;
     int key_last = min(k0 + KT, T) - 1, query_end = cu[sequence_of(cu, n_seqs, key_last) + 1];
-    int q_tiles = (query_end - k0 + TILE - 1) / TILE, n_steps = group * q_tiles;
+    int q_tiles = (query_end - k0 + TILE - 1) / TILE, n_steps = (FAST ? 1 : group) * q_tiles;
     load_tile_async<D, KT, NTHREADS>(sK, k, k0, T, Hkv, kvh);
     load_tile_async<D, KT, NTHREADS>(sV, v, k0, T, Hkv, kvh);
     auto issue = [&](int step) {  // step -> (query head, query tile)
-        int h = kvh * group + step / q_tiles, q0 = k0 + (step % q_tiles) * TILE, buf = step % STAGES;
+        int h = h_first + step / q_tiles, q0 = k0 + (step % q_tiles) * TILE, buf = step % STAGES;
         load_tile_async<D, TILE, NTHREADS>(sQdO + buf * 2 * TILE * LD, q, q0, T, Hq, h);
         load_tile_async<D, TILE, NTHREADS>(sQdO + (buf * 2 + 1) * TILE * LD, dout, q0, T, Hq, h);
+        if (FAST && threadIdx.x < TILE) {  // raw copies: lse in natural-log units
+            int t = q0 + threadIdx.x;
+            bool in = t < T;
+            size_t at = in ? (size_t)t * Hq + h : 0;
+            cp_async4(&lse_buf[buf][threadIdx.x], lse + at, in);
+            cp_async4(&delta_buf[buf][threadIdx.x], delta + at, in);
+            cp_async4(&first_buf[buf][threadIdx.x], seq_start + (in ? t : 0), in);
+        }
         cp_async_commit();
-        if (threadIdx.x < TILE) {
+        if (!FAST && threadIdx.x < TILE) {
             int t = q0 + threadIdx.x;
             bool in = t < T;
             lse_buf[buf][threadIdx.x] = in ? lse[(size_t)t * Hq + h] * LOG2E : 0.0f;
@@ -337,7 +589,7 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
 
     issue(0);  // one group with K and V
     for (int step = 0; step < n_steps; step++) {
-        int h = kvh * group + step / q_tiles, q0 = k0 + (step % q_tiles) * TILE, buf = step % STAGES;
+        int h = h_first + step / q_tiles, q0 = k0 + (step % q_tiles) * TILE, buf = step % STAGES;
         if (STAGES == 2 && step + 1 < n_steps) {
             issue(step + 1);  // its buffers were last read in step - 1, before its closing barrier
             cp_async_wait<1>();
@@ -359,49 +611,117 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
 #pragma unroll
         for (int kc = 0; kc < D / 16; kc++) {
             uint32_t ka[4], va[4];
-            load_a(ka, sK, LD, warp * 16, kc * 16);
-            load_a(va, sV, LD, warp * 16, kc * 16);
+            if constexpr (FAST) {
+                load_a_ldsm(ka, sK, LD, warp * 16, kc * 16);
+                load_a_ldsm(va, sV, LD, warp * 16, kc * 16);
 #pragma unroll
-            for (int nt = 0; nt < TILE / 8; nt++) {
-                const __nv_bfloat16 *qp = sQ + (nt * 8 + g) * LD + kc * 16 + 2 * c;
-                const __nv_bfloat16 *op = sdO + (nt * 8 + g) * LD + kc * 16 + 2 * c;
-                mma_bf16(p[nt], ka, lds32(qp), lds32(qp + 8));
-                mma_bf16(dp[nt], va, lds32(op), lds32(op + 8));
+                for (int np = 0; np < TILE / 16; np++) {
+                    uint32_t bq[4], bo[4];
+                    load_b_ldsm(bq, sQ, LD, np * 16, kc * 16);
+                    load_b_ldsm(bo, sdO, LD, np * 16, kc * 16);
+                    mma_bf16(p[2 * np], ka, bq[0], bq[1]);
+                    mma_bf16(p[2 * np + 1], ka, bq[2], bq[3]);
+                    mma_bf16(dp[2 * np], va, bo[0], bo[1]);
+                    mma_bf16(dp[2 * np + 1], va, bo[2], bo[3]);
+                }
+            } else {
+                load_a(ka, sK, LD, warp * 16, kc * 16);
+                load_a(va, sV, LD, warp * 16, kc * 16);
+#pragma unroll
+                for (int nt = 0; nt < TILE / 8; nt++) {
+                    const __nv_bfloat16 *qp = sQ + (nt * 8 + g) * LD + kc * 16 + 2 * c;
+                    const __nv_bfloat16 *op = sdO + (nt * 8 + g) * LD + kc * 16 + 2 * c;
+                    mma_bf16(p[nt], ka, lds32(qp), lds32(qp + 8));
+                    mma_bf16(dp[nt], va, lds32(op), lds32(op + 8));
+                }
             }
         }
-        // P^T from the saved lse; dS^T = P^T (dP^T - delta), both 16 keys x 64 queries
+        if constexpr (FAST) {
+            // the same, with the masks only where this warp's 16 keys and the 64 queries are not
+            // all "same sequence, causal" (warp-uniform test), the exponent as one fma into
+            // ex2.approx, and dS^T stored transposed into sdS by stmatrix, 4 8x8 blocks at a time
+            bool full = q0 >= k0 + warp * 16 + 15 && q0 + TILE <= T && q_first[TILE - 1] <= k0 + warp * 16;
+            // lse in natural-log units here (copied raw), and rows past T zero-filled: masked by t < T
+            float lse_unit = FAST ? LOG2E : 1.0f;
+            float scale_log2 = scale * LOG2E;
 #pragma unroll
-        for (int nt = 0; nt < TILE / 8; nt++)
+            for (int nt = 0; nt < TILE / 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int col = nt * 8 + 2 * c + e, t = q0 + col, first = q_first[col];
-                float pa = (t >= key_a && first <= key_a) ? exp2f(p[nt][e] * scale * LOG2E - q_lse[col]) : 0.0f;
-                float pb = (t >= key_b && first <= key_b) ? exp2f(p[nt][2 + e] * scale * LOG2E - q_lse[col]) : 0.0f;
-                p[nt][e] = pa;
-                p[nt][2 + e] = pb;
-                dp[nt][e] = pa * (dp[nt][e] - q_delta[col]);
-                dp[nt][2 + e] = pb * (dp[nt][2 + e] - q_delta[col]);
-                sdS[col * LDS + warp * 16 + g] = __float2bfloat16(dp[nt][e]);
-                sdS[col * LDS + warp * 16 + g + 8] = __float2bfloat16(dp[nt][2 + e]);
+                for (int e = 0; e < 2; e++) {
+                    int col = nt * 8 + 2 * c + e;
+                    float l = q_lse[col] * lse_unit, dl = q_delta[col];
+                    float pa = fast_exp2(fmaf(p[nt][e], scale_log2, -l));
+                    float pb = fast_exp2(fmaf(p[nt][2 + e], scale_log2, -l));
+                    if (!full) {
+                        int t = q0 + col, first = q_first[col];
+                        bool row_in = !FAST || t < T;
+                        pa = (row_in && t >= key_a && first <= key_a) ? pa : 0.0f;
+                        pb = (row_in && t >= key_b && first <= key_b) ? pb : 0.0f;
+                    }
+                    p[nt][e] = pa;
+                    p[nt][2 + e] = pb;
+                    dp[nt][e] = pa * (dp[nt][e] - dl);
+                    dp[nt][2 + e] = pb * (dp[nt][2 + e] - dl);
+                }
+#pragma unroll
+            for (int kc = 0; kc < TILE / 16; kc++) {
+                uint32_t pa[4] = {pack_bf16(p[2 * kc][0], p[2 * kc][1]), pack_bf16(p[2 * kc][2], p[2 * kc][3]),
+                                  pack_bf16(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                                  pack_bf16(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+                uint32_t sa[4] = {pack_bf16(dp[2 * kc][0], dp[2 * kc][1]), pack_bf16(dp[2 * kc][2], dp[2 * kc][3]),
+                                  pack_bf16(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
+                                  pack_bf16(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
+                // lane l: row l % 8 of block l / 8 = (queries 16 kc + 8 (l / 16) + l % 8, keys
+                // warp * 16 + 8 ((l / 8) % 2) ...)
+                stsm_x4_trans(sdS + (size_t)(kc * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + warp * 16 +
+                                  ((lane >> 3) & 1) * 8,
+                              sa);
+#pragma unroll
+                for (int np = 0; np < D / 16; np++) {
+                    uint32_t b[4];
+                    load_b_trans(b, sdO, LD, kc * 16, np * 16);
+                    mma_bf16(dv_acc[2 * np], pa, b[0], b[1]);
+                    mma_bf16(dv_acc[2 * np + 1], pa, b[2], b[3]);
+                    load_b_trans(b, sQ, LD, kc * 16, np * 16);
+                    mma_bf16(dk_acc[2 * np], sa, b[0], b[1]);
+                    mma_bf16(dk_acc[2 * np + 1], sa, b[2], b[3]);
+                }
             }
-        // dV += P^T dO and dK += dS^T Q (scale applied at the end), k = the 64 queries
-#pragma unroll
-        for (int kc = 0; kc < TILE / 16; kc++) {
-            uint32_t pa[4] = {pack_bf16(p[2 * kc][0], p[2 * kc][1]), pack_bf16(p[2 * kc][2], p[2 * kc][3]),
-                              pack_bf16(p[2 * kc + 1][0], p[2 * kc + 1][1]),
-                              pack_bf16(p[2 * kc + 1][2], p[2 * kc + 1][3])};
-            uint32_t sa[4] = {pack_bf16(dp[2 * kc][0], dp[2 * kc][1]), pack_bf16(dp[2 * kc][2], dp[2 * kc][3]),
-                              pack_bf16(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
-                              pack_bf16(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
-#pragma unroll
-            for (int np = 0; np < D / 16; np++) {
-                uint32_t b[4];
-                load_b_trans(b, sdO, LD, kc * 16, np * 16);
-                mma_bf16(dv_acc[2 * np], pa, b[0], b[1]);
-                mma_bf16(dv_acc[2 * np + 1], pa, b[2], b[3]);
-                load_b_trans(b, sQ, LD, kc * 16, np * 16);
-                mma_bf16(dk_acc[2 * np], sa, b[0], b[1]);
-                mma_bf16(dk_acc[2 * np + 1], sa, b[2], b[3]);
+        } else {
+            // P^T from the saved lse; dS^T = P^T (dP^T - delta), both 16 keys x 64 queries
+    #pragma unroll
+            for (int nt = 0; nt < TILE / 8; nt++)
+    #pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int col = nt * 8 + 2 * c + e, t = q0 + col, first = q_first[col];
+                    float pa = (t >= key_a && first <= key_a) ? exp2f(p[nt][e] * scale * LOG2E - q_lse[col]) : 0.0f;
+                    float pb = (t >= key_b && first <= key_b) ? exp2f(p[nt][2 + e] * scale * LOG2E - q_lse[col]) : 0.0f;
+                    p[nt][e] = pa;
+                    p[nt][2 + e] = pb;
+                    dp[nt][e] = pa * (dp[nt][e] - q_delta[col]);
+                    dp[nt][2 + e] = pb * (dp[nt][2 + e] - q_delta[col]);
+                    sdS[col * LDS + warp * 16 + g] = __float2bfloat16(dp[nt][e]);
+                    sdS[col * LDS + warp * 16 + g + 8] = __float2bfloat16(dp[nt][2 + e]);
+                }
+            // dV += P^T dO and dK += dS^T Q (scale applied at the end), k = the 64 queries
+    #pragma unroll
+            for (int kc = 0; kc < TILE / 16; kc++) {
+                uint32_t pa[4] = {pack_bf16(p[2 * kc][0], p[2 * kc][1]), pack_bf16(p[2 * kc][2], p[2 * kc][3]),
+                                  pack_bf16(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                                  pack_bf16(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+                uint32_t sa[4] = {pack_bf16(dp[2 * kc][0], dp[2 * kc][1]), pack_bf16(dp[2 * kc][2], dp[2 * kc][3]),
+                                  pack_bf16(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
+                                  pack_bf16(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
+    #pragma unroll
+                for (int np = 0; np < D / 16; np++) {
+                    uint32_t b[4];
+                    load_b_trans(b, sdO, LD, kc * 16, np * 16);
+                    mma_bf16(dv_acc[2 * np], pa, b[0], b[1]);
+                    mma_bf16(dv_acc[2 * np + 1], pa, b[2], b[3]);
+                    load_b_trans(b, sQ, LD, kc * 16, np * 16);
+                    mma_bf16(dk_acc[2 * np], sa, b[0], b[1]);
+                    mma_bf16(dk_acc[2 * np + 1], sa, b[2], b[3]);
+                }
             }
         }
         __syncthreads();  // sdS complete
@@ -415,7 +735,10 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
 #pragma unroll
             for (int kc = 0; kc < KT / 16; kc++) {
                 uint32_t a[4], b[4];
-                load_a(a, sdS, LDS, (warp % 4) * 16, kc * 16);
+                if constexpr (FAST)
+                    load_a_ldsm(a, sdS, LDS, (warp % 4) * 16, kc * 16);
+                else
+                    load_a(a, sdS, LDS, (warp % 4) * 16, kc * 16);
                 load_b_trans(b, sK, LD, kc * 16, np * 16);
                 mma_bf16(acc[0], a, b[0], b[1]);
                 mma_bf16(acc[1], a, b[2], b[3]);
@@ -435,18 +758,29 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
         if (STAGES == 1 && step + 1 < n_steps)
             issue(step + 1);
     }
+    size_t n_kv = (size_t)T * Hkv * D;
 #pragma unroll
     for (int i = 0; i < D / 8; i++) {
         int d = i * 8 + 2 * c;
         if (key_a < T) {
             size_t at = ((size_t)key_a * Hkv + kvh) * D + d;
-            *reinterpret_cast<uint32_t *>(dk + at) = pack_bf16(dk_acc[i][0] * scale, dk_acc[i][1] * scale);
-            *reinterpret_cast<uint32_t *>(dv + at) = pack_bf16(dv_acc[i][0], dv_acc[i][1]);
+            if constexpr (FAST) {
+                atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk_acc[i][0] * scale, dk_acc[i][1] * scale));
+                atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv_acc[i][0], dv_acc[i][1]));
+            } else {
+                *reinterpret_cast<uint32_t *>(dk + at) = pack_bf16(dk_acc[i][0] * scale, dk_acc[i][1] * scale);
+                *reinterpret_cast<uint32_t *>(dv + at) = pack_bf16(dv_acc[i][0], dv_acc[i][1]);
+            }
         }
         if (key_b < T) {
             size_t at = ((size_t)key_b * Hkv + kvh) * D + d;
-            *reinterpret_cast<uint32_t *>(dk + at) = pack_bf16(dk_acc[i][2] * scale, dk_acc[i][3] * scale);
-            *reinterpret_cast<uint32_t *>(dv + at) = pack_bf16(dv_acc[i][2], dv_acc[i][3]);
+            if constexpr (FAST) {
+                atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk_acc[i][2] * scale, dk_acc[i][3] * scale));
+                atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv_acc[i][2], dv_acc[i][3]));
+            } else {
+                *reinterpret_cast<uint32_t *>(dk + at) = pack_bf16(dk_acc[i][2] * scale, dk_acc[i][3] * scale);
+                *reinterpret_cast<uint32_t *>(dv + at) = pack_bf16(dv_acc[i][2], dv_acc[i][3]);
+            }
         }
     }
 }
@@ -462,48 +796,70 @@ __global__ void attention_dq_convert_kernel(__nv_bfloat16 *dq, const float *dq_a
     store_bf16x8(dq + i, vals);
 }
 
-template <int D, int STAGES>
+template <int D>
 int forward_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v, const int32_t *cu,
                    int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream, Err *err)
 {
-    size_t smem = forward_smem_bytes<D, STAGES>();
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<D, STAGES>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+    size_t smem = forward_smem_bytes<D>();
+    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem),
                err);
     dim3 grid(ceil_div(T, TILE), Hq);
-    attention_forward_kernel<D, STAGES><<<grid, THREADS, smem, stream>>>(out, lse, q, k, v, cu, n_seqs, T, Hq, Hkv,
-                                                                         LOG2E / sqrtf((float)D));
+    attention_forward_kernel<D><<<grid, THREADS, smem, stream>>>(out, lse, q, k, v, cu, n_seqs, T, Hq, Hkv,
+                                                                LOG2E / sqrtf((float)D));
     LAUNCH_CHECK(err);
     return 0;
 }
 
-template <int D, int STAGES, int KW>
+template <int D>
+int forward_fast_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v, const int32_t *cu,
+                        int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream, Err *err)
+{
+    size_t smem = forward_fast_smem_bytes<D>();
+    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_fast_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem),
+               err);
+    dim3 grid(ceil_div(T, TILE * FAST_MT), Hq);
+    attention_forward_fast_kernel<D><<<grid, THREADS, smem, stream>>>(out, lse, q, k, v, cu, n_seqs, T, Hq, Hkv,
+                                                                     LOG2E / sqrtf((float)D));
+    LAUNCH_CHECK(err);
+    return 0;
+}
+
+template <int D, int STAGES, int KW, bool FAST>
 int backward_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q, const bf16_t *k,
                     const bf16_t *v, const bf16_t *out, const float *lse, const int32_t *cu, int n_seqs, int T,
-                    int Hq, int Hkv, float *dq_acc, float *delta, cudaStream_t stream, Err *err)
+                    int Hq, int Hkv, float *dq_acc, float *dkv_acc, float *delta, int32_t *seq_start,
+                    cudaStream_t stream, Err *err)
 {
     long rows = (long)T * Hq;
     attention_backward_prepare_kernel<D><<<ceil_div((size_t)rows * 32, 256), 256, 0, stream>>>(
-        delta, dq_acc, dout, out, rows);
+        delta, dq_acc, FAST ? dkv_acc : nullptr, FAST ? seq_start : nullptr, dout, out, rows, Hq, Hkv,
+        cu, n_seqs);
     LAUNCH_CHECK(err);
     size_t smem = backward_smem_bytes<D, STAGES, KW>();
-    CUDA_CHECK(cudaFuncSetAttribute(attention_backward_kernel<D, STAGES, KW>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-               err);
-    dim3 grid(ceil_div(T, 16 * KW), Hkv);
-    attention_backward_kernel<D, STAGES, KW><<<grid, 32 * KW, smem, stream>>>(
-        dk, dv, dq_acc, q, k, v, dout, lse, delta, cu, n_seqs, T, Hq, Hkv, 1.0f / sqrtf((float)D));
+    auto kernel = attention_backward_kernel<D, STAGES, KW, FAST>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), err);
+    dim3 grid = FAST ? dim3(Hq, ceil_div(T, 16 * KW)) : dim3(ceil_div(T, 16 * KW), Hkv);
+    kernel<<<grid, 32 * KW, smem, stream>>>(dk, dv, dq_acc, dkv_acc, seq_start, q, k, v, dout, lse, delta, cu, n_seqs, T, Hq,
+                                             Hkv, 1.0f / sqrtf((float)D));
     LAUNCH_CHECK(err);
-    size_t n = (size_t)rows * D;
+    size_t n = (size_t)rows * D, n_kv = (size_t)T * Hkv * D;
     attention_dq_convert_kernel<<<ceil_div(n / 8, 256), 256, 0, stream>>>(dq, dq_acc, n);
     LAUNCH_CHECK(err);
+    if (FAST) {
+        attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dk, dkv_acc, n_kv);
+        LAUNCH_CHECK(err);
+        attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dv, dkv_acc + n_kv, n_kv);
+        LAUNCH_CHECK(err);
+    }
     return 0;
 }
 
 // Which kernel version the launchers run (cuda_attention_set_version; kernels/NOTES.md has
-// each one's timings): 1 loads then computes; 2 pipelines the tile copies (cp.async, two
-// stages); 3, the fastest measured: version 1's forward, and the pipelined backward on
-// 128-key blocks.
+// each one's timings): 1 loads then computes, 64-row blocks of 4 warps; 2, version 1's forward
+// and a backward on 128-key blocks of 8 warps that copies the next query tile while computing on
+// this one; 3, the fastest measured: the FAST kernels.
 int attention_version = 3;
 
 }  // namespace
@@ -521,17 +877,18 @@ extern "C" int cuda_attention_forward(bf16_t *out, float *lse, const bf16_t *q, 
     SHAPE_CHECK(is_aligned16(out) && is_aligned16(q) && is_aligned16(k) && is_aligned16(v), err,
                 "attention forward: q, k, v, out must be 16-byte aligned");
     cudaStream_t s = (cudaStream_t)stream;
-    // version 3 keeps version 1's forward: pipelining cost the forward occupancy (NOTES.md)
-    auto launch = head_dim == 64 ? (attention_version == 2 ? forward_launch<64, 2> : forward_launch<64, 1>)
-                                 : (attention_version == 2 ? forward_launch<128, 2> : forward_launch<128, 1>);
+    auto launch = head_dim == 64 ? (attention_version == 3 ? forward_fast_launch<64> : forward_launch<64>)
+                                 : (attention_version == 3 ? forward_fast_launch<128> : forward_launch<128>);
     return launch(out, lse, q, k, v, cu_seqlens, n_seqs, T, n_heads, n_kv_heads, s, err);
 }
 
-extern "C" size_t cuda_attention_backward_workspace_bytes(int T, int n_heads, int head_dim)
+extern "C" size_t cuda_attention_backward_workspace_bytes(int T, int n_heads, int n_kv_heads, int head_dim)
 {
-    size_t rows = (size_t)(T > 0 ? T : 0) * (n_heads > 0 ? n_heads : 0);
-    size_t acc = rows * (head_dim > 0 ? head_dim : 0) * sizeof(float);
-    return (acc + 15) / 16 * 16 + rows * sizeof(float);
+    size_t t = T > 0 ? T : 0, hq = n_heads > 0 ? n_heads : 0, hkv = n_kv_heads > 0 ? n_kv_heads : 0;
+    size_t d = head_dim > 0 ? head_dim : 0;
+    // dq accumulator, dk and dv accumulators, delta, each position's sequence start
+    return (t * hq * d * 4 + 15) / 16 * 16 + (2 * t * hkv * d * 4 + 15) / 16 * 16 + (t * hq * 4 + 15) / 16 * 16 +
+           t * 4;
 }
 
 extern "C" int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q,
@@ -550,26 +907,27 @@ extern "C" int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const
     SHAPE_CHECK(is_aligned16(dq) && is_aligned16(dout) && is_aligned16(q) && is_aligned16(k) && is_aligned16(v) &&
                     is_aligned16(out) && is_aligned16(workspace),
                 err, "attention backward: tensors and workspace must be 16-byte aligned");
-    size_t need = cuda_attention_backward_workspace_bytes(T, n_heads, head_dim);
+    size_t need = cuda_attention_backward_workspace_bytes(T, n_heads, n_kv_heads, head_dim);
     SHAPE_CHECK(workspace_bytes >= need, err, "attention backward: workspace of %zu bytes, need %zu",
                 workspace_bytes, need);
     float *dq_acc = (float *)workspace;
-    float *delta = (float *)((char *)workspace + ((size_t)T * n_heads * head_dim * sizeof(float) + 15) / 16 * 16);
+    float *dkv_acc = (float *)((char *)workspace + ((size_t)T * n_heads * head_dim * 4 + 15) / 16 * 16);
+    float *delta = (float *)((char *)dkv_acc + ((size_t)2 * T * n_kv_heads * head_dim * 4 + 15) / 16 * 16);
+    int32_t *seq_start = (int32_t *)((char *)delta + ((size_t)T * n_heads * 4 + 15) / 16 * 16);
     cudaStream_t s = (cudaStream_t)stream;
-    auto launch = head_dim == 64
-                      ? (attention_version == 1   ? backward_launch<64, 1, 4>
-                         : attention_version == 2 ? backward_launch<64, 2, 4>
-                                                  : backward_launch<64, 2, 8>)
-                      : (attention_version == 1   ? backward_launch<128, 1, 4>
-                         : attention_version == 2 ? backward_launch<128, 2, 4>
-                                                  : backward_launch<128, 2, 8>);
-    return launch(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, n_seqs, T, n_heads, n_kv_heads, dq_acc, delta, s,
-                  err);
+    auto launch = head_dim == 64 ? (attention_version == 1   ? backward_launch<64, 1, 4, false>
+                                    : attention_version == 2 ? backward_launch<64, 2, 8, false>
+                                                             : backward_launch<64, 2, 8, true>)
+                                 : (attention_version == 1   ? backward_launch<128, 1, 4, false>
+                                    : attention_version == 2 ? backward_launch<128, 2, 8, false>
+                                                             : backward_launch<128, 2, 8, true>);
+    return launch(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, n_seqs, T, n_heads, n_kv_heads, dq_acc, dkv_acc,
+                  delta, seq_start, s, err);
 }
 
 extern "C" int cuda_attention_set_version(int version)
 {
-    if (version < 1 || version > 3)
+    if (version < 1 || version > ATTENTION_VERSIONS)
         return -1;
     int previous = attention_version;
     attention_version = version;

@@ -20,9 +20,10 @@ int cuda_attention_forward(bf16_t *out, float *lse, const bf16_t *q, const bf16_
                            const int32_t *cu_seqlens, int n_seqs, int T, int n_heads, int n_kv_heads,
                            int head_dim, GpuStream stream, Err *err);
 
-// Bytes of device workspace the backward needs: an fp32 dq accumulator (T, n_heads, head_dim)
-// and D = rowsum(dout * out) (T, n_heads).
-size_t cuda_attention_backward_workspace_bytes(int T, int n_heads, int head_dim);
+// Bytes of device workspace the backward needs: fp32 accumulators for dq (T, n_heads, head_dim),
+// dk and dv (T, n_kv_heads, head_dim each), D = rowsum(dout * out) (T, n_heads), and each
+// position's sequence start (T int32).
+size_t cuda_attention_backward_workspace_bytes(int T, int n_heads, int n_kv_heads, int head_dim);
 
 // dq (T, n_heads, head_dim), dk, dv (T, n_kv_heads, head_dim), bf16, written (not added to);
 // dk and dv are summed over the query heads of each kv group. dout, out, lse as from the
@@ -35,11 +36,14 @@ int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *do
                             Err *err);
 
 // The kernel lab's switch, for tests and benchmarks (not thread-safe; process-wide): version 1
-// loads each tile, then computes on it; version 2 copies the next tile with cp.async while
-// computing on this one; version 3 (the default, fastest on an H200) runs version 1's forward
-// and version 2's backward on 128-key blocks of 8 warps (half the dq atomics). All give the
-// same forward output bit for bit. Returns the previous version, or -1 (and changes nothing)
-// for an unknown one.
+// loads each tile, then computes on it; version 2 runs version 1's forward and a backward on
+// 128-key blocks of 8 warps that copies the next query tile while computing on this one; version
+// 3 (the default, fastest on an H200) loads fragments with ldmatrix, runs 128-query forward
+// blocks, one backward block per (key tile, query head), and the exponent through ex2.approx.
+// kernels/NOTES.md has each one's timings. Versions 1 and 2 give the same forward output bit for
+// bit, 3 the same to bf16 rounding. Returns the previous version, or -1 (and changes nothing) for
+// an unknown one.
+#define ATTENTION_VERSIONS 3
 int cuda_attention_set_version(int version);
 
 // Plain kernels for any head_dim up to ATTENTION_PLAIN_MAX_HEAD_DIM (kernels/attention_plain.cu;

@@ -255,7 +255,7 @@ static int alloc_buffers(CudaEngine *e, Err *err)
     ALLOC(e->d_act, N * F);
     ALLOC(e->d_u, N * r);
     if (c->head_dim == 64 || c->head_dim == 128) {
-        e->attn_ws_bytes = cuda_attention_backward_workspace_bytes((int)N, c->n_heads, c->head_dim);
+        e->attn_ws_bytes = cuda_attention_backward_workspace_bytes((int)N, c->n_heads, c->n_kv_heads, c->head_dim);
         if (dev_alloc(e, &e->attn_ws, e->attn_ws_bytes, err) < 0)
             goto fail;
     } else {

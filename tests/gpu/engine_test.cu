@@ -30,6 +30,7 @@
 
 #include <chrono>
 
+#include "attention.cuh"
 #include "engine_cuda.cuh"
 #include "harness.cuh"
 #include "weights.cuh"
@@ -538,11 +539,21 @@ static int bench(void)
     }
     // Llama-3-8B's shapes (4096 / 14336, 32/8 heads, V 128256, untied), 2 of its 32 layers: the
     // per-layer step time and activation bytes scale to 32 layers (the lm_head part does not).
+    // Then without recomputation under each flash-attention kernel version (kernels/attention.cuh).
     RandomModel l3(4096, 14336, 2, 32, 8, 0, 128256, 8192, fast_unit);
-    const int shapes8b[2][2] = {{2, 2048}, {1, 8192}};
+    const int shapes8b[3][2] = {{2, 2048}, {1, 8192}, {8, 512}};
     for (auto &sh : shapes8b)
         for (CudaRecompute mode : modes)
             bench_case("llama3-8b dims L2", &l3.m, sh[0], sh[1], 16, mode);
+    int version = cuda_attention_set_version(1);
+    for (int v = 1; v <= ATTENTION_VERSIONS; v++) {
+        cuda_attention_set_version(v);
+        char name[64];
+        snprintf(name, sizeof name, "llama3-8b L2 attn v%d", v);
+        for (auto &sh : shapes8b)
+            bench_case(name, &l3.m, sh[0], sh[1], 16, CUDA_RECOMPUTE_NONE);
+    }
+    cuda_attention_set_version(version);
     return 0;
 }
 

@@ -601,13 +601,14 @@ static void test_attention_launcher_arguments(void)
             "attention over no sequence");
     rejects(cuda_attention_forward(p, p, (void *)((char *)p + 2), p, p, p, 1, 8, 4, 4, 64, NULL, &err), &err, "attention",
             "aligned", "a misaligned q");
-    size_t ws = cuda_attention_backward_workspace_bytes(8, 4, 64);
-    is_int(ws, 8 * 4 * 64 * 4 + 8 * 4 * 4, "attention backward workspace: fp32 dq (T, H, hd) + D (T, H)");
+    size_t ws = cuda_attention_backward_workspace_bytes(8, 4, 2, 64);
+    is_int(ws, 8 * 4 * 64 * 4 + 2 * 8 * 2 * 64 * 4 + 8 * 4 * 4 + 8 * 4,
+           "attention backward workspace: fp32 dq (T, H, hd), dk and dv (T, Hkv, hd), D (T, H), sequence starts (T)");
     rejects(cuda_attention_backward(p, p, p, p, p, p, p, p, p, p, 1, 8, 4, 4, 64, p, ws - 1, NULL, &err), &err,
             "attention", "workspace", "a short attention workspace");
     rejects(cuda_attention_backward(p, p, p, p, p, p, p, p, NULL, p, 1, 8, 4, 4, 64, p, ws, NULL, &err), &err,
             "attention", "NULL", "attention backward without lse");
-    ok(cuda_attention_set_version(7) == -1, "attention: kernel version 7 is refused");
+    ok(cuda_attention_set_version(ATTENTION_VERSIONS + 1) == -1, "attention: an unknown kernel version is refused");
 }
 static void test_decode_launcher_arguments(void)
 {
