@@ -120,6 +120,35 @@ __device__ inline void cp_async4(void *dst, const void *src, bool valid)
 // wait until at most `pending` committed groups are still in flight
 template <int pending> __device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending)); }
 
+// The forward's end for a warp's 16 rows (this thread's rows ta, tb): the quad sums the
+// denominators, the rows of out (T, Hq, D) are O / sum rounded to bf16, lse the natural-log
+// log-sum-exp (max and sum in log2 units). Rows at or past T are not written.
+template <int D>
+__device__ inline void store_rows(__nv_bfloat16 *out, float *lse, const float (&o)[D / 8][4], float max_a, float max_b,
+                                  float sum_a, float sum_b, int ta, int tb, int T, int Hq, int h)
+{
+    int c = threadIdx.x % 4;
+    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 1);
+    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 2);
+    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, 1);
+    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, 2);
+    float inv_a = 1.0f / sum_a, inv_b = 1.0f / sum_b;
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        int d = i * 8 + 2 * c;
+        if (ta < T)
+            *reinterpret_cast<uint32_t *>(out + ((size_t)ta * Hq + h) * D + d) =
+                pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
+        if (tb < T)
+            *reinterpret_cast<uint32_t *>(out + ((size_t)tb * Hq + h) * D + d) =
+                pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
+    }
+    if (c == 0 && ta < T)
+        lse[(size_t)ta * Hq + h] = (max_a + log2f(sum_a)) / LOG2E;
+    if (c == 0 && tb < T)
+        lse[(size_t)tb * Hq + h] = (max_b + log2f(sum_b)) / LOG2E;
+}
+
 template <int D> constexpr size_t forward_smem_bytes() { return 3 * TILE * (D + PAD) * 2; }
 
 // grid (query tiles, n_heads), THREADS threads. Later tiles of a sequence have more keys to
@@ -236,25 +265,7 @@ __global__ void __launch_bounds__(THREADS) attention_forward_kernel(
         if (it + 1 < n_tiles)
             issue(it + 1);
     }
-    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 1);
-    sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 2);
-    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, 1);
-    sum_b += __shfl_xor_sync(0xffffffffu, sum_b, 2);
-    float inv_a = 1.0f / sum_a, inv_b = 1.0f / sum_b;
-#pragma unroll
-    for (int i = 0; i < D / 8; i++) {
-        int d = i * 8 + 2 * c;
-        if (ta < T)
-            *reinterpret_cast<uint32_t *>(out + ((size_t)ta * Hq + h) * D + d) =
-                pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
-        if (tb < T)
-            *reinterpret_cast<uint32_t *>(out + ((size_t)tb * Hq + h) * D + d) =
-                pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
-    }
-    if (c == 0 && ta < T)
-        lse[(size_t)ta * Hq + h] = (max_a + log2f(sum_a)) / LOG2E;
-    if (c == 0 && tb < T)
-        lse[(size_t)tb * Hq + h] = (max_b + log2f(sum_b)) / LOG2E;
+    store_rows<D>(out, lse, o, max_a, max_b, sum_a, sum_b, ta, tb, T, Hq, h);
 }
 
 // ---- version 3: fewer instructions, fuller grids -------------------------------------------------
@@ -458,27 +469,8 @@ __global__ void __launch_bounds__(THREADS, 1) attention_forward_fast_kernel(
     }
 #pragma unroll
     for (int m = 0; m < MT; m++) {
-        int ta = q0 + m * TILE + warp * 16 + g, tb = ta + 8;
-        float sa = sum_a[m], sb = sum_b[m];
-        sa += __shfl_xor_sync(0xffffffffu, sa, 1);
-        sa += __shfl_xor_sync(0xffffffffu, sa, 2);
-        sb += __shfl_xor_sync(0xffffffffu, sb, 1);
-        sb += __shfl_xor_sync(0xffffffffu, sb, 2);
-        float inv_a = 1.0f / sa, inv_b = 1.0f / sb;
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) {
-            int d = i * 8 + 2 * c;
-            if (ta < T)
-                *reinterpret_cast<uint32_t *>(out + ((size_t)ta * Hq + h) * D + d) =
-                    pack_bf16(o[m][i][0] * inv_a, o[m][i][1] * inv_a);
-            if (tb < T)
-                *reinterpret_cast<uint32_t *>(out + ((size_t)tb * Hq + h) * D + d) =
-                    pack_bf16(o[m][i][2] * inv_b, o[m][i][3] * inv_b);
-        }
-        if (c == 0 && ta < T)
-            lse[(size_t)ta * Hq + h] = (max_a[m] + log2f(sa)) / LOG2E;
-        if (c == 0 && tb < T)
-            lse[(size_t)tb * Hq + h] = (max_b[m] + log2f(sb)) / LOG2E;
+        int ta = q0 + m * TILE + warp * 16 + g;
+        store_rows<D>(out, lse, o[m], max_a[m], max_b[m], sum_a[m], sum_b[m], ta, ta + 8, T, Hq, h);
     }
 }
 
