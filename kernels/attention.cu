@@ -34,6 +34,15 @@ __device__ inline uint32_t pack_bf16(float lo, float hi)
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&v);
 }
+// Two C tiles side by side (columns [0, 8) and [8, 16) of 16 rows), rounded to bf16, as the A
+// fragment of the next product
+__device__ inline void a_from_c(uint32_t a[4], const float (&lo)[4], const float (&hi)[4])
+{
+    a[0] = pack_bf16(lo[0], lo[1]);
+    a[1] = pack_bf16(lo[2], lo[3]);
+    a[2] = pack_bf16(hi[0], hi[1]);
+    a[3] = pack_bf16(hi[2], hi[3]);
+}
 __device__ inline uint32_t lds32(const __nv_bfloat16 *p) { return *reinterpret_cast<const uint32_t *>(p); }
 
 // c (16 x 8) += a (16 x 16) b (16 x 8)
@@ -250,9 +259,8 @@ __global__ void __launch_bounds__(THREADS) attention_forward_kernel(
         // o += P V: P's C fragments, two key n-tiles at a time, are the A fragment
 #pragma unroll
         for (int kc = 0; kc < TILE / 16; kc++) {
-            uint32_t p[4] = {pack_bf16(s[2 * kc][0], s[2 * kc][1]), pack_bf16(s[2 * kc][2], s[2 * kc][3]),
-                             pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                             pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+            uint32_t p[4];
+            a_from_c(p, s[2 * kc], s[2 * kc + 1]);
 #pragma unroll
             for (int np = 0; np < D / 16; np++) {
                 uint32_t b[4];
@@ -447,10 +455,7 @@ __global__ void __launch_bounds__(THREADS, 1) attention_forward_fast_kernel(
             }
 #pragma unroll
             for (int kc = 0; kc < TILE / 16; kc++) {
-                p[m][kc][0] = pack_bf16(s[m][2 * kc][0], s[m][2 * kc][1]);
-                p[m][kc][1] = pack_bf16(s[m][2 * kc][2], s[m][2 * kc][3]);
-                p[m][kc][2] = pack_bf16(s[m][2 * kc + 1][0], s[m][2 * kc + 1][1]);
-                p[m][kc][3] = pack_bf16(s[m][2 * kc + 1][2], s[m][2 * kc + 1][3]);
+                a_from_c(p[m][kc], s[m][2 * kc], s[m][2 * kc + 1]);
             }
         }
 #pragma unroll
@@ -628,62 +633,35 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
                 }
             }
         }
+        // P^T from the saved lse; dS^T = P^T (dP^T - delta), both 16 keys x 64 queries
         if constexpr (FAST) {
-            // the same, with the masks only where this warp's 16 keys and the 64 queries are not
-            // all "same sequence, causal" (warp-uniform test), the exponent as one fma into
-            // ex2.approx, and dS^T stored transposed into sdS by stmatrix, 4 8x8 blocks at a time
+            // masks only where this warp's 16 keys and the 64 queries are not all "same sequence,
+            // causal" (warp-uniform test); the exponent as one fma into ex2.approx; lse copied raw
+            // (natural-log units), rows past T zero-filled and masked by t < T
             bool full = q0 >= k0 + warp * 16 + 15 && q0 + TILE <= T && q_first[TILE - 1] <= k0 + warp * 16;
-            // lse in natural-log units here (copied raw), and rows past T zero-filled: masked by t < T
-            float lse_unit = FAST ? LOG2E : 1.0f;
             float scale_log2 = scale * LOG2E;
 #pragma unroll
             for (int nt = 0; nt < TILE / 8; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     int col = nt * 8 + 2 * c + e;
-                    float l = q_lse[col] * lse_unit, dl = q_delta[col];
+                    float l = q_lse[col] * LOG2E, dl = q_delta[col];
                     float pa = fast_exp2(fmaf(p[nt][e], scale_log2, -l));
                     float pb = fast_exp2(fmaf(p[nt][2 + e], scale_log2, -l));
                     if (!full) {
                         int t = q0 + col, first = q_first[col];
-                        bool row_in = !FAST || t < T;
-                        pa = (row_in && t >= key_a && first <= key_a) ? pa : 0.0f;
-                        pb = (row_in && t >= key_b && first <= key_b) ? pb : 0.0f;
+                        pa = (t < T && t >= key_a && first <= key_a) ? pa : 0.0f;
+                        pb = (t < T && t >= key_b && first <= key_b) ? pb : 0.0f;
                     }
                     p[nt][e] = pa;
                     p[nt][2 + e] = pb;
                     dp[nt][e] = pa * (dp[nt][e] - dl);
                     dp[nt][2 + e] = pb * (dp[nt][2 + e] - dl);
                 }
-#pragma unroll
-            for (int kc = 0; kc < TILE / 16; kc++) {
-                uint32_t pa[4] = {pack_bf16(p[2 * kc][0], p[2 * kc][1]), pack_bf16(p[2 * kc][2], p[2 * kc][3]),
-                                  pack_bf16(p[2 * kc + 1][0], p[2 * kc + 1][1]),
-                                  pack_bf16(p[2 * kc + 1][2], p[2 * kc + 1][3])};
-                uint32_t sa[4] = {pack_bf16(dp[2 * kc][0], dp[2 * kc][1]), pack_bf16(dp[2 * kc][2], dp[2 * kc][3]),
-                                  pack_bf16(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
-                                  pack_bf16(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
-                // lane l: row l % 8 of block l / 8 = (queries 16 kc + 8 (l / 16) + l % 8, keys
-                // warp * 16 + 8 ((l / 8) % 2) ...)
-                stsm_x4_trans(sdS + (size_t)(kc * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + warp * 16 +
-                                  ((lane >> 3) & 1) * 8,
-                              sa);
-#pragma unroll
-                for (int np = 0; np < D / 16; np++) {
-                    uint32_t b[4];
-                    load_b_trans(b, sdO, LD, kc * 16, np * 16);
-                    mma_bf16(dv_acc[2 * np], pa, b[0], b[1]);
-                    mma_bf16(dv_acc[2 * np + 1], pa, b[2], b[3]);
-                    load_b_trans(b, sQ, LD, kc * 16, np * 16);
-                    mma_bf16(dk_acc[2 * np], sa, b[0], b[1]);
-                    mma_bf16(dk_acc[2 * np + 1], sa, b[2], b[3]);
-                }
-            }
         } else {
-            // P^T from the saved lse; dS^T = P^T (dP^T - delta), both 16 keys x 64 queries
-    #pragma unroll
+#pragma unroll
             for (int nt = 0; nt < TILE / 8; nt++)
-    #pragma unroll
+#pragma unroll
                 for (int e = 0; e < 2; e++) {
                     int col = nt * 8 + 2 * c + e, t = q0 + col, first = q_first[col];
                     float pa = (t >= key_a && first <= key_a) ? exp2f(p[nt][e] * scale * LOG2E - q_lse[col]) : 0.0f;
@@ -695,25 +673,28 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
                     sdS[col * LDS + warp * 16 + g] = __float2bfloat16(dp[nt][e]);
                     sdS[col * LDS + warp * 16 + g + 8] = __float2bfloat16(dp[nt][2 + e]);
                 }
-            // dV += P^T dO and dK += dS^T Q (scale applied at the end), k = the 64 queries
-    #pragma unroll
-            for (int kc = 0; kc < TILE / 16; kc++) {
-                uint32_t pa[4] = {pack_bf16(p[2 * kc][0], p[2 * kc][1]), pack_bf16(p[2 * kc][2], p[2 * kc][3]),
-                                  pack_bf16(p[2 * kc + 1][0], p[2 * kc + 1][1]),
-                                  pack_bf16(p[2 * kc + 1][2], p[2 * kc + 1][3])};
-                uint32_t sa[4] = {pack_bf16(dp[2 * kc][0], dp[2 * kc][1]), pack_bf16(dp[2 * kc][2], dp[2 * kc][3]),
-                                  pack_bf16(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
-                                  pack_bf16(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
-    #pragma unroll
-                for (int np = 0; np < D / 16; np++) {
-                    uint32_t b[4];
-                    load_b_trans(b, sdO, LD, kc * 16, np * 16);
-                    mma_bf16(dv_acc[2 * np], pa, b[0], b[1]);
-                    mma_bf16(dv_acc[2 * np + 1], pa, b[2], b[3]);
-                    load_b_trans(b, sQ, LD, kc * 16, np * 16);
-                    mma_bf16(dk_acc[2 * np], sa, b[0], b[1]);
-                    mma_bf16(dk_acc[2 * np + 1], sa, b[2], b[3]);
-                }
+        }
+        // dV += P^T dO and dK += dS^T Q (scale applied at the end), k = the 64 queries
+#pragma unroll
+        for (int kc = 0; kc < TILE / 16; kc++) {
+            uint32_t pa[4], sa[4];
+            a_from_c(pa, p[2 * kc], p[2 * kc + 1]);
+            a_from_c(sa, dp[2 * kc], dp[2 * kc + 1]);
+            // FAST: dS^T into sdS transposed by stmatrix, 4 8x8 blocks at a time; lane l gives row
+            // l % 8 of block l / 8 = (queries 16 kc + 8 (l / 16) + l % 8, keys warp * 16 + 8 ((l / 8) % 2) ...)
+            if constexpr (FAST)
+                stsm_x4_trans(sdS + (size_t)(kc * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + warp * 16 +
+                                  ((lane >> 3) & 1) * 8,
+                              sa);
+#pragma unroll
+            for (int np = 0; np < D / 16; np++) {
+                uint32_t b[4];
+                load_b_trans(b, sdO, LD, kc * 16, np * 16);
+                mma_bf16(dv_acc[2 * np], pa, b[0], b[1]);
+                mma_bf16(dv_acc[2 * np + 1], pa, b[2], b[3]);
+                load_b_trans(b, sQ, LD, kc * 16, np * 16);
+                mma_bf16(dk_acc[2 * np], sa, b[0], b[1]);
+                mma_bf16(dk_acc[2 * np + 1], sa, b[2], b[3]);
             }
         }
         __syncthreads();  // sdS complete
