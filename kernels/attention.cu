@@ -769,33 +769,18 @@ __global__ void attention_dq_convert_kernel(__nv_bfloat16 *dq, const float *dq_a
     store_bf16x8(dq + i, vals);
 }
 
-template <int D>
+// FAST: version 3's forward (128-query blocks), else versions 1 and 2's (64-query blocks)
+template <int D, bool FAST>
 int forward_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v, const int32_t *cu,
                    int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream, Err *err)
 {
-    size_t smem = forward_smem_bytes<D>();
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem),
+    auto kernel = FAST ? attention_forward_fast_kernel<D> : attention_forward_kernel<D>;
+    size_t smem = FAST ? forward_fast_smem_bytes<D>() : forward_smem_bytes<D>();
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), err);
+    dim3 grid(ceil_div(T, TILE * (FAST ? FAST_MT : 1)), Hq);
+    CUDA_CHECK(launch_kernel(kernel, grid, dim3(THREADS), smem, stream, false, out, lse, q, k, v, cu, n_seqs, T, Hq,
+                             Hkv, LOG2E / sqrtf((float)D)),
                err);
-    dim3 grid(ceil_div(T, TILE), Hq);
-    attention_forward_kernel<D><<<grid, THREADS, smem, stream>>>(out, lse, q, k, v, cu, n_seqs, T, Hq, Hkv,
-                                                                LOG2E / sqrtf((float)D));
-    LAUNCH_CHECK(err);
-    return 0;
-}
-
-template <int D>
-int forward_fast_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v, const int32_t *cu,
-                        int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream, Err *err)
-{
-    size_t smem = forward_fast_smem_bytes<D>();
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_fast_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem),
-               err);
-    dim3 grid(ceil_div(T, TILE * FAST_MT), Hq);
-    attention_forward_fast_kernel<D><<<grid, THREADS, smem, stream>>>(out, lse, q, k, v, cu, n_seqs, T, Hq, Hkv,
-                                                                     LOG2E / sqrtf((float)D));
-    LAUNCH_CHECK(err);
     return 0;
 }
 
@@ -850,8 +835,8 @@ extern "C" int cuda_attention_forward(bf16_t *out, float *lse, const bf16_t *q, 
     SHAPE_CHECK(is_aligned16(out) && is_aligned16(q) && is_aligned16(k) && is_aligned16(v), err,
                 "attention forward: q, k, v, out must be 16-byte aligned");
     cudaStream_t s = (cudaStream_t)stream;
-    auto launch = head_dim == 64 ? (attention_version == 3 ? forward_fast_launch<64> : forward_launch<64>)
-                                 : (attention_version == 3 ? forward_fast_launch<128> : forward_launch<128>);
+    auto launch = head_dim == 64 ? (attention_version == 3 ? forward_launch<64, true> : forward_launch<64, false>)
+                                 : (attention_version == 3 ? forward_launch<128, true> : forward_launch<128, false>);
     return launch(out, lse, q, k, v, cu_seqlens, n_seqs, T, n_heads, n_kv_heads, s, err);
 }
 
