@@ -3,7 +3,8 @@
 //   pass 1: logits (Tb, n) fp32 = hidden . weight[v0:v0+n]^T   (cuBLAS, bf16 in, fp32 out)
 //           ce_chunk_stats: running max and sum of exp per token; the target's logit
 //   ce_finish: loss = lse - logit[target]
-//   pass 2: ce_chunk_grad: dlogits (Tb, n) bf16 = grad_scale * (softmax - onehot), then
+//   pass 2: ce_chunk_grad: dlogits (Tb, n) bf16 = grad_scale * (softmax - onehot), written over
+//           the logits it is computed from (row t starts where logits row t does: ld 2n), then
 //           d(hidden) += dlogits . weight[v0:v0+n]            (cuBLAS)
 // With one vocabulary chunk, pass 2 reuses pass 1's logits and the d(hidden) product writes
 // bf16 directly: two products of 2*T*V*C flops. With several, pass 2 recomputes each chunk's
@@ -14,6 +15,7 @@
 #include "cuda_check.cuh"
 
 #define CE_THREADS 256
+#define CE_GRAD_ITEMS 8   // values a thread holds between the reads and the writes of ce_chunk_grad
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
@@ -64,17 +66,32 @@ __global__ void ce_finish(float *losses, float *run_max, const float *run_sum, c
     losses[t] = lse - target_logit[t];
 }
 
-// dlogits (T, n) bf16 = grad_scale * (exp(logit - lse) - [v == target]); 0 for untrained rows.
-__global__ void ce_chunk_grad(__nv_bfloat16 *dlogits, const float *logits, int n, int v0, const int32_t *targets,
-                              const float *lse, float grad_scale)
+// dlogits = grad_scale * (exp(logit - lse) - [v == target]) as bf16, 0 for untrained rows,
+// written in place: row t's bf16 values over the first half of its fp32 logits (ld 2n). The row
+// goes in tiles of CE_THREADS * CE_GRAD_ITEMS: a tile's values are read, the block meets, then
+// written; a tile's bf16 bytes lie below the end of its own fp32 bytes, so a write never reaches
+// a value not yet read.
+__global__ void ce_chunk_grad(float *logits, int n, int v0, const int32_t *targets, const float *lse,
+                              float grad_scale)
 {
     int t = blockIdx.x, y = targets[t];
     const float *row = logits + (size_t)t * n;
-    __nv_bfloat16 *drow = dlogits + (size_t)t * n;
+    __nv_bfloat16 *drow = (__nv_bfloat16 *)(logits + (size_t)t * n);
     float l = y < 0 ? 0.0f : lse[t];
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float g = y < 0 ? 0.0f : grad_scale * (__expf(row[j] - l) - (v0 + j == y ? 1.0f : 0.0f));
-        drow[j] = __float2bfloat16(g);
+    for (int j0 = 0; j0 < n; j0 += CE_THREADS * CE_GRAD_ITEMS) {
+        float g[CE_GRAD_ITEMS];
+#pragma unroll
+        for (int i = 0; i < CE_GRAD_ITEMS; i++) {
+            int j = j0 + i * CE_THREADS + threadIdx.x;
+            g[i] = j >= n || y < 0 ? 0.0f : grad_scale * (__expf(row[j] - l) - (v0 + j == y ? 1.0f : 0.0f));
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < CE_GRAD_ITEMS; i++) {
+            int j = j0 + i * CE_THREADS + threadIdx.x;
+            if (j < n)
+                drow[j] = __float2bfloat16(g[i]);
+        }
     }
 }
 
@@ -96,9 +113,7 @@ extern "C" size_t cuda_cross_entropy_workspace_bytes(int T, int C, int V, int to
 {
     int tb, n;
     block_dims(T, V, token_chunk, vocab_chunk, &tb, &n);
-    size_t tn = (size_t)tb * n;
-    return align256(tn * 4) + align256(tn * 2) + (n < V ? align256((size_t)tb * C * 4) : 0) +
-           3 * align256((size_t)tb * 4);
+    return align256((size_t)tb * n * 4) + (n < V ? align256((size_t)tb * C * 4) : 0) + 3 * align256((size_t)tb * 4);
 }
 
 // logits (T, n) row-major is (n x T) column-major = op_T(W_chunk) * hidden, where the weight
@@ -113,14 +128,15 @@ static int chunk_logits(cublasHandle_t h, float *logits, const bf16_t *hidden, c
     return 0;
 }
 
-// dh (T, C) row-major = (C x T) column-major (+)= W_chunk (C x n) * dlogits (n x T); dh is
-// fp32 (accumulating, beta = 1) or bf16 (the only chunk, beta = 0).
+// dh (T, C) row-major = (C x T) column-major (+)= W_chunk (C x n) * dlogits (n x T), dlogits at
+// ld 2n (in place over the logits); dh is fp32 (accumulating, beta = 1) or bf16 (the only chunk,
+// beta = 0).
 static int chunk_dhidden(cublasHandle_t h, void *dh, cudaDataType dh_type, float beta, const bf16_t *weight_chunk,
                          const __nv_bfloat16 *dlogits, int T, int C, int n, Err *err)
 {
     const float one = 1.0f;
     CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, C, T, n, &one, weight_chunk, CUDA_R_16BF, C, dlogits,
-                              CUDA_R_16BF, n, &beta, dh, dh_type, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                              CUDA_R_16BF, 2 * n, &beta, dh, dh_type, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                  err);
     return 0;
 }
@@ -145,12 +161,10 @@ extern "C" int cuda_fused_cross_entropy(float *losses, bf16_t *dhidden, const bf
     int tb_max, n_max;
     block_dims(T, V, token_chunk, vocab_chunk, &tb_max, &n_max);
     bool one_chunk = n_max == V;
-    size_t tn = (size_t)tb_max * n_max;
     char *w = (char *)workspace;
-    float *logits = (float *)w;                    // (Tb, n) of the current chunk
-    w += align256(tn * 4);
-    __nv_bfloat16 *dlogits = (__nv_bfloat16 *)w;   // (Tb, n)
-    w += align256(tn * 2);
+    float *logits = (float *)w;                    // (Tb, n) of the current chunk, then its bf16 gradient
+    w += align256((size_t)tb_max * n_max * 4);
+    const __nv_bfloat16 *dlogits = (const __nv_bfloat16 *)logits;
     float *dh = NULL;                              // (Tb, C), several chunks only
     if (!one_chunk) {
         dh = (float *)w;
@@ -182,7 +196,7 @@ extern "C" int cuda_fused_cross_entropy(float *losses, bf16_t *dhidden, const bf
             const bf16_t *wc = weight + (size_t)v0 * C;
             if (!one_chunk && chunk_logits(h, logits, hid, wc, tb, C, n, err) < 0)
                 return -1;
-            ce_chunk_grad<<<tb, CE_THREADS, 0, s>>>(dlogits, logits, n, v0, tgt, run_max, grad_scale);
+            ce_chunk_grad<<<tb, CE_THREADS, 0, s>>>(logits, n, v0, tgt, run_max, grad_scale);
             LAUNCH_CHECK(err);
             int rc = one_chunk
                          ? chunk_dhidden(h, dhidden + (size_t)t0 * C, CUDA_R_16BF, 0.0f, wc, dlogits, tb, C, n, err)

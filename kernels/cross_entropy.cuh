@@ -7,9 +7,9 @@
 
 KERNELS_EXTERN_C_BEGIN
 // Device bytes of scratch that cuda_fused_cross_entropy needs. With Tb = min(T, token_chunk)
-// and n = min(V, vocab_chunk): Tb * n * 6 (fp32 logits and bf16 gradients of one block of
-// tokens and one chunk of the vocabulary) + Tb * C * 4 when the vocabulary takes more than one
-// chunk (fp32 d(hidden) accumulated over chunks) + Tb * 12, each part 256-byte aligned.
+// and n = min(V, vocab_chunk): Tb * n * 4 (fp32 logits of one block of tokens and one chunk of
+// the vocabulary, then their bf16 gradients in place) + Tb * C * 4 when the vocabulary takes more
+// than one chunk (fp32 d(hidden) accumulated over chunks) + Tb * 12, each part 256-byte aligned.
 size_t cuda_cross_entropy_workspace_bytes(int T, int C, int V, int token_chunk, int vocab_chunk);
 
 // Cross-entropy of the output projection, fused so that the (T, V) logits never exist. Tokens go

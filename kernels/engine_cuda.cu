@@ -10,7 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <chrono>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "attention.cuh"
@@ -23,31 +26,66 @@
 #include "swiglu.cuh"
 #include "weights.cuh"
 
-// Cross-entropy blocks: the (token_chunk, vocab_chunk) fp32 logits of one block live at a time.
-#define CE_TOKEN_CHUNK 4096
-#define CE_VOCAB_CHUNK 32768
+// Cross-entropy: blocks of tokens over the whole vocabulary (two products; kernels/NOTES.md), as
+// many tokens a block as keep its fp32 logits within CE_BLOCK_BYTES (-D to try others).
+#ifndef CE_BLOCK_BYTES
+#define CE_BLOCK_BYTES ((size_t)1 << 30)
+#endif
+
+// LoRA folded into the base products (kernels/NOTES.md, "Issue 6, part 4"). A targeted
+// projection's y = x W^T + s (x A^T) B^T and, backward, dx = dy W + du A (du = s dy B) each
+// become ONE product by giving the input x spare columns that hold u = x A^T and the gradient dy
+// spare columns that hold du, and storing the weight with spare columns and rows:
+//     W' = [[W, s B, 0], [A, 0, 0]]      ((out + out_spare) x (in + in_spare), bf16)
+//     y = [x | u] W'[0:out, :]^T         dx = [dy | du] W'[:, 0:in]
+// Projections that read the same x share its spare columns (q, k, v on xn1; gate, up on xn2; down
+// on act), each its own r of them, zeros in the others' places in W'; the same for dy (o and down
+// both take the residual gradient d_x; gate and up have a dy each). o's input (attention's output)
+// and q, k, v's dy (attention's gradients) have no spare columns: there LoRA's u and du are
+// separate products, added with a read-modify-write, as before. Spare widths are rounded up to
+// 8 columns (16-byte rows); the padding columns hold zeros, in W' and in the buffers.
+enum { GROUP_XN1, GROUP_XN2, GROUP_ACT, IN_GROUPS };              // inputs with spare columns
+enum { GROUP_DX, GROUP_DGATE, GROUP_DUP, OUT_GROUPS };            // gradients with spare columns
+static const int IN_GROUP[PROJ_COUNT] = {GROUP_XN1, GROUP_XN1, GROUP_XN1, -1, GROUP_XN2, GROUP_XN2, GROUP_ACT};
+static const int OUT_GROUP[PROJ_COUNT] = {-1, -1, -1, GROUP_DX, GROUP_DGATE, GROUP_DUP, GROUP_DX};
+
+typedef struct {
+    int in_spare, out_spare;         // spare columns of the input / of dy (0: not folded on that side)
+    int u_col, du_col;               // this projection's u / du among them; -1: not there
+    int ldw;                         // row stride of W' = in + in_spare
+} ProjFold;
+
+// One bf16 copy of the LoRA parameters into the folded places (lora_fold_kernel).
+typedef struct {
+    const float *src;                // (rows, cols) dense fp32, in the flat parameters
+    bf16_t *dst;                     // rows ld apart
+    int rows, cols, ld;
+    float scale;
+} FoldCopy;
 
 typedef struct {
     bf16_t *attn_norm;               // (D)
-    bf16_t *proj[PROJ_COUNT];        // W (out, in), see model_proj_dims
+    bf16_t *proj[PROJ_COUNT];        // W' (out + out_spare, ldw): W (out, in) top left, see model_proj_dims
     bf16_t *ffn_norm;                // (D)
+    bf16_t *a_stack[IN_GROUPS];      // (in_spare, in): the group's A one after another, for u = x A^T
 } LayerDev;
 
 // Per layer activations kept for the backward pass (bf16 unless said). With CUDA_RECOMPUTE_LAYER
 // each layer owns only x_in; every other pointer is the same one set, shared by all layers.
 typedef struct {
     bf16_t *x_in;                    // (N, D)  residual stream entering the layer
-    bf16_t *xn1;                     // (N, D)
+    bf16_t *xn1;                     // (N, D + spare): normed input, then the q, k, v LoRA u
     float *rstd1;                    // (N)
     bf16_t *q;                       // (N, QD) after RoPE
     bf16_t *k, *v;                   // (N, KD) k after RoPE
     bf16_t *attn;                    // (N, QD) attention output
     float *lse;                      // (N, Hq) log-sum-exp of each query's scores
     bf16_t *x_mid;                   // (N, D)
-    bf16_t *xn2;                     // (N, D)
+    bf16_t *xn2;                     // (N, D + spare), then the gate, up LoRA u
     float *rstd2;                    // (N)
-    bf16_t *gate, *up, *act;         // (N, F)
-    bf16_t *lora_u[PROJ_COUNT];      // (N, r) A x for targeted projections
+    bf16_t *gate, *up;               // (N, F)
+    bf16_t *act;                     // (N, F + spare), then the down LoRA u
+    bf16_t *lora_u[PROJ_COUNT];      // (N, r) A x for targeted projections whose input has no spare columns
 } LayerActs;
 
 struct CudaEngine {
@@ -77,6 +115,10 @@ struct CudaEngine {
     float *params, *grads;
     bf16_t *params_bf16;
     long *off_A, *off_B;             // (n_layers * PROJ_COUNT) offsets into the flat arrays; -1: untargeted
+    ProjFold fold[PROJ_COUNT];
+    int ld_in[IN_GROUPS], ld_out[OUT_GROUPS];   // row strides of xn1, xn2, act and of d_x, d_gate = d_up
+    FoldCopy *fold_copies;           // device (n_fold_copies)
+    int n_fold_copies;
 
     // The batch on the device, and host staging.
     int32_t *tokens, *targets, *positions, *cu_seqlens, *seq_start;   // (N), cu_seqlens (N + 1)
@@ -84,16 +126,116 @@ struct CudaEngine {
     float *losses, *host_losses;     // (N)
 
     // Backward scratch.
-    bf16_t *d_x, *d_xn;              // (N, D)
+    bf16_t *d_x;                     // (N, D + spare), then the o and down LoRA du
+    bf16_t *d_xn;                    // (N, D)
     bf16_t *d_q, *d_attn;            // (N, QD)
     bf16_t *d_k, *d_v;               // (N, KD)
-    bf16_t *d_gate, *d_up, *d_act;   // (N, F)
-    bf16_t *d_u;                     // (N, r)
+    bf16_t *d_gate, *d_up;           // (N, F + spare), then the gate / up LoRA du
+    bf16_t *d_act;                   // (N, F)
+    bf16_t *d_u;                     // (N, xn1's spare) du of q, k, v, as their u in xn1
     float *d_k32, *d_v32;            // (N, KD) fp32 sums of the plain attention backward
     void *attn_ws, *ce_ws;
     size_t attn_ws_bytes, ce_ws_bytes;
     int ce_token_chunk, ce_vocab_chunk;
+
+    struct Profile *prof;            // cuda_engine_profile; NULL: off
+    bool recomputing;                // a layer's forward is being rerun (profile labels)
 };
+
+// ---- profile (benchmarks only) ----------------------------------------------------------------
+
+// An event after every operation of a step; the time between two events is charged to the label
+// of the second. Sums by label over the profiled steps.
+struct Profile {
+    std::vector<cudaEvent_t> events;      // a pool, grown between steps only
+    std::vector<std::string> labels;      // labels[i]: the operation that ends at events[i + 1]
+    size_t used;                          // events recorded this step
+    std::map<std::string, double> ms;     // summed over steps
+    int steps;
+};
+
+// Marks the end of an operation (p >= 0: of projection p, whose name is appended).
+// Returns 0, to sit in the || chains of the step.
+static int tick(CudaEngine *e, const char *what, int p = -1)
+{
+    Profile *f = e->prof;
+    if (!f)
+        return 0;
+    if (f->used == f->events.size()) {   // the first step of a shape grows the pool
+        cudaEvent_t ev;
+        if (cudaEventCreate(&ev) != cudaSuccess)
+            return 0;
+        f->events.push_back(ev);
+    }
+    cudaEventRecord(f->events[f->used], e->stream);
+    if (f->used > 0) {
+        std::string label = e->recomputing ? std::string("recompute ") + what : std::string(what);
+        if (p >= 0)
+            label += std::string(" ") + proj_name((Proj)p);
+        if (f->labels.size() < f->used)
+            f->labels.resize(f->used);
+        f->labels[f->used - 1] = label;
+    }
+    f->used++;
+    return 0;
+}
+
+// After a step's synchronisation: add its intervals to the sums.
+static void profile_collect(CudaEngine *e)
+{
+    Profile *f = e->prof;
+    if (!f)
+        return;
+    for (size_t i = 1; i < f->used; i++) {
+        float ms = 0;
+        cudaEventElapsedTime(&ms, f->events[i - 1], f->events[i]);
+        f->ms[f->labels[i - 1]] += ms;
+    }
+    f->used = 0;
+    f->steps++;
+}
+
+int cuda_engine_profile(CudaEngine *e, int on, Err *err)
+{
+    if (!on) {
+        if (e->prof)
+            for (cudaEvent_t ev : e->prof->events)
+                cudaEventDestroy(ev);
+        delete e->prof;
+        e->prof = NULL;
+        return 0;
+    }
+    if (!e->prof)
+        e->prof = new Profile();
+    e->prof->used = 0;
+    e->prof->ms.clear();
+    e->prof->steps = 0;
+    (void)err;
+    return 0;
+}
+
+void cuda_engine_profile_report(CudaEngine *e, FILE *out)
+{
+    Profile *f = e->prof;
+    if (!f || !f->steps)
+        return;
+    std::vector<std::pair<double, std::string>> rows;
+    std::map<std::string, double> groups;    // by the label's first word
+    double total = 0;
+    for (auto &kv : f->ms) {
+        double ms = kv.second / f->steps;
+        rows.push_back({ms, kv.first});
+        groups[kv.first.substr(0, kv.first.find(' '))] += ms;
+        total += ms;
+    }
+    std::sort(rows.rbegin(), rows.rend());
+    fprintf(out, "# profile: %.2f ms a step (%d steps), by group\n", total, f->steps);
+    for (auto &g : groups)
+        fprintf(out, "#   %-12s %8.2f ms %5.1f%%\n", g.first.c_str(), g.second, 100 * g.second / total);
+    fprintf(out, "# by operation\n");
+    for (auto &r : rows)
+        fprintf(out, "#   %-28s %8.3f ms %5.1f%%\n", r.second.c_str(), r.first, 100 * r.first / total);
+}
 
 static int dev_alloc(CudaEngine *e, void **p, size_t bytes, Err *err)
 {
@@ -117,6 +259,7 @@ void cuda_engine_free(CudaEngine *e)
 {
     if (!e)
         return;
+    cuda_engine_profile(e, 0, NULL);
     if (e->allocs)
         for (void *p : *e->allocs)
             cudaFree(p);
@@ -158,16 +301,114 @@ void cuda_engine_lora_buffers(CudaEngine *e, float **params, float **grads, size
     *stream = e->stream;
 }
 
+// ---- LoRA folding ---------------------------------------------------------------------------
+
+static int round8(int n) { return (n + 7) / 8 * 8; }
+
+// Spare columns and places of u and du for every projection (the same in every layer).
+static void plan_fold(CudaEngine *e)
+{
+    int r = e->lc.rank, n_in[IN_GROUPS] = {0}, n_out[OUT_GROUPS] = {0};
+    for (int p = 0; p < PROJ_COUNT; p++) {
+        ProjFold *f = &e->fold[p];
+        f->u_col = f->du_col = -1;
+        if (!(e->lc.targets & (1u << p)))
+            continue;
+        if (IN_GROUP[p] >= 0)
+            f->u_col = r * n_in[IN_GROUP[p]]++;
+        if (OUT_GROUP[p] >= 0)
+            f->du_col = r * n_out[OUT_GROUP[p]]++;
+    }
+    int ins[3] = {e->c.dim, e->c.dim, e->c.hidden_dim}, outs[3] = {e->c.dim, e->c.hidden_dim, e->c.hidden_dim};
+    for (int p = 0; p < PROJ_COUNT; p++) {
+        ProjFold *f = &e->fold[p];
+        int in, out;
+        model_proj_dims(&e->c, (Proj)p, &in, &out);
+        f->in_spare = IN_GROUP[p] >= 0 ? round8(r * n_in[IN_GROUP[p]]) : 0;
+        f->out_spare = OUT_GROUP[p] >= 0 ? round8(r * n_out[OUT_GROUP[p]]) : 0;
+        f->ldw = in + f->in_spare;
+    }
+    for (int g = 0; g < IN_GROUPS; g++)
+        e->ld_in[g] = ins[g] + round8(r * n_in[g]);
+    // d_gate and d_up go through one SwiGLU backward: one row stride for both.
+    int gu = round8(r * (n_out[GROUP_DGATE] > n_out[GROUP_DUP] ? n_out[GROUP_DGATE] : n_out[GROUP_DUP]));
+    e->ld_out[GROUP_DX] = outs[GROUP_DX] + round8(r * n_out[GROUP_DX]);
+    e->ld_out[GROUP_DGATE] = e->ld_out[GROUP_DUP] = outs[GROUP_DGATE] + gu;
+}
+
+// blockIdx.y: which copy; the blocks along x stride over its elements.
+__global__ void lora_fold_kernel(const FoldCopy *copies)
+{
+    FoldCopy c = copies[blockIdx.y];
+    size_t n = (size_t)c.rows * c.cols;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        size_t row = i / c.cols;
+        c.dst[row * c.ld + (i - row * c.cols)] = __float2bfloat16(c.scale * c.src[i]);
+    }
+}
+
+// The copies of every layer's A and B into W' (s B beside W, A below it) and into the A stacks.
+static int build_fold_copies(CudaEngine *e, Err *err)
+{
+    std::vector<FoldCopy> copies;
+    int r = e->lc.rank;
+    for (int l = 0; l < e->c.n_layers; l++)
+        for (int p = 0; p < PROJ_COUNT; p++) {
+            long oa = e->off_A[(size_t)l * PROJ_COUNT + p], ob = e->off_B[(size_t)l * PROJ_COUNT + p];
+            const ProjFold *f = &e->fold[p];
+            if (oa < 0)
+                continue;
+            int in, out;
+            model_proj_dims(&e->c, (Proj)p, &in, &out);
+            bf16_t *w = e->layers[l].proj[p];
+            if (f->u_col >= 0) {
+                copies.push_back({e->params + ob, w + in + f->u_col, out, r, f->ldw, e->scale});
+                copies.push_back({e->params + oa, e->layers[l].a_stack[IN_GROUP[p]] + (size_t)f->u_col * in, r, in,
+                                  in, 1.0f});
+            }
+            if (f->du_col >= 0)
+                copies.push_back({e->params + oa, w + (size_t)(out + f->du_col) * f->ldw, r, in, f->ldw, 1.0f});
+        }
+    e->n_fold_copies = (int)copies.size();
+    if (copies.empty())
+        return 0;
+    if (dev_alloc(e, (void **)&e->fold_copies, copies.size() * sizeof(FoldCopy), err) < 0)
+        return -1;
+    CUDA_CHECK(cudaMemcpy(e->fold_copies, copies.data(), copies.size() * sizeof(FoldCopy), cudaMemcpyHostToDevice),
+               err);
+    return 0;
+}
+
+// The bf16 parameters of this step: the flat copy (unfolded products) and the folded places.
+static int cast_lora(CudaEngine *e, Err *err)
+{
+    if (cuda_f32_to_bf16(e->params_bf16, e->params, e->n_params, e->stream, err) < 0)
+        return -1;
+    if (e->n_fold_copies) {
+        lora_fold_kernel<<<dim3(32, e->n_fold_copies), 256, 0, e->stream>>>(e->fold_copies);
+        LAUNCH_CHECK(err);
+    }
+    return tick(e, "lora cast");
+}
+
 // ---- weights --------------------------------------------------------------------------------
 
-// Allocates out for t and queues it for the one batched upload (kernels/weights.cuh).
-static int plan_weight(CudaEngine *e, std::vector<CudaTensorUpload> *jobs, bf16_t **out, const Tensor *t, Err *err)
+// Allocates out for t and queues it for the one batched upload (kernels/weights.cuh). With
+// spare_rows or ld > cols (a projection's W'), the buffer is (rows + spare_rows, ld), zeroed, and t
+// lands in its top left.
+static int plan_weight(CudaEngine *e, std::vector<CudaTensorUpload> *jobs, bf16_t **out, const Tensor *t, Err *err,
+                       int64_t cols = 0, int64_t ld = 0, int64_t spare_rows = 0)
 {
-    if (dev_alloc(e, (void **)out, (size_t)tensor_numel(t) * 2, err) < 0)
+    size_t n = (size_t)tensor_numel(t);
+    bool padded = ld > cols || spare_rows > 0;
+    size_t bytes = padded ? (size_t)(n / cols + spare_rows) * ld * 2 : n * 2;
+    if (dev_alloc(e, (void **)out, bytes, err) < 0)
         return -1;
-    CudaTensorUpload job = {*out, t};
+    if (padded)
+        CUDA_CHECK(cudaMemsetAsync(*out, 0, bytes, e->stream), err);
+    CudaTensorUpload job = {*out, t, padded ? cols : 0, padded ? ld : 0};
     jobs->push_back(job);
-    e->weight_bytes += (size_t)tensor_numel(t) * 2;
+    e->weight_bytes += n * 2;
     return 0;
 }
 
@@ -186,9 +427,13 @@ static int upload_weights(CudaEngine *e, const Model *m, Err *err)
         if (plan_weight(e, &jobs, &e->layers[l].attn_norm, &w->attn_norm, err) < 0 ||
             plan_weight(e, &jobs, &e->layers[l].ffn_norm, &w->ffn_norm, err) < 0)
             return -1;
-        for (int p = 0; p < PROJ_COUNT; p++)
-            if (plan_weight(e, &jobs, &e->layers[l].proj[p], &w->proj[p], err) < 0)
+        for (int p = 0; p < PROJ_COUNT; p++) {
+            int in, out;
+            model_proj_dims(&e->c, (Proj)p, &in, &out);
+            if (plan_weight(e, &jobs, &e->layers[l].proj[p], &w->proj[p], err, in, e->fold[p].ldw,
+                            e->fold[p].out_spare) < 0)
                 return -1;
+        }
     }
     auto t0 = std::chrono::steady_clock::now();
     if (cuda_upload_tensors_bf16(jobs.data(), (int)jobs.size(), e->stream, err) < 0)
@@ -209,6 +454,12 @@ static int alloc_buffers(CudaEngine *e, Err *err)
     ALLOC(e->params, e->n_params);
     ALLOC(e->grads, e->n_params);
     ALLOC(e->params_bf16, e->n_params);
+    for (int l = 0; l < L; l++)
+        for (int g = 0; g < IN_GROUPS; g++) {
+            size_t in = g == GROUP_ACT ? F : D, spare = e->ld_in[g] - in;
+            if (spare)
+                ALLOC(e->layers[l].a_stack[g], spare * in);
+        }
     for (int l = 0; l < L; l++) {
         LayerActs *a = &e->acts[l];
         ALLOC(a->x_in, N * D);
@@ -218,7 +469,7 @@ static int alloc_buffers(CudaEngine *e, Err *err)
             a->x_in = own_x_in;
             continue;
         }
-        ALLOC(a->xn1, N * D);
+        ALLOC(a->xn1, N * e->ld_in[GROUP_XN1]);
         ALLOC(a->rstd1, N);
         ALLOC(a->q, N * QD);
         ALLOC(a->k, N * KD);
@@ -226,13 +477,13 @@ static int alloc_buffers(CudaEngine *e, Err *err)
         ALLOC(a->attn, N * QD);
         ALLOC(a->lse, N * c->n_heads);
         ALLOC(a->x_mid, N * D);
-        ALLOC(a->xn2, N * D);
+        ALLOC(a->xn2, N * e->ld_in[GROUP_XN2]);
         ALLOC(a->rstd2, N);
         ALLOC(a->gate, N * F);
         ALLOC(a->up, N * F);
-        ALLOC(a->act, N * F);
+        ALLOC(a->act, N * e->ld_in[GROUP_ACT]);
         for (int p = 0; p < PROJ_COUNT; p++)
-            if (e->lc.targets & (1u << p))
+            if ((e->lc.targets & (1u << p)) && e->fold[p].u_col < 0)
                 ALLOC(a->lora_u[p], N * r);
     }
     ALLOC(e->x_final, N * D);
@@ -244,16 +495,16 @@ static int alloc_buffers(CudaEngine *e, Err *err)
     ALLOC(e->cu_seqlens, N + 1);
     ALLOC(e->seq_start, N);
     ALLOC(e->losses, N);
-    ALLOC(e->d_x, N * D);
+    ALLOC(e->d_x, N * e->ld_out[GROUP_DX]);
     ALLOC(e->d_xn, N * D);
     ALLOC(e->d_q, N * QD);
     ALLOC(e->d_attn, N * QD);
     ALLOC(e->d_k, N * KD);
     ALLOC(e->d_v, N * KD);
-    ALLOC(e->d_gate, N * F);
-    ALLOC(e->d_up, N * F);
+    ALLOC(e->d_gate, N * e->ld_out[GROUP_DGATE]);
+    ALLOC(e->d_up, N * e->ld_out[GROUP_DUP]);
     ALLOC(e->d_act, N * F);
-    ALLOC(e->d_u, N * r);
+    ALLOC(e->d_u, N * (e->ld_in[GROUP_XN1] > (int)D ? e->ld_in[GROUP_XN1] - D : 8));
     if (c->head_dim == 64 || c->head_dim == 128) {
         e->attn_ws_bytes = cuda_attention_backward_workspace_bytes((int)N, c->n_heads, c->n_kv_heads, c->head_dim);
         if (dev_alloc(e, &e->attn_ws, e->attn_ws_bytes, err) < 0)
@@ -262,8 +513,12 @@ static int alloc_buffers(CudaEngine *e, Err *err)
         ALLOC(e->d_k32, N * KD);
         ALLOC(e->d_v32, N * KD);
     }
-    e->ce_token_chunk = N < CE_TOKEN_CHUNK ? (int)N : CE_TOKEN_CHUNK;
-    e->ce_vocab_chunk = V < CE_VOCAB_CHUNK ? (int)V : CE_VOCAB_CHUNK;
+    {
+        size_t rows = CE_BLOCK_BYTES / (V * 4);
+        rows = rows >= 256 ? rows / 256 * 256 : rows ? rows : 1;
+        e->ce_token_chunk = (int)(N < rows ? N : rows);
+        e->ce_vocab_chunk = (int)V;
+    }
     e->ce_ws_bytes = cuda_cross_entropy_workspace_bytes((int)N, (int)D, (int)V, e->ce_token_chunk, e->ce_vocab_chunk);
     if (dev_alloc(e, &e->ce_ws, e->ce_ws_bytes, err) < 0)
         goto fail;
@@ -387,8 +642,29 @@ CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_bat
         }
 
     // Plan, then base weights (bf16, frozen) and every other buffer.
-    if (choose_recompute(e, m, asked, err) < 0 || upload_weights(e, m, err) < 0 || alloc_buffers(e, err) < 0)
+    plan_fold(e);
+    if (choose_recompute(e, m, asked, err) < 0 || upload_weights(e, m, err) < 0 || alloc_buffers(e, err) < 0 ||
+        build_fold_copies(e, err) < 0)
         goto fail;
+    {
+        // Spare columns that no product writes (padding; another projection's du before its
+        // backward) are read by the folded products against zeros of W': they must be finite.
+        size_t d_u_cols = e->ld_in[GROUP_XN1] > c->dim ? e->ld_in[GROUP_XN1] - c->dim : 8;
+        bool zeroed = cudaMemset(e->d_x, 0, N * e->ld_out[GROUP_DX] * 2) == cudaSuccess &&
+                      cudaMemset(e->d_u, 0, N * d_u_cols * 2) == cudaSuccess &&
+                      cudaMemset(e->d_gate, 0, N * e->ld_out[GROUP_DGATE] * 2) == cudaSuccess &&
+                      cudaMemset(e->d_up, 0, N * e->ld_out[GROUP_DUP] * 2) == cudaSuccess;
+        for (int l = 0; l < L; l++)
+            for (int g = 0; g < IN_GROUPS; g++)
+                if (e->layers[l].a_stack[g])
+                    zeroed = zeroed && cudaMemset(e->layers[l].a_stack[g], 0,
+                                                  (size_t)(e->ld_in[g] - (g == GROUP_ACT ? c->hidden_dim : c->dim)) *
+                                                      (g == GROUP_ACT ? c->hidden_dim : c->dim) * 2) == cudaSuccess;
+        if (!zeroed) {
+            err_set(err, "cuda engine: clearing the LoRA spare columns failed");
+            goto fail;
+        }
+    }
     {
         std::vector<float> inv_freq(c->head_dim / 2);
         rope_inv_freq(c, inv_freq.data());
@@ -437,69 +713,104 @@ int cuda_engine_download_grads(CudaEngine *e, float *grads, size_t n_params, Err
 
 // Row-major C (M, N) = alpha op(A) op(B) + beta C with bf16 A, B and fp32 accumulation; C is
 // bf16 (c_type CUDA_R_16BF) or fp32 (CUDA_R_32F). A is (M, K), or stored (K, M) when ta; B is
-// (K, N), or stored (N, K) when tb. cuBLAS is column-major, so it computes C^T = op(B)^T op(A)^T.
-static int gemm(CudaEngine *e, bool ta, bool tb, int M, int N, int K, float alpha, const bf16_t *A, const bf16_t *B,
-                float beta, void *C, cudaDataType c_type, Err *err)
+// (K, N), or stored (N, K) when tb; lda, ldb, ldc: the row strides of A, B, C as stored. cuBLAS is
+// column-major, so it computes C^T = op(B)^T op(A)^T.
+static int gemm(CudaEngine *e, bool ta, bool tb, int M, int N, int K, float alpha, const bf16_t *A, int lda,
+                const bf16_t *B, int ldb, float beta, void *C, int ldc, cudaDataType c_type, Err *err)
 {
-    int lda = ta ? M : K, ldb = tb ? K : N;
     CUBLAS_CHECK(cublasGemmEx(e->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
-                              B, CUDA_R_16BF, ldb, A, CUDA_R_16BF, lda, &beta, C, c_type, N, CUBLAS_COMPUTE_32F,
+                              B, CUDA_R_16BF, ldb, A, CUDA_R_16BF, lda, &beta, C, c_type, ldc, CUBLAS_COMPUTE_32F,
                               CUBLAS_GEMM_DEFAULT),
                  err);
     return 0;
 }
 
-// u (N, r) = x (N, in) A^T for a LoRA-targeted projection (kept for the backward); nothing
-// for an untargeted one.
-static int lora_down_forward(CudaEngine *e, int l, int p, const bf16_t *x, int N, Err *err)
+// u of every targeted projection that reads x (input group g, first member p): x's spare
+// columns = x[:, 0:in] A_stack^T, one product. Nothing when the group has no spare columns.
+static int group_u(CudaEngine *e, int l, int p, bf16_t *x, int N, Err *err)
 {
-    long oa = e->off_A[(size_t)l * PROJ_COUNT + p];
-    if (oa < 0)
+    const ProjFold *f = &e->fold[p];
+    if (!f->in_spare)
         return 0;
     int in, out;
     model_proj_dims(&e->c, (Proj)p, &in, &out);
-    return gemm(e, false, true, N, e->lc.rank, in, 1.0f, x, e->params_bf16 + oa, 0.0f, e->acts[l].lora_u[p],
-                CUDA_R_16BF, err);
+    if (gemm(e, false, true, N, f->in_spare, in, 1.0f, x, f->ldw, e->layers[l].a_stack[IN_GROUP[p]], in, 0.0f,
+             x + in, f->ldw, CUDA_R_16BF, err) < 0)
+        return -1;
+    return tick(e, "lora fwd u=xA", p);
 }
 
-// y (N, out) = x (N, in) W^T + beta y, plus scale * (x A^T) B^T when LoRA targets it (u = x A^T
-// kept for the backward).
+// y (N, out) = x W^T + beta y, plus scale * (x A^T) B^T when LoRA targets it: one product over
+// [x | u] when x has spare columns (group_u filled them), else u = x A^T into lora_u (kept for
+// the backward) and y += s u B^T.
 static int proj_forward(CudaEngine *e, int l, int p, bf16_t *y, const bf16_t *x, int N, float beta, Err *err)
 {
     int in, out;
     model_proj_dims(&e->c, (Proj)p, &in, &out);
-    if (gemm(e, false, true, N, out, in, 1.0f, x, e->layers[l].proj[p], beta, y, CUDA_R_16BF, err) < 0 ||
-        lora_down_forward(e, l, p, x, N, err) < 0)
-        return -1;
-    long ob = e->off_B[(size_t)l * PROJ_COUNT + p];
-    if (ob < 0)
-        return 0;
-    return gemm(e, false, true, N, out, e->lc.rank, e->scale, e->acts[l].lora_u[p], e->params_bf16 + ob, 1.0f, y,
-                CUDA_R_16BF, err);
-}
-
-// d_x (N, in) (+)= d_y W (when d_x is not NULL) plus LoRA's part; dA and dB accumulate in fp32:
-// dB += scale d_y^T u, du = scale d_y B, dA += du^T x, d_x += du A.
-static int proj_backward(CudaEngine *e, int l, int p, bf16_t *d_x, const bf16_t *d_y, const bf16_t *x, int N,
-                         int accumulate, Err *err)
-{
-    int in, out;
-    model_proj_dims(&e->c, (Proj)p, &in, &out);
-    if (d_x && gemm(e, false, false, N, in, out, 1.0f, d_y, e->layers[l].proj[p], accumulate ? 1.0f : 0.0f, d_x,
-                    CUDA_R_16BF, err) < 0)
+    const ProjFold *f = &e->fold[p];
+    if (gemm(e, false, true, N, out, f->ldw, 1.0f, x, f->ldw, e->layers[l].proj[p], f->ldw, beta, y, out,
+             CUDA_R_16BF, err) < 0 || tick(e, "W fwd", p) < 0)
         return -1;
     long oa = e->off_A[(size_t)l * PROJ_COUNT + p], ob = e->off_B[(size_t)l * PROJ_COUNT + p];
-    if (oa < 0)
+    if (oa < 0 || f->u_col >= 0)
         return 0;
     int r = e->lc.rank;
-    const bf16_t *u = e->acts[l].lora_u[p];
-    if (gemm(e, true, false, out, r, N, e->scale, d_y, u, 1.0f, e->grads + ob, CUDA_R_32F, err) < 0 ||
-        gemm(e, false, false, N, r, out, e->scale, d_y, e->params_bf16 + ob, 0.0f, e->d_u, CUDA_R_16BF, err) < 0 ||
-        gemm(e, true, false, r, in, N, 1.0f, e->d_u, x, 1.0f, e->grads + oa, CUDA_R_32F, err) < 0)
+    bf16_t *u = e->acts[l].lora_u[p];
+    if (gemm(e, false, true, N, r, in, 1.0f, x, in, e->params_bf16 + oa, in, 0.0f, u, r, CUDA_R_16BF, err) < 0 ||
+        tick(e, "lora fwd u=xA", p) < 0 ||
+        gemm(e, false, true, N, out, r, e->scale, u, r, e->params_bf16 + ob, r, 1.0f, y, out, CUDA_R_16BF, err) < 0)
         return -1;
-    if (d_x && gemm(e, false, false, N, in, r, 1.0f, e->d_u, e->params_bf16 + oa, 1.0f, d_x, CUDA_R_16BF, err) < 0)
+    return tick(e, "lora fwd y+=uB", p);
+}
+
+// Backward of projection p from d_y (N, out; rows ld_dy apart, spare columns after out when
+// folded): dB += s d_y^T u, du = s d_y B (into d_y's spare columns when folded, else d_u),
+// dA += du^T x (dA, dB accumulate in fp32); then, when d_x is not NULL, d_x (N, in) (+)=
+// [d_y | du] W' (one product) or d_y W + du A.
+static int proj_backward(CudaEngine *e, int l, int p, bf16_t *d_x, bf16_t *d_y, int ld_dy, const bf16_t *x, int N,
+                         int accumulate, Err *err)
+{
+    int in, out, r = e->lc.rank;
+    model_proj_dims(&e->c, (Proj)p, &in, &out);
+    const ProjFold *f = &e->fold[p];
+    const bf16_t *w = e->layers[l].proj[p];
+    long oa = e->off_A[(size_t)l * PROJ_COUNT + p], ob = e->off_B[(size_t)l * PROJ_COUNT + p];
+    // Every targeted projection has spare columns on one side at least (the groups above): du in
+    // d_y's, or (q, k, v) in d_u beside the other members', for group_dx.
+    bf16_t *du = f->du_col >= 0 ? d_y + out + f->du_col : e->d_u + f->u_col;
+    int ld_du = f->du_col >= 0 ? ld_dy : f->in_spare;
+    if (oa >= 0) {
+        const bf16_t *u = f->u_col >= 0 ? x + in + f->u_col : e->acts[l].lora_u[p];
+        int ld_u = f->u_col >= 0 ? f->ldw : r;
+        if (gemm(e, true, false, out, r, N, e->scale, d_y, ld_dy, u, ld_u, 1.0f, e->grads + ob, r, CUDA_R_32F,
+                 err) < 0 || tick(e, "lora bwd dB", p) < 0 ||
+            gemm(e, false, false, N, r, out, e->scale, d_y, ld_dy, e->params_bf16 + ob, r, 0.0f, du, ld_du,
+                 CUDA_R_16BF, err) < 0 || tick(e, "lora bwd du", p) < 0 ||
+            gemm(e, true, false, r, in, N, 1.0f, du, ld_du, x, f->ldw, 1.0f, e->grads + oa, in, CUDA_R_32F, err) < 0 ||
+            tick(e, "lora bwd dA", p) < 0)
+            return -1;
+    }
+    if (!d_x)
+        return 0;
+    if (gemm(e, false, false, N, in, out + f->out_spare, 1.0f, d_y, ld_dy, w, f->ldw, accumulate ? 1.0f : 0.0f, d_x,
+             in, CUDA_R_16BF, err) < 0)
         return -1;
-    return 0;
+    return tick(e, "W bwd dx", p);
+}
+
+// d_x += du A for the projections of input group p whose dy has no spare columns (q, k, v: their
+// du sit side by side in d_u as their u do in xn1's spare columns): one product with the A stack.
+static int group_dx(CudaEngine *e, int l, int p, bf16_t *d_x, int N, Err *err)
+{
+    const ProjFold *f = &e->fold[p];
+    if (!f->in_spare || !d_x || f->out_spare)
+        return 0;
+    int in, out;
+    model_proj_dims(&e->c, (Proj)p, &in, &out);
+    if (gemm(e, false, false, N, in, f->in_spare, 1.0f, e->d_u, f->in_spare, e->layers[l].a_stack[IN_GROUP[p]], in,
+             1.0f, d_x, in, CUDA_R_16BF, err) < 0)
+        return -1;
+    return tick(e, "lora bwd dx+=duA", p);
 }
 
 static int attention_forward(CudaEngine *e, LayerActs *a, int N, int n_seqs, Err *err)
@@ -584,34 +895,40 @@ static int prepare_batch(CudaEngine *e, const EngineBatch *b, long *n_trained, E
 
 // Layer l's forward from acts[l].x_in. Normally it writes the layer's output (the next layer's
 // x_in, or x_final); when recomputing (before the layer's backward) it stops at what the backward
-// reads: the down projection's LoRA u, not its product.
+// reads: the down projection's LoRA u (in act's spare columns), not its product.
 static int layer_forward(CudaEngine *e, int l, int N, int n_seqs, bool recomputing, Err *err)
 {
     const ModelConfig *c = &e->c;
     int D = c->dim, F = c->hidden_dim;
-    size_t row_bytes = (size_t)N * D * 2;
     LayerActs *a = &e->acts[l];
     const LayerDev *w = &e->layers[l];
-    if (cuda_rmsnorm_forward(a->xn1, a->rstd1, a->x_in, w->attn_norm, N, D, c->norm_eps, e->stream, err) < 0 ||
+    e->recomputing = recomputing;
+    // The residual adds ride on the products' beta = 1, into copies of the stream that the norms
+    // make as they read it.
+    bf16_t *x_out = recomputing ? NULL : l + 1 < c->n_layers ? e->acts[l + 1].x_in : e->x_final;
+    if (cuda_rmsnorm_forward(a->xn1, e->ld_in[GROUP_XN1], a->x_mid, a->rstd1, a->x_in, w->attn_norm, N, D,
+                             c->norm_eps, e->stream, err) < 0 ||
+        tick(e, "other norm fwd") < 0 || group_u(e, l, PROJ_Q, a->xn1, N, err) < 0 ||
         proj_forward(e, l, PROJ_Q, a->q, a->xn1, N, 0, err) < 0 ||
         proj_forward(e, l, PROJ_K, a->k, a->xn1, N, 0, err) < 0 ||
         proj_forward(e, l, PROJ_V, a->v, a->xn1, N, 0, err) < 0 ||
         cuda_rope_forward(a->q, e->positions, e->inv_freq, N, c->n_heads, c->head_dim, e->stream, err) < 0 ||
         cuda_rope_forward(a->k, e->positions, e->inv_freq, N, c->n_kv_heads, c->head_dim, e->stream, err) < 0 ||
-        attention_forward(e, a, N, n_seqs, err) < 0)
+        tick(e, "other rope fwd") < 0 || attention_forward(e, a, N, n_seqs, err) < 0 || tick(e, "attn fwd") < 0)
         return -1;
-    // The residual adds ride on the products' beta = 1.
-    CUDA_CHECK(cudaMemcpyAsync(a->x_mid, a->x_in, row_bytes, cudaMemcpyDeviceToDevice, e->stream), err);
     if (proj_forward(e, l, PROJ_O, a->x_mid, a->attn, N, 1, err) < 0 ||
-        cuda_rmsnorm_forward(a->xn2, a->rstd2, a->x_mid, w->ffn_norm, N, D, c->norm_eps, e->stream, err) < 0 ||
+        cuda_rmsnorm_forward(a->xn2, e->ld_in[GROUP_XN2], x_out, a->rstd2, a->x_mid, w->ffn_norm, N, D, c->norm_eps,
+                             e->stream, err) < 0 ||
+        tick(e, "other norm fwd") < 0 || group_u(e, l, PROJ_GATE, a->xn2, N, err) < 0 ||
         proj_forward(e, l, PROJ_GATE, a->gate, a->xn2, N, 0, err) < 0 ||
         proj_forward(e, l, PROJ_UP, a->up, a->xn2, N, 0, err) < 0 ||
-        cuda_swiglu_forward(a->act, a->gate, a->up, (size_t)N * F, e->stream, err) < 0)
+        cuda_swiglu_forward(a->act, e->ld_in[GROUP_ACT], a->gate, a->up, N, F, e->stream, err) < 0 ||
+        tick(e, "other swiglu fwd") < 0 || group_u(e, l, PROJ_DOWN, a->act, N, err) < 0)
         return -1;
-    if (recomputing)
-        return lora_down_forward(e, l, PROJ_DOWN, a->act, N, err);
-    bf16_t *x_out = l + 1 < c->n_layers ? e->acts[l + 1].x_in : e->x_final;
-    CUDA_CHECK(cudaMemcpyAsync(x_out, a->x_mid, row_bytes, cudaMemcpyDeviceToDevice, e->stream), err);
+    if (recomputing) {
+        e->recomputing = false;
+        return 0;
+    }
     return proj_forward(e, l, PROJ_DOWN, x_out, a->act, N, 1, err);
 }
 
@@ -619,12 +936,15 @@ static int forward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
 {
     const ModelConfig *c = &e->c;
     if (cuda_embedding_forward(e->acts[0].x_in, e->tokens, e->embed, N, c->dim, c->vocab_size, NULL, e->stream,
-                               err) < 0)
+                               err) < 0 || tick(e, "other embedding") < 0)
         return -1;
     for (int l = 0; l < c->n_layers; l++)
         if (layer_forward(e, l, N, n_seqs, false, err) < 0)
             return -1;
-    return cuda_rmsnorm_forward(e->xnf, e->rstdf, e->x_final, e->final_norm, N, c->dim, c->norm_eps, e->stream, err);
+    if (cuda_rmsnorm_forward(e->xnf, c->dim, NULL, e->rstdf, e->x_final, e->final_norm, N, c->dim, c->norm_eps, e->stream,
+                             err) < 0)
+        return -1;
+    return tick(e, "other norm fwd");
 }
 
 static int backward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
@@ -632,7 +952,10 @@ static int backward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
     const ModelConfig *c = &e->c;
     int D = c->dim, F = c->hidden_dim;
     // d_xn holds d(final norm output); the residual stream's gradient starts as its backward.
-    if (cuda_rmsnorm_backward(e->d_x, NULL, e->d_xn, e->x_final, e->final_norm, e->rstdf, N, D, 0, e->stream, err) < 0)
+    int ld_dx = e->ld_out[GROUP_DX], ld_dgu = e->ld_out[GROUP_DGATE];
+    if (cuda_rmsnorm_backward(e->d_x, ld_dx, NULL, e->d_xn, e->x_final, e->final_norm, e->rstdf, N, D, 0, e->stream,
+                              err) < 0 ||
+        tick(e, "other norm bwd") < 0)
         return -1;
     for (int l = c->n_layers - 1; l >= 0; l--) {
         LayerActs *a = &e->acts[l];
@@ -643,23 +966,31 @@ static int backward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
         if (e->recompute == CUDA_RECOMPUTE_LAYER && l + 1 < c->n_layers &&
             layer_forward(e, l, N, n_seqs, true, err) < 0)
             return -1;
-        if (proj_backward(e, l, PROJ_DOWN, e->d_act, e->d_x, a->act, N, 0, err) < 0 ||
-            cuda_swiglu_backward(e->d_gate, e->d_up, e->d_act, a->gate, a->up, (size_t)N * F, e->stream, err) < 0 ||
-            proj_backward(e, l, PROJ_GATE, e->d_xn, e->d_gate, a->xn2, N, 0, err) < 0 ||
-            proj_backward(e, l, PROJ_UP, e->d_xn, e->d_up, a->xn2, N, 1, err) < 0 ||
-            cuda_rmsnorm_backward(e->d_x, NULL, e->d_xn, a->x_mid, w->ffn_norm, a->rstd2, N, D, 1, e->stream, err) < 0 ||
-            proj_backward(e, l, PROJ_O, e->d_attn, e->d_x, a->attn, N, 0, err) < 0 ||
-            attention_backward(e, a, N, n_seqs, err) < 0 ||
+        if (proj_backward(e, l, PROJ_DOWN, e->d_act, e->d_x, ld_dx, a->act, N, 0, err) < 0 ||
+            cuda_swiglu_backward(e->d_gate, e->d_up, ld_dgu, e->d_act, a->gate, a->up, N, F, e->stream, err) < 0 ||
+            tick(e, "other swiglu bwd") < 0 ||
+            proj_backward(e, l, PROJ_GATE, e->d_xn, e->d_gate, ld_dgu, a->xn2, N, 0, err) < 0 ||
+            proj_backward(e, l, PROJ_UP, e->d_xn, e->d_up, ld_dgu, a->xn2, N, 1, err) < 0 ||
+            cuda_rmsnorm_backward(e->d_x, ld_dx, NULL, e->d_xn, a->x_mid, w->ffn_norm, a->rstd2, N, D, 1, e->stream,
+                                  err) < 0 ||
+            tick(e, "other norm bwd") < 0 ||
+            proj_backward(e, l, PROJ_O, e->d_attn, e->d_x, ld_dx, a->attn, N, 0, err) < 0 ||
+            attention_backward(e, a, N, n_seqs, err) < 0 || tick(e, "attn bwd") < 0 ||
             cuda_rope_backward(e->d_q, e->positions, e->inv_freq, N, c->n_heads, c->head_dim, e->stream, err) < 0 ||
-            cuda_rope_backward(e->d_k, e->positions, e->inv_freq, N, c->n_kv_heads, c->head_dim, e->stream, err) < 0)
+            cuda_rope_backward(e->d_k, e->positions, e->inv_freq, N, c->n_kv_heads, c->head_dim, e->stream, err) < 0 ||
+            tick(e, "other rope bwd") < 0)
             return -1;
         bf16_t *d_xn1 = need_input_grad ? e->d_xn : NULL;
-        if (proj_backward(e, l, PROJ_Q, d_xn1, e->d_q, a->xn1, N, 0, err) < 0 ||
-            proj_backward(e, l, PROJ_K, d_xn1, e->d_k, a->xn1, N, 1, err) < 0 ||
-            proj_backward(e, l, PROJ_V, d_xn1, e->d_v, a->xn1, N, 1, err) < 0)
+        int QD = c->n_heads * c->head_dim, KD = c->n_kv_heads * c->head_dim;
+        if (proj_backward(e, l, PROJ_Q, d_xn1, e->d_q, QD, a->xn1, N, 0, err) < 0 ||
+            proj_backward(e, l, PROJ_K, d_xn1, e->d_k, KD, a->xn1, N, 1, err) < 0 ||
+            proj_backward(e, l, PROJ_V, d_xn1, e->d_v, KD, a->xn1, N, 1, err) < 0 ||
+            group_dx(e, l, PROJ_Q, d_xn1, N, err) < 0)
             return -1;
         if (need_input_grad &&
-            cuda_rmsnorm_backward(e->d_x, NULL, e->d_xn, a->x_in, w->attn_norm, a->rstd1, N, D, 1, e->stream, err) < 0)
+            (cuda_rmsnorm_backward(e->d_x, ld_dx, NULL, e->d_xn, a->x_in, w->attn_norm, a->rstd1, N, D, 1, e->stream,
+                                   err) < 0 ||
+             tick(e, "other norm bwd") < 0))
             return -1;
     }
     return 0;
@@ -673,17 +1004,21 @@ int cuda_engine_train_micro_batch(CudaEngine *e, const EngineBatch *b, double *l
     int N = b->B * b->T;
     e->last_N = N;
     const ModelConfig *c = &e->c;
-    if (f32_to_bf16(e, e->params_bf16, e->params, e->n_params, err) < 0 || forward_layers(e, N, n_seqs, err) < 0)
+    if (e->prof)
+        e->prof->used = 0;
+    tick(e, "start");
+    if (cast_lora(e, err) < 0 || forward_layers(e, N, n_seqs, err) < 0)
         return -1;
     // Loss and d(final norm output) (grad_scale 1: the gradient of the SUM).
     if (cuda_fused_cross_entropy(e->losses, e->d_xn, e->xnf, e->lm_head, e->targets, N, c->dim, c->vocab_size,
                                  e->ce_token_chunk, e->ce_vocab_chunk, 1.0f, e->ce_ws, e->ce_ws_bytes, e->blas,
-                                 e->stream, err) < 0)
+                                 e->stream, err) < 0 || tick(e, "lm_head+loss") < 0)
         return -1;
     if (*n_trained > 0 && backward_layers(e, N, n_seqs, err) < 0)
         return -1;
     CUDA_CHECK(cudaMemcpyAsync(e->host_losses, e->losses, (size_t)N * 4, cudaMemcpyDeviceToHost, e->stream), err);
     CUDA_CHECK(cudaStreamSynchronize(e->stream), err);
+    profile_collect(e);
     double total = 0;   // in position order, as the CPU engine sums
     for (int n = 0; n < N; n++)
         if (b->targets[n] != LORA_IGNORE_TARGET)
@@ -713,9 +1048,10 @@ int cuda_engine_activation_digest(CudaEngine *e, int layer, uint64_t *digest, Er
         const void *p;
         size_t bytes;
     } parts[13 + PROJ_COUNT] = {
-        {a->xn1, N * D * 2}, {a->rstd1, N * 4},  {a->q, N * QD * 2},   {a->k, N * KD * 2},    {a->v, N * KD * 2},
-        {a->attn, N * QD * 2}, {a->lse, N * c->n_heads * 4}, {a->x_mid, N * D * 2}, {a->xn2, N * D * 2},
-        {a->rstd2, N * 4},   {a->gate, N * F * 2}, {a->up, N * F * 2}, {a->act, N * F * 2},
+        {a->xn1, N * e->ld_in[GROUP_XN1] * 2}, {a->rstd1, N * 4},  {a->q, N * QD * 2},   {a->k, N * KD * 2},
+        {a->v, N * KD * 2}, {a->attn, N * QD * 2}, {a->lse, N * c->n_heads * 4}, {a->x_mid, N * D * 2},
+        {a->xn2, N * e->ld_in[GROUP_XN2] * 2}, {a->rstd2, N * 4},   {a->gate, N * F * 2}, {a->up, N * F * 2},
+        {a->act, N * e->ld_in[GROUP_ACT] * 2},
     };
     for (int p = 0; p < PROJ_COUNT; p++) {
         parts[13 + p].p = a->lora_u[p];

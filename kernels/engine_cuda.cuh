@@ -2,7 +2,8 @@
 //          cuda_engine_train_micro_batch, cuda_engine_zero_grad, cuda_engine_download_grads,
 //          cuda_engine_device_bytes, cuda_engine_lora_buffers, CudaRecompute, CudaEngineOptions,
 //          cuda_engine_recompute, cuda_recompute_name, cuda_engine_load_stats,
-//          cuda_engine_activation_digest (kernels/engine_cuda.cu; CPU twin lib/engine_cpu.c)
+//          cuda_engine_activation_digest, cuda_engine_profile, cuda_engine_profile_report
+//          (kernels/engine_cuda.cu; CPU twin lib/engine_cpu.c)
 // The CUDA training step: forward and backward of a Llama model with LoRA on one GPU, with the
 // semantics of the CPU reference (lib/engine.h): LoRA scale, per-document causal attention via
 // cu_seqlens, loss = SUM of -log p over the trained targets, LoRA gradients ACCUMULATED.
@@ -10,8 +11,12 @@
 // Storage: base weights bf16 on the device (uploaded once from the safetensors map through the
 // pinned, overlapped pipeline of weights.cuh; F32 and F16 rounded on the device), frozen;
 // activations bf16; LoRA parameters and gradients fp32 in the flat layout of lib/lora.h (one
-// device array each), a bf16 copy of the parameters made per step for the products. Products through cuBLAS (bf16 in, fp32 accumulate; LoRA gradients accumulate in
-// fp32 straight from the product). Attention: the flash kernels (kernels/attention.cuh) for
+// device array each), a bf16 copy of the parameters made per step for the products. Products
+// through cuBLAS (bf16 in, fp32 accumulate; LoRA gradients accumulate in fp32 straight from the
+// product). LoRA is folded into the base products: each projection's weight is stored with s B
+// beside it and A below it, its input with spare columns for u = x A^T and its output gradient
+// with spare columns for du, so that the forward and the input gradient are one product each
+// (engine_cuda.cu, "LoRA folding"; kernels/NOTES.md, issue 6 part 4). Attention: the flash kernels (kernels/attention.cuh) for
 // head_dim 64 or 128, a plain per-query kernel (fp32) for other head sizes (tiny test models).
 //
 // Memory: with recomputation off every layer keeps its activations for the backward; per layer
@@ -56,6 +61,12 @@ void cuda_engine_load_stats(const CudaEngine *e, size_t *weight_bytes, double *s
 // a training step they hold layer 0's activations as the backward recomputed them.
 int cuda_engine_activation_digest(CudaEngine *e, int layer, uint64_t *digest, Err *err);
 void cuda_engine_free(CudaEngine *e);
+// For benchmarks: on != 0 records a CUDA event after every operation of the following steps
+// (a few microseconds each) and sums the time between events by operation; on = 0 stops.
+// The report prints the sums per step, by group (the label's first word) and by operation, to out
+// as '#' lines, largest first.
+int cuda_engine_profile(CudaEngine *e, int on, Err *err);
+void cuda_engine_profile_report(CudaEngine *e, FILE *out);
 
 // Copies lora->params (host fp32, lib/lora.h layout; lora built for the same model and config)
 // to the device parameters.

@@ -561,7 +561,7 @@ static int upload(std::vector<CudaTensorUpload> *jobs, bf16_t *dst, const Tensor
     if (tensor_numel(t) != numel)
         return err_set(err, "cuda gen: %s has %lld values, %lld expected", what, (long long)tensor_numel(t),
                        (long long)numel);
-    jobs->push_back(CudaTensorUpload{dst, t});
+    jobs->push_back(CudaTensorUpload{dst, t, 0, 0});
     return 0;
 }
 
@@ -790,7 +790,7 @@ int cuda_gen_prefill(CudaGen *g, const int *slots, const uint32_t *ids, const in
         return -1;
     for (int l = 0; l < c->n_layers; l++) {
         GenLayer *ly = &g->layers[l];
-        if (cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->attn_norm, T, D, c->norm_eps, s, err) < 0 ||
+        if (cuda_rmsnorm_forward(g->xn, D, NULL, g->rstd, g->x, ly->attn_norm, T, D, c->norm_eps, s, err) < 0 ||
             product(g, l, G_QKV, g->qkv, g->xn, T, 0, true, err) < 0)
             return -1;
         qkv_rope_store_kernel<<<T, 128, 0, s>>>(g->q, g->k, g->v, ly->k_cache, ly->v_cache, g->qkv, g->d_pos,
@@ -803,7 +803,7 @@ int cuda_gen_prefill(CudaGen *g, const int *slots, const uint32_t *ids, const in
                      : cuda_attention_forward_plain(g->att, g->lse, g->q, g->k, g->v, g->d_seq_start, T, c->n_heads,
                                                     c->n_kv_heads, c->head_dim, s, err);
         if (rc < 0 || product(g, l, G_O, g->x, g->att, T, 1, true, err) < 0 ||
-            cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->ffn_norm, T, D, c->norm_eps, s, err) < 0 ||
+            cuda_rmsnorm_forward(g->xn, D, NULL, g->rstd, g->x, ly->ffn_norm, T, D, c->norm_eps, s, err) < 0 ||
             product(g, l, G_GU, g->gu, g->xn, T, 0, true, err) < 0)
             return -1;
         swiglu_stacked_kernel<<<ceil_div((size_t)T * F, 256), 256, 0, s>>>(g->act, g->gu, T, F);
@@ -813,7 +813,7 @@ int cuda_gen_prefill(CudaGen *g, const int *slots, const uint32_t *ids, const in
     }
     gather_rows_kernel<<<n, 256, 0, s>>>(g->x_last, g->x, g->d_last, D);
     LAUNCH_CHECK(err);
-    if (cuda_rmsnorm_forward(g->xn_last, g->rstd, g->x_last, g->final_norm, n, D, c->norm_eps, s, err) < 0 ||
+    if (cuda_rmsnorm_forward(g->xn_last, D, NULL, g->rstd, g->x_last, g->final_norm, n, D, c->norm_eps, s, err) < 0 ||
         gemm_nt(g, n, c->vocab_size, D, 1.0f, g->xn_last, g->lm_head, 0.0f, g->logits, CUDA_R_32F, err) < 0)
         return -1;
     for (int i = 0; i < n; i++)
@@ -871,7 +871,7 @@ static int decode_body(CudaGen *g, int n, Err *err)
         return -1;
     for (int l = 0; l < c->n_layers; l++) {
         GenLayer *ly = &g->layers[l];
-        if ((norms && cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->attn_norm, n, D, c->norm_eps, s, err) < 0) ||
+        if ((norms && cuda_rmsnorm_forward(g->xn, D, NULL, g->rstd, g->x, ly->attn_norm, n, D, c->norm_eps, s, err) < 0) ||
             (products && product(g, l, G_QKV, g->qkv, g->xn, n, 0, use_cublas(g, n, G_QKV), err) < 0))
             return -1;
         if (!attention) {
@@ -898,7 +898,7 @@ static int decode_body(CudaGen *g, int n, Err *err)
             }
         }
         if ((products && product(g, l, G_O, g->x, g->att, n, 1, use_cublas(g, n, G_O), err) < 0) ||
-            (norms && cuda_rmsnorm_forward(g->xn, g->rstd, g->x, ly->ffn_norm, n, D, c->norm_eps, s, err) < 0) ||
+            (norms && cuda_rmsnorm_forward(g->xn, D, NULL, g->rstd, g->x, ly->ffn_norm, n, D, c->norm_eps, s, err) < 0) ||
             (products && product(g, l, G_GU, g->gu, g->xn, n, 0, use_cublas(g, n, G_GU), err) < 0))
             return -1;
         if (swiglu) {
@@ -908,7 +908,7 @@ static int decode_body(CudaGen *g, int n, Err *err)
         if (products && product(g, l, G_DOWN, g->x, g->act, n, 1, use_cublas(g, n, G_DOWN), err) < 0)
             return -1;
     }
-    if (norms && cuda_rmsnorm_forward(g->xn, g->rstd, g->x, g->final_norm, n, D, c->norm_eps, s, err) < 0)
+    if (norms && cuda_rmsnorm_forward(g->xn, D, NULL, g->rstd, g->x, g->final_norm, n, D, c->norm_eps, s, err) < 0)
         return -1;
     if (!products)
         return 0;

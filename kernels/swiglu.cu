@@ -1,5 +1,7 @@
-// SwiGLU forward and backward: elementwise, memory-bound (forward 6 bytes an element, backward
-// 10), 8 elements (16 bytes) per thread when n % 8 == 0 and the pointers are aligned.
+// SwiGLU forward and backward: elementwise over (rows, cols), memory-bound (forward 6 bytes an
+// element, backward 10), 8 elements (16 bytes) per thread when cols and the outputs' row stride
+// are multiples of 8 and the pointers are aligned. Thread i handles elements i*VEC .. of the
+// dense (rows, cols) index; the outputs' rows are ld apart.
 #include "cuda_check.cuh"
 #include "swiglu.cuh"
 
@@ -23,9 +25,16 @@ __device__ inline void store_n(__nv_bfloat16 *p, const float *v)
         *p = __float2bfloat16(v[0]);
 }
 
+// Offset in a (rows, cols) array of row stride ld of dense element i.
+__device__ inline size_t strided(size_t i, unsigned cols, unsigned ld)
+{
+    size_t row = i / cols;
+    return row * ld + (i - row * cols);
+}
+
 template <int VEC>
-__global__ void swiglu_forward_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *gate, const __nv_bfloat16 *up,
-                                      size_t n)
+__global__ void swiglu_forward_kernel(__nv_bfloat16 *out, unsigned ld, const __nv_bfloat16 *gate,
+                                      const __nv_bfloat16 *up, size_t n, unsigned cols)
 {
     size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     if (i >= n)
@@ -36,13 +45,14 @@ __global__ void swiglu_forward_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *g
 #pragma unroll
     for (int k = 0; k < VEC; k++)
         g[k] = g[k] * sigmoid(g[k]) * u[k];
-    store_n<VEC>(out + i, g);
+    store_n<VEC>(out + (ld == cols ? i : strided(i, cols, ld)), g);
 }
 
 // d silu(g)/dg = sig(g) * (1 + g * (1 - sig(g)))
 template <int VEC>
-__global__ void swiglu_backward_kernel(__nv_bfloat16 *dgate, __nv_bfloat16 *dup, const __nv_bfloat16 *dout,
-                                       const __nv_bfloat16 *gate, const __nv_bfloat16 *up, size_t n)
+__global__ void swiglu_backward_kernel(__nv_bfloat16 *dgate, __nv_bfloat16 *dup, unsigned ld,
+                                       const __nv_bfloat16 *dout, const __nv_bfloat16 *gate,
+                                       const __nv_bfloat16 *up, size_t n, unsigned cols)
 {
     size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     if (i >= n)
@@ -57,40 +67,53 @@ __global__ void swiglu_backward_kernel(__nv_bfloat16 *dgate, __nv_bfloat16 *dup,
         du[k] = dy[k] * g[k] * s;
         dg[k] = dy[k] * u[k] * s * (1.0f + g[k] * (1.0f - s));
     }
-    store_n<VEC>(dgate + i, dg);
-    store_n<VEC>(dup + i, du);
+    size_t o = ld == cols ? i : strided(i, cols, ld);
+    store_n<VEC>(dgate + o, dg);
+    store_n<VEC>(dup + o, du);
 }
 
-extern "C" int cuda_swiglu_forward(bf16_t *out, const bf16_t *gate, const bf16_t *up, size_t n, GpuStream stream,
-                                   Err *err)
+extern "C" int cuda_swiglu_forward(bf16_t *out, int ld_out, const bf16_t *gate, const bf16_t *up, int rows, int cols,
+                                   GpuStream stream, Err *err)
 {
+    SHAPE_CHECK(rows >= 0 && cols > 0 && ld_out >= cols, err, "swiglu forward: bad shape rows=%d cols=%d ld_out=%d",
+                rows, cols, ld_out);
     SHAPE_CHECK(out && gate && up, err, "swiglu forward: NULL pointer");
+    SHAPE_CHECK(ld_out == cols || (out != gate && out != up), err,
+                "swiglu forward: out aliases an input with ld_out %d != cols %d", ld_out, cols);
+    size_t n = (size_t)rows * cols;
     if (n == 0)
         return 0;
     cudaStream_t s = (cudaStream_t)stream;
     int threads = 256;
-    if (n % 8 == 0 && is_aligned16(out) && is_aligned16(gate) && is_aligned16(up))
-        swiglu_forward_kernel<8><<<ceil_div(n / 8, threads), threads, 0, s>>>(out, gate, up, n);
+    if (cols % 8 == 0 && ld_out % 8 == 0 && is_aligned16(out) && is_aligned16(gate) && is_aligned16(up))
+        swiglu_forward_kernel<8><<<ceil_div(n / 8, threads), threads, 0, s>>>(out, ld_out, gate, up, n, cols);
     else
-        swiglu_forward_kernel<1><<<ceil_div(n, threads), threads, 0, s>>>(out, gate, up, n);
+        swiglu_forward_kernel<1><<<ceil_div(n, threads), threads, 0, s>>>(out, ld_out, gate, up, n, cols);
     LAUNCH_CHECK(err);
     return 0;
 }
 
-extern "C" int cuda_swiglu_backward(bf16_t *dgate, bf16_t *dup, const bf16_t *dout, const bf16_t *gate,
-                                    const bf16_t *up, size_t n, GpuStream stream, Err *err)
+extern "C" int cuda_swiglu_backward(bf16_t *dgate, bf16_t *dup, int ld_d, const bf16_t *dout, const bf16_t *gate,
+                                    const bf16_t *up, int rows, int cols, GpuStream stream, Err *err)
 {
+    SHAPE_CHECK(rows >= 0 && cols > 0 && ld_d >= cols, err, "swiglu backward: bad shape rows=%d cols=%d ld_d=%d",
+                rows, cols, ld_d);
     SHAPE_CHECK(dgate && dup && dout && gate && up, err, "swiglu backward: NULL pointer");
     SHAPE_CHECK(dgate != dup, err, "swiglu backward: dgate and dup are the same buffer");
+    SHAPE_CHECK(ld_d == cols || (dgate != gate && dup != up), err,
+                "swiglu backward: dgate or dup aliases its input with ld_d %d != cols %d", ld_d, cols);
+    size_t n = (size_t)rows * cols;
     if (n == 0)
         return 0;
     cudaStream_t s = (cudaStream_t)stream;
     int threads = 256;
-    if (n % 8 == 0 && is_aligned16(dgate) && is_aligned16(dup) && is_aligned16(dout) && is_aligned16(gate) &&
-        is_aligned16(up))
-        swiglu_backward_kernel<8><<<ceil_div(n / 8, threads), threads, 0, s>>>(dgate, dup, dout, gate, up, n);
+    if (cols % 8 == 0 && ld_d % 8 == 0 && is_aligned16(dgate) && is_aligned16(dup) && is_aligned16(dout) &&
+        is_aligned16(gate) && is_aligned16(up))
+        swiglu_backward_kernel<8><<<ceil_div(n / 8, threads), threads, 0, s>>>(dgate, dup, ld_d, dout, gate, up, n,
+                                                                              cols);
     else
-        swiglu_backward_kernel<1><<<ceil_div(n, threads), threads, 0, s>>>(dgate, dup, dout, gate, up, n);
+        swiglu_backward_kernel<1><<<ceil_div(n, threads), threads, 0, s>>>(dgate, dup, ld_d, dout, gate, up, n,
+                                                                          cols);
     LAUNCH_CHECK(err);
     return 0;
 }

@@ -64,11 +64,45 @@ int cuda_f32_to_bf16(bf16_t *out, const float *in, size_t n, GpuStream stream, E
 #define STAGE_BYTES ((size_t)64 << 20)
 #define FILL_THREADS 4
 
-__global__ void f16_to_bf16_kernel(__nv_bfloat16 *out, const __half *in, size_t n)
+// Elements first .. first + n - 1 of a dense (rows, cols) tensor, raw F32 or F16 in `in`, rounded
+// into dst's rows ld apart (ld = cols: dense).
+template <typename T>
+__global__ void raw_to_bf16_kernel(__nv_bfloat16 *dst, const T *in, size_t first, size_t n, size_t cols, size_t ld)
 {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n)
-        out[i] = __float2bfloat16(__half2float(in[i]));
+    if (i >= n)
+        return;
+    size_t e = first + i, row = e / cols;
+    dst[row * ld + (e - row * cols)] = __float2bfloat16((float)in[i]);
+}
+
+// Job j's row length and destination row stride in elements (cols = ld = numel when dense).
+static void job_rows(const CudaTensorUpload *j, size_t *cols, size_t *ld)
+{
+    bool pitched = j->ld > 0 && j->ld != j->cols;
+    *cols = pitched ? (size_t)j->cols : (size_t)tensor_numel(j->src);
+    *ld = pitched ? (size_t)j->ld : *cols;
+}
+
+// bf16 elements first .. first + n - 1 of a dense (rows, cols) tensor, at src (host, pinned),
+// into dst's rows ld apart: partial rows one copy each, whole rows one 2D copy.
+static int copy_rows(bf16_t *dst, size_t cols, size_t ld, size_t first, size_t n, const char *src, cudaStream_t s,
+                     Err *err)
+{
+    for (size_t e = first, end = first + n; e < end;) {
+        size_t row = e / cols, col = e - row * cols;
+        if (col != 0 || end - e < cols) {
+            size_t take = cols - col < end - e ? cols - col : end - e;
+            CUDA_CHECK(cudaMemcpyAsync(dst + row * ld + col, src, take * 2, cudaMemcpyHostToDevice, s), err);
+            e += take, src += take * 2;
+        } else {
+            size_t rows = (end - e) / cols;
+            CUDA_CHECK(cudaMemcpy2DAsync(dst + row * ld, ld * 2, src, cols * 2, cols * 2, rows,
+                                         cudaMemcpyHostToDevice, s), err);
+            e += rows * cols, src += rows * cols * 2;
+        }
+    }
+    return 0;
 }
 
 static size_t element_bytes(DType d) { return d == DTYPE_F32 ? 4 : d == DTYPE_F16 || d == DTYPE_BF16 ? 2 : 0; }
@@ -126,21 +160,43 @@ static int flush_slot(StagePipeline *pl, int slot, const std::vector<StagePiece>
     for (const StagePiece &pc : pieces) {
         const CudaTensorUpload *j = &jobs[pc.job];
         const char *staged = (const char *)pl->host[slot] + pc.stage_off;
-        size_t eb = element_bytes(j->src->dtype), first = pc.src_off / eb, n = pc.bytes / eb;
+        size_t eb = element_bytes(j->src->dtype), first = pc.src_off / eb, n = pc.bytes / eb, cols, ld;
+        job_rows(j, &cols, &ld);
         if (j->src->dtype == DTYPE_BF16) {
-            CUDA_CHECK(cudaMemcpyAsync(j->dst + first, staged, pc.bytes, cudaMemcpyHostToDevice, s), err);
+            if (copy_rows(j->dst, cols, ld, first, n, staged, s, err) < 0)
+                return -1;
             continue;
         }
         char *raw = (char *)pl->raw[slot] + pc.stage_off;
         CUDA_CHECK(cudaMemcpyAsync(raw, staged, pc.bytes, cudaMemcpyHostToDevice, s), err);
         if (j->src->dtype == DTYPE_F32)
-            f32_to_bf16_kernel<<<ceil_div(n, 256), 256, 0, s>>>(j->dst + first, (const float *)raw, n);
+            raw_to_bf16_kernel<<<ceil_div(n, 256), 256, 0, s>>>(j->dst, (const float *)raw, first, n, cols, ld);
         else
-            f16_to_bf16_kernel<<<ceil_div(n, 256), 256, 0, s>>>(j->dst + first, (const __half *)raw, n);
+            raw_to_bf16_kernel<<<ceil_div(n, 256), 256, 0, s>>>(j->dst, (const __half *)raw, first, n, cols, ld);
         LAUNCH_CHECK(err);
     }
     CUDA_CHECK(cudaEventRecord(pl->done[slot], s), err);
     return 0;
+}
+
+// One job without the pipeline; a pitched one goes through a dense device copy.
+static int upload_one(const CudaTensorUpload *j, cudaStream_t s, Err *err)
+{
+    size_t cols, ld;
+    job_rows(j, &cols, &ld);
+    if (ld == cols)
+        return cuda_upload_tensor_bf16(j->dst, j->src, s, err);
+    size_t n = (size_t)tensor_numel(j->src);
+    bf16_t *dense = NULL;
+    CUDA_CHECK(cudaMalloc(&dense, n * 2), err);
+    int rc = cuda_upload_tensor_bf16(dense, j->src, s, err);
+    if (rc == 0 && cudaMemcpy2DAsync(j->dst, ld * 2, dense, cols * 2, cols * 2, n / cols, cudaMemcpyDeviceToDevice,
+                                     s) != cudaSuccess)
+        rc = err_set(err, "weights: copying a tensor into rows %zu apart failed", ld);
+    if (rc == 0 && cudaStreamSynchronize(s) != cudaSuccess)
+        rc = err_set(err, "weights: copying a tensor into rows %zu apart failed", ld);
+    cudaFree(dense);
+    return rc;
 }
 
 int cuda_upload_tensors_bf16(const CudaTensorUpload *jobs, int n_jobs, GpuStream stream, Err *err)
@@ -151,6 +207,9 @@ int cuda_upload_tensors_bf16(const CudaTensorUpload *jobs, int n_jobs, GpuStream
         if (!element_bytes(jobs[i].src->dtype))
             return err_set(err, "weights: tensor %d has dtype %s, not F32, F16 or BF16", i,
                            dtype_name(jobs[i].src->dtype));
+        if (jobs[i].ld > 0 && (jobs[i].cols < 1 || jobs[i].ld < jobs[i].cols || tensor_numel(jobs[i].src) % jobs[i].cols))
+            return err_set(err, "weights: tensor %d of %lld elements in rows of %lld, %lld apart", i,
+                           (long long)tensor_numel(jobs[i].src), (long long)jobs[i].cols, (long long)jobs[i].ld);
         need_raw = need_raw || jobs[i].src->dtype != DTYPE_BF16;
     }
     StagePipeline pl;
@@ -159,7 +218,7 @@ int cuda_upload_tensors_bf16(const CudaTensorUpload *jobs, int n_jobs, GpuStream
             cudaGetLastError();
             pl.host[slot] = NULL;
             for (int i = 0; i < n_jobs; i++)   // no pinned memory: one tensor at a time
-                if (cuda_upload_tensor_bf16(jobs[i].dst, jobs[i].src, stream, err) < 0)
+                if (upload_one(&jobs[i], s, err) < 0)
                     return -1;
             return 0;
         }

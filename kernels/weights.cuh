@@ -21,9 +21,13 @@ int cuda_upload_tensor_bf16(bf16_t *dst, const Tensor *t, GpuStream stream, Err 
 // buffer). F32 and F16 travel raw and are rounded to bf16 (nearest even) by a kernel on the
 // device. Synchronous with respect to the host, as cuda_upload_tensor_bf16. Falls back to
 // cuda_upload_tensor_bf16 per tensor when pinned memory cannot be had.
+// With ld > 0, src is taken as a dense (numel / cols, cols) matrix and its rows land ld >= cols
+// elements apart in dst (the columns between are not written): the training engine's base
+// weights, which keep spare columns and rows for LoRA (engine_cuda.cu).
 typedef struct {
-    bf16_t *dst;           // (numel(src)) device
+    bf16_t *dst;           // (numel(src)) device, or (numel / cols) rows ld apart
     const Tensor *src;     // F32, F16 or BF16
+    int64_t cols, ld;      // 0, 0: dense
 } CudaTensorUpload;
 int cuda_upload_tensors_bf16(const CudaTensorUpload *jobs, int n_jobs, GpuStream stream, Err *err);
 

@@ -26,6 +26,8 @@
 //                          device bytes with recompute none and layer: the random model at
 //                          1 x 256, a dim-1024 4-layer model at 1 x 2048, 2 x 2048, 8 x 512, and a
 //                          Llama-3-8B-shaped model cut to 2 layers at 2 x 2048 and 1 x 8192
+#include <cublasLt.h>
+#include <cublas_v2.h>
 #include <cuda_fp16.h>
 
 #include <chrono>
@@ -79,11 +81,12 @@ struct Batch {
 
 // LoRA on all seven projections with random A and B (B = 0 would leave dA zero, testing nothing).
 // B's entries have standard deviation b_scale / sqrt(rank).
-static Lora *random_lora(const ModelConfig *c, int rank, float alpha, float b_scale)
+static Lora *random_lora(const ModelConfig *c, int rank, float alpha, float b_scale,
+                         unsigned targets = (1u << PROJ_COUNT) - 1)
 {
     LoraConfig lc;
     memset(&lc, 0, sizeof lc);
-    lc.rank = rank, lc.alpha = alpha, lc.dropout = 0, lc.targets = (1u << PROJ_COUNT) - 1;
+    lc.rank = rank, lc.alpha = alpha, lc.dropout = 0, lc.targets = targets;
     Err err;
     Lora *lora = lora_create(c, &lc, &err);
     if (!lora) {
@@ -93,6 +96,8 @@ static Lora *random_lora(const ModelConfig *c, int rank, float alpha, float b_sc
     for (int l = 0; l < c->n_layers; l++)
         for (int p = 0; p < PROJ_COUNT; p++) {
             LoraProj *lp = lora_proj(lora, l, (Proj)p);
+            if (!lp->A)
+                continue;
             for (size_t i = 0; i < (size_t)rank * lp->in; i++)
                 lp->A[i] = normal() / sqrtf((float)lp->in);
             for (size_t i = 0; i < (size_t)lp->out * rank; i++)
@@ -175,9 +180,14 @@ static void compare_recompute(const char *name, const Model *m, const Lora *lora
     // Per layer (the backward runs from the last layer down; only layers below the last are
     // recomputed): where the differences start.
     printf("# %s: recompute layer vs none, gradients' relative L2 per layer:", name);
+    auto layer_start = [&](int l) {   // the layer's first targeted projection's dA
+        for (int p = 0; p < PROJ_COUNT; p++)
+            if (lora_proj(lora, l, (Proj)p)->dA)
+                return (size_t)(lora_proj(lora, l, (Proj)p)->dA - lora->grads);
+        return lora->n_params;
+    };
     for (int l = 0; l < L; l++) {
-        const LoraProj *first = lora_proj(lora, l, (Proj)0);
-        size_t off = (size_t)(first->dA - lora->grads), end = l + 1 < L ? (size_t)(lora_proj(lora, l + 1, (Proj)0)->dA - lora->grads) : lora->n_params;
+        size_t off = layer_start(l), end = l + 1 < L ? layer_start(l + 1) : lora->n_params;
         printf(" %.1e", rel_l2(rec_grads.data() + off, none_grads.data() + off, end - off));
     }
     printf("\n");
@@ -198,11 +208,12 @@ static void compare_recompute(const char *name, const Model *m, const Lora *lora
 // One micro-batch through both engines; every LoRA tensor's gradient compared.
 static const double TOL_LOSS = 1e-2, TOL_GRADS_ALL = 4e-2, TOL_GRAD_TENSOR = 1e-1;
 
-static void compare_engines(const char *name, const Model *m, int B, int T, int rank, float b_scale)
+static void compare_engines(const char *name, const Model *m, int B, int T, int rank, float b_scale,
+                            unsigned targets = (1u << PROJ_COUNT) - 1)
 {
     const ModelConfig *c = &m->config;
     Batch batch(B, T, c->vocab_size);
-    Lora *lora = random_lora(c, rank, 2.0f * rank, b_scale);
+    Lora *lora = random_lora(c, rank, 2.0f * rank, b_scale, targets);
     Err err;
 
     Engine *cpu = engine_cpu_create(m, B, T, &err);
@@ -247,6 +258,8 @@ static void compare_engines(const char *name, const Model *m, int B, int T, int 
     for (int l = 0; l < c->n_layers; l++)
         for (int p = 0; p < PROJ_COUNT; p++) {
             LoraProj *lp = lora_proj(lora, l, (Proj)p);
+            if (!lp->dA)
+                continue;
             struct {
                 const char *ab;
                 const float *dev_base;
@@ -381,7 +394,7 @@ struct HostTensors {
         for (size_t i = 0; i < tensors.size(); i++) {
             tensors[i].data = store[i].data();
             offsets->push_back(off);
-            CudaTensorUpload j = {dev + off, &tensors[i]};
+            CudaTensorUpload j = {dev + off, &tensors[i], 0, 0};
             out.push_back(j);
             off += (size_t)tensor_numel(&tensors[i]);
         }
@@ -442,11 +455,68 @@ static void test_weight_upload(void)
     ok(cuda_upload_tensors_bf16(NULL, 0, NULL, &err) == 0, "batched upload of no tensors does nothing");
     Tensor other = h.tensors[0];
     other.dtype = DTYPE_OTHER;
-    CudaTensorUpload bad = {batched, &other};
+    CudaTensorUpload bad = {batched, &other, 0, 0};
     ok(cuda_upload_tensors_bf16(&bad, 1, NULL, &err) < 0 && strstr(err.msg, "dtype"),
        "batched upload refuses a tensor of another dtype: %s", err.msg);
+    CudaTensorUpload short_rows = {batched, &h.tensors[0], 1000003, 1000002};
+    ok(cuda_upload_tensors_bf16(&short_rows, 1, NULL, &err) < 0 && strstr(err.msg, "apart"),
+       "batched upload refuses rows longer than their stride: %s", err.msg);
+    CudaTensorUpload ragged = {batched, &h.tensors[0], 1000, 1008};
+    ok(cuda_upload_tensors_bf16(&ragged, 1, NULL, &err) < 0 && strstr(err.msg, "rows of 1000"),
+       "batched upload refuses a tensor that is not whole rows: %s", err.msg);
     HOST_CUDA(cudaFree(batched));
     HOST_CUDA(cudaFree(single));
+}
+
+// Pitched jobs (the engine's W' with spare columns): every row where the dense upload puts it,
+// ld apart, the spare columns untouched; BF16 (2D copies from the staging buffers), F32 and F16
+// (the rounding kernel), rows split across staging buffers.
+static void test_weight_upload_pitched(void)
+{
+    HostTensors h;
+    const int64_t shapes[4][2] = {{3001, 1037}, {5000, 4099}, {77, 13}, {9000, 4096}};   // rows, cols
+    const DType types[4] = {DTYPE_BF16, DTYPE_F32, DTYPE_F16, DTYPE_BF16};
+    for (int i = 0; i < 4; i++)
+        h.add(types[i], shapes[i][0] * shapes[i][1]);
+    size_t n = h.numel();
+    bf16_t *dense;
+    HOST_CUDA(cudaMalloc(&dense, n * 2));
+    std::vector<size_t> offsets;
+    std::vector<CudaTensorUpload> jobs = h.jobs(dense, &offsets);
+    LAUNCHED(cuda_upload_tensors_bf16(jobs.data(), (int)jobs.size(), NULL, E));
+    std::vector<CudaTensorUpload> pitched_jobs;
+    std::vector<bf16_t *> bufs;
+    for (int i = 0; i < 4; i++) {
+        int64_t ld = shapes[i][1] + 24 + i;
+        bf16_t *b;
+        HOST_CUDA(cudaMalloc(&b, (size_t)(shapes[i][0] * ld) * 2));
+        HOST_CUDA(cudaMemset(b, 0xff, (size_t)(shapes[i][0] * ld) * 2));
+        bufs.push_back(b);
+        pitched_jobs.push_back({b, jobs[i].src, shapes[i][1], ld});
+    }
+    LAUNCHED(cuda_upload_tensors_bf16(pitched_jobs.data(), (int)pitched_jobs.size(), NULL, E));
+    std::vector<uint16_t> want(n);
+    HOST_CUDA(cudaMemcpy(want.data(), dense, n * 2, cudaMemcpyDeviceToHost));
+    for (int i = 0; i < 4; i++) {
+        int64_t rows = shapes[i][0], cols = shapes[i][1], ld = pitched_jobs[i].ld;
+        std::vector<uint16_t> got((size_t)(rows * ld));
+        HOST_CUDA(cudaMemcpy(got.data(), bufs[i], got.size() * 2, cudaMemcpyDeviceToHost));
+        size_t wrong = 0, spare_touched = 0;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < ld; c++) {
+                uint16_t g = got[(size_t)(r * ld + c)];
+                if (c < cols)
+                    wrong += g != want[offsets[i] + (size_t)(r * cols + c)];
+                else
+                    spare_touched += g != 0xffff;
+            }
+        ok(wrong == 0 && spare_touched == 0,
+           "pitched upload, %s %lld x %lld into rows %lld apart: %zu elements differ from the dense upload, %zu spare "
+           "columns written", dtype_name(types[i]), (long long)rows, (long long)cols, (long long)ld, wrong,
+           spare_touched);
+        HOST_CUDA(cudaFree(bufs[i]));
+    }
+    HOST_CUDA(cudaFree(dense));
 }
 
 // Upload rate of 4 GiB of BF16 (32 tensors of 128 MiB, as an 8B model's big matrices) and 1 GiB of
@@ -523,8 +593,247 @@ static void bench_case(const char *name, const Model *m, int B, int T, int rank,
     lora_free(lora);
 }
 
+// ENGINE_TEST_PROFILE=L engine_test --bench: where a step's time goes (cuda_engine_profile) in a
+// Llama-3-8B-shaped model of L layers (default 2), at 2 x 2048 and 1 x 8192 without recomputation
+// and 2 x 2048 with; for L <= 2 also the step's products alone at N = 4096 positions (random data)
+// through cublasGemmEx and cuBLASLt's best candidate, and the shapes of other layouts.
+static void profile_case(const char *name, const Model *m, int B, int T, int rank, CudaRecompute mode)
+{
+    Batch batch(B, T, m->config.vocab_size);
+    Lora *lora = random_lora(&m->config, rank, rank, 0.05f);
+    CudaEngineOptions opt = {mode};
+    Err err;
+    CudaEngine *gpu = cuda_engine_create(m, &lora->config, B, T, &opt, &err);
+    if (!gpu) {
+        fprintf(stderr, "%s: %s\n", harness_prog, err.msg);
+        exit(1);
+    }
+    LAUNCHED(cuda_engine_upload_lora(gpu, lora, E));
+    double loss = 0;
+    long n = 0;
+    LAUNCHED(cuda_engine_profile(gpu, 1, E));
+    for (int i = 0; i < 2; i++)   // warm-up, and the event pool grows
+        LAUNCHED(cuda_engine_train_micro_batch(gpu, &batch.b, &loss, &n, E));
+    LAUNCHED(cuda_engine_profile(gpu, 1, E));
+    for (int i = 0; i < 3; i++)
+        LAUNCHED(cuda_engine_train_micro_batch(gpu, &batch.b, &loss, &n, E));
+    printf("# %s %d x %d recompute %s\n", name, B, T, cuda_recompute_name(cuda_engine_recompute(gpu)));
+    cuda_engine_profile_report(gpu, stdout);
+    cuda_engine_free(gpu);
+    lora_free(lora);
+}
+
+// One row-major product C (M, N) (+)= A (M, K) op(B) at leading dimensions lda, ldb, ldc (B stored
+// (N, K) when tb), timed over reps; prints TFLOP/s and the bytes it must move at least.
+static void gemm_row(cublasHandle_t h, const char *what, bool ta, bool tb, int M, int N, int K, int lda, int ldb,
+                     int ldc, float beta, bool c32, void *buf_a, void *buf_b, void *buf_c)
+{
+    float alpha = 1;
+    auto run = [&]() {
+        return cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, buf_b,
+                            CUDA_R_16BF, ldb, buf_a, CUDA_R_16BF, lda, &beta, buf_c, c32 ? CUDA_R_32F : CUDA_R_16BF,
+                            ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    };
+    for (int i = 0; i < 3; i++)
+        if (run() != CUBLAS_STATUS_SUCCESS) {
+            printf("%-34s cuBLAS refused\n", what);
+            return;
+        }
+    cudaEvent_t t0, t1;
+    HOST_CUDA(cudaEventCreate(&t0));
+    HOST_CUDA(cudaEventCreate(&t1));
+    const int reps = 20;
+    HOST_CUDA(cudaEventRecord(t0));
+    for (int i = 0; i < reps; i++)
+        run();
+    HOST_CUDA(cudaEventRecord(t1));
+    HOST_CUDA(cudaEventSynchronize(t1));
+    float ms = 0;
+    HOST_CUDA(cudaEventElapsedTime(&ms, t0, t1));
+    ms /= reps;
+    double bytes = 2.0 * ((double)M * K + (double)N * K) + (c32 ? 4.0 : 2.0) * M * N * (beta != 0 ? 2 : 1);
+    printf("%-34s %5d x %5d x %5d beta %g  %8.1f us  %6.1f TFLOP/s  %6.0f GB/s\n", what, M, N, K, beta, ms * 1e3,
+           2.0 * M * N * K / (ms * 1e-3) / 1e12, bytes / (ms * 1e-3) / 1e9);
+    cudaEventDestroy(t0);
+    cudaEventDestroy(t1);
+}
+
+// Uniform bf16 noise of unit variance from a hash: products on zeros draw less power and run
+// faster than on real data.
+__global__ void fill_noise(uint16_t *p, size_t n, uint32_t seed)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15, h *= 2246822519u, h ^= h >> 13, h *= 3266489917u, h ^= h >> 16;
+        float f = ((h & 0xffffff) / 16777216.0f - 0.5f) * 3.4641f;
+        uint32_t u = __float_as_uint(f);
+        p[i] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+}
+
+// The same product through cuBLASLt: the default heuristic's first algorithm against the best of
+// its first 16 candidates, each timed on random data (the question: would tuning per shape pay).
+static void lt_row(cublasLtHandle_t lt, const char *what, bool ta, bool tb, int M, int N, int K, int lda, int ldb,
+                   int ldc, float beta, void *buf_a, void *buf_b, void *buf_c, void *ws, size_t ws_bytes)
+{
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasOperation_t opa = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa);
+    cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb);
+    // column-major: C^T (N x M) = op(B) op(A); "A" of cuBLASLt is our B
+    cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, tb ? K : N, tb ? N : K, ldb);
+    cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, ta ? M : K, ta ? K : M, lda);
+    cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, N, M, ldc);
+    cublasLtMatmulPreference_t pref;
+    cublasLtMatmulPreferenceCreate(&pref);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes);
+    cublasLtMatmulHeuristicResult_t res[16];
+    int n = 0;
+    cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, 16, res, &n);
+    float alpha = 1, first_us = 0, best_us = 1e30f;
+    int best = -1;
+    cudaEvent_t t0, t1;
+    HOST_CUDA(cudaEventCreate(&t0));
+    HOST_CUDA(cudaEventCreate(&t1));
+    for (int i = 0; i < n; i++) {
+        bool okay = true;
+        for (int w = 0; w < 2 && okay; w++)
+            okay = cublasLtMatmul(lt, op, &alpha, buf_b, la, buf_a, lb, &beta, buf_c, lc, buf_c, lc, &res[i].algo, ws,
+                                  ws_bytes, NULL) == CUBLAS_STATUS_SUCCESS;
+        if (!okay)
+            continue;
+        const int reps = 10;
+        HOST_CUDA(cudaEventRecord(t0));
+        for (int r = 0; r < reps; r++)
+            cublasLtMatmul(lt, op, &alpha, buf_b, la, buf_a, lb, &beta, buf_c, lc, buf_c, lc, &res[i].algo, ws,
+                           ws_bytes, NULL);
+        HOST_CUDA(cudaEventRecord(t1));
+        HOST_CUDA(cudaEventSynchronize(t1));
+        float ms = 0;
+        HOST_CUDA(cudaEventElapsedTime(&ms, t0, t1));
+        float us = ms * 1e3f / reps;
+        if (i == 0)
+            first_us = us;
+        if (us < best_us)
+            best_us = us, best = i;
+    }
+    printf("%-34s %5d x %5d x %5d  Lt first %8.1f us  best of %2d %8.1f us (#%d)  %.3fx  %6.1f TFLOP/s\n", what, M,
+           N, K, first_us, n, best_us, best, first_us / best_us, 2.0 * M * N * K / (best_us * 1e-6) / 1e12);
+    cudaEventDestroy(t0);
+    cudaEventDestroy(t1);
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(la);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatrixLayoutDestroy(lc);
+    cublasLtMatmulDescDestroy(op);
+}
+
+// The step's big products on random data, N = 4096 positions, as the engine issues them (LoRA
+// folded: K + spare), through cublasGemmEx and through cuBLASLt's candidates.
+static void tuning_table(void)
+{
+    const int T = 4096, D = 4096, F = 14336, KD = 1024;
+    size_t big = (size_t)T * (2 * F + 64) + (size_t)(2 * F + 64) * (D + 64);
+    void *a, *b, *c, *ws;
+    size_t ws_bytes = (size_t)64 << 20;
+    HOST_CUDA(cudaMalloc(&a, big * 2));
+    HOST_CUDA(cudaMalloc(&b, big * 2));
+    HOST_CUDA(cudaMalloc(&c, big * 2));
+    HOST_CUDA(cudaMalloc(&ws, ws_bytes));
+    fill_noise<<<1024, 256>>>((uint16_t *)a, big, 1);
+    fill_noise<<<1024, 256>>>((uint16_t *)b, big, 2);
+    fill_noise<<<1024, 256>>>((uint16_t *)c, big, 3);
+    cublasHandle_t h;
+    cublasLtHandle_t lt;
+    if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS || cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS)
+        exit(1);
+    printf("# the step's products on random data (M = %d positions; folded K)\n", T);
+    const struct { const char *name; bool tb; int n, k; float beta; } rows[] = {
+        {"fwd q (K + 48)", true, D, D + 48, 0}, {"fwd k (K + 48)", true, KD, D + 48, 0},
+        {"fwd o (beta 1)", true, D, D, 1}, {"fwd gate (K + 32)", true, F, D + 32, 0},
+        {"fwd down (K + 16, beta 1)", true, D, F + 16, 1}, {"bwd dx q", false, D, D, 0},
+        {"bwd dx k", false, D, KD, 1}, {"bwd dx o (K + 32)", false, D, D + 32, 0},
+        {"bwd dx gate (K + 16)", false, D, F + 16, 0}, {"bwd dx down (K + 32)", false, F, D + 32, 0}};
+    for (auto &r : rows) {
+        gemm_row(h, r.name, false, r.tb, T, r.n, r.k, r.k, r.tb ? r.k : r.n, r.n, r.beta, false, a, b, c);
+        lt_row(lt, r.name, false, r.tb, T, r.n, r.k, r.k, r.tb ? r.k : r.n, r.n, r.beta, a, b, c, ws, ws_bytes);
+    }
+    cublasLtDestroy(lt);
+    cublasDestroy(h);
+    cudaFree(a);
+    cudaFree(b);
+    cudaFree(c);
+    cudaFree(ws);
+}
+
+static void gemm_table(void)
+{
+    const int T = 4096, D = 4096, F = 14336, KD = 1024, r = 16;
+    size_t big = (size_t)T * 2 * F + (size_t)64 * 2 * F;   // every operand fits (28672 + 64 columns)
+    void *a, *b, *c;
+    HOST_CUDA(cudaMalloc(&a, big * 2));
+    HOST_CUDA(cudaMalloc(&b, big * 2));
+    HOST_CUDA(cudaMalloc(&c, big * 4));
+    fill_noise<<<1024, 256>>>((uint16_t *)a, big, 1);   // zeros would draw less power and run faster
+    fill_noise<<<1024, 256>>>((uint16_t *)b, big, 2);
+    HOST_CUDA(cudaMemset(c, 0, big * 4));
+    cublasHandle_t h;
+    if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS)
+        exit(1);
+    printf("# products at N = %d positions (forward y = x W^T: M = N, N = out, K = in)\n", T);
+    const struct { const char *name; int out, in; } projs[] = {
+        {"q or o", D, D}, {"k or v", KD, D}, {"gate or up", F, D}, {"down", D, F}, {"q|k|v", D + 2 * KD, D},
+        {"gate|up", 2 * F, D}};
+    for (auto &p : projs) {
+        char what[64];
+        for (float beta : {0.0f, 1.0f}) {
+            snprintf(what, sizeof what, "fwd %s", p.name);
+            gemm_row(h, what, false, true, T, p.out, p.in, p.in, p.in, p.out, beta, false, a, b, c);
+        }
+        snprintf(what, sizeof what, "fwd %s, K + r (folded)", p.name);
+        gemm_row(h, what, false, true, T, p.out, p.in + r, p.in + r, p.in + r, p.out, 0, false, a, b, c);
+        snprintf(what, sizeof what, "bwd dx %s", p.name);
+        gemm_row(h, what, false, false, T, p.in, p.out, p.out, p.in, p.in, 0, false, a, b, c);
+        snprintf(what, sizeof what, "bwd dx %s, K + r (folded)", p.name);
+        gemm_row(h, what, false, false, T, p.in, p.out + r, p.out + r, p.in + r, p.in, 0, false, a, b, c);
+        snprintf(what, sizeof what, "lora u = x A^T %s", p.name);
+        gemm_row(h, what, false, true, T, r, p.in, p.in, p.in, r, 0, false, a, b, c);
+        snprintf(what, sizeof what, "lora y += u B^T %s", p.name);
+        gemm_row(h, what, false, true, T, p.out, r, r, r, p.out, 1, false, a, b, c);
+        snprintf(what, sizeof what, "lora dB += dy^T u %s", p.name);
+        gemm_row(h, what, true, false, p.out, r, T, p.out, r, r, 1, true, a, b, c);
+        snprintf(what, sizeof what, "lora du = dy B %s", p.name);
+        gemm_row(h, what, false, false, T, r, p.out, p.out, r, r, 0, false, a, b, c);
+        snprintf(what, sizeof what, "lora dA += du^T x %s", p.name);
+        gemm_row(h, what, true, false, r, p.in, T, r, p.in, p.in, 1, true, a, b, c);
+        snprintf(what, sizeof what, "lora dx += du A %s", p.name);
+        gemm_row(h, what, false, false, T, p.in, r, r, p.in, p.in, 1, false, a, b, c);
+    }
+    cublasDestroy(h);
+    cudaFree(a);
+    cudaFree(b);
+    cudaFree(c);
+}
+
 static int bench(void)
 {
+    if (getenv("ENGINE_TEST_PROFILE")) {   // its value: the model's layers (Llama-3-8B has 32)
+        int layers = atoi(getenv("ENGINE_TEST_PROFILE"));
+        layers = layers > 0 ? layers : 2;
+        RandomModel l3(4096, 14336, layers, 32, 8, 0, 128256, 8192, fast_unit);
+        char name[64];
+        snprintf(name, sizeof name, "llama3-8b dims L%d", layers);
+        profile_case(name, &l3.m, 2, 2048, 16, CUDA_RECOMPUTE_NONE);
+        profile_case(name, &l3.m, 1, 8192, 16, CUDA_RECOMPUTE_NONE);
+        profile_case(name, &l3.m, 2, 2048, 16, CUDA_RECOMPUTE_LAYER);
+        if (layers <= 2) {
+            tuning_table();
+            gemm_table();
+        }
+        return 0;
+    }
     bench_upload();
     const CudaRecompute modes[2] = {CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_LAYER};
     {
@@ -566,8 +875,14 @@ int main(int argc, char **argv)
     RandomModel random_model(256, 688, 2, 4, 2, 0, 512, 8192);
     compare_engines("random hd64", &random_model.m, 2, 128, 8, 0.5f);
     compare_engines("random hd64 1x256", &random_model.m, 1, 256, 8, 0.5f);
+    // Some projections of each folded group untargeted, odd ranks (spare columns padded to 8):
+    // q, v, o, up at rank 5; then only k and down (groups of one member or none).
+    compare_engines("random q,v,o,up r5", &random_model.m, 2, 128, 5, 0.5f,
+                    1u << PROJ_Q | 1u << PROJ_V | 1u << PROJ_O | 1u << PROJ_UP);
+    compare_engines("random k,down r3", &random_model.m, 1, 128, 3, 0.5f, 1u << PROJ_K | 1u << PROJ_DOWN);
     test_rejects(&random_model.m);
     test_weight_upload();
+    test_weight_upload_pitched();
 
     Err err;
     Model *tiny = model_load("tests/fixtures/golden/tiny", &err);

@@ -57,11 +57,32 @@ static void test_embedding(int T, int C, int V)
     cudaFree(d_bad);
 }
 
-static void test_rmsnorm(int T, int C)
+// Rows of a (rows, ld) bf16 device array: the first cols of each row, as floats, and whether every
+// spare column (cols .. ld - 1) still holds the 0xffff pattern it was filled with.
+static std::vector<float> download_rows(const bf16_t *dev, int rows, int cols, int ld, bool *spare_kept)
+{
+    std::vector<float> all = download_bf16(dev, (size_t)rows * ld), out((size_t)rows * cols);
+    std::vector<uint16_t> bits((size_t)rows * ld);
+    HOST_CUDA(cudaMemcpy(bits.data(), dev, bits.size() * 2, cudaMemcpyDeviceToHost));
+    *spare_kept = true;
+    for (int t = 0; t < rows; t++) {
+        for (int j = 0; j < cols; j++)
+            out[(size_t)t * cols + j] = all[(size_t)t * ld + j];
+        for (int j = cols; j < ld; j++)
+            *spare_kept = *spare_kept && bits[(size_t)t * ld + j] == 0xffff;
+    }
+    return out;
+}
+
+// dx rows ld apart (ld > C: the engine's spare columns for LoRA, left untouched).
+static void test_rmsnorm(int T, int C, int ld)
 {
     const float eps = 1e-5f;
     Bf16Tensor x((size_t)T * C, 2.0f), w(C, 0.1f, 1.0f), dout((size_t)T * C), dx_prior((size_t)T * C);
-    bf16_t *d_out = dev_alloc<bf16_t>((size_t)T * C), *d_dx = dev_alloc<bf16_t>((size_t)T * C);
+    bf16_t *d_out = dev_alloc<bf16_t>((size_t)T * ld), *d_dx = dev_alloc<bf16_t>((size_t)T * ld);
+    HOST_CUDA(cudaMemset(d_out, 0xff, (size_t)T * ld * 2));
+    HOST_CUDA(cudaMemset(d_dx, 0xff, (size_t)T * ld * 2));
+    bool kept = false;
     float *d_rstd = dev_alloc<float>(T);
     std::vector<float> dw_prior(C);
     for (int i = 0; i < C; i++)
@@ -69,28 +90,34 @@ static void test_rmsnorm(int T, int C)
     float *d_dw = dev_copy(dw_prior.data(), C);
     char what[96];
 
-    LAUNCHED(cuda_rmsnorm_forward(d_out, d_rstd, x.dev, w.dev, T, C, eps, NULL, E));
+    bf16_t *d_copy = dev_alloc<bf16_t>((size_t)T * C);
+    LAUNCHED(cuda_rmsnorm_forward(d_out, ld, d_copy, d_rstd, x.dev, w.dev, T, C, eps, NULL, E));
     std::vector<float> want((size_t)T * C), rstd(T);
     cpu_rmsnorm_forward(want.data(), rstd.data(), x.value.data(), w.value.data(), T, C, eps);
-    snprintf(what, sizeof what, "rmsnorm forward T=%d C=%d", T, C);
-    check(what, download_bf16(d_out, (size_t)T * C), want, TOL_BF16);
+    snprintf(what, sizeof what, "rmsnorm forward T=%d C=%d ld=%d", T, C, ld);
+    check(what, download_rows(d_out, T, C, ld, &kept), want, TOL_BF16);
+    ok(kept, "rmsnorm forward leaves the spare columns alone (ld %d)", ld);
+    check("rmsnorm forward's copy of x (exact)", download_bf16(d_copy, (size_t)T * C), x.value, 0);
+    cudaFree(d_copy);
     check("rmsnorm forward rstd (fp32)", download_f32(d_rstd, T), rstd, 1e-5);
 
     // backward from the GPU's rstd; dweight accumulates onto dw_prior
-    LAUNCHED(cuda_rmsnorm_backward(d_dx, d_dw, dout.dev, x.dev, w.dev, d_rstd, T, C, 0, NULL, E));
+    LAUNCHED(cuda_rmsnorm_backward(d_dx, ld, d_dw, dout.dev, x.dev, w.dev, d_rstd, T, C, 0, NULL, E));
     std::vector<float> want_dx((size_t)T * C), want_dw = dw_prior;
     cpu_rmsnorm_backward(want_dx.data(), want_dw.data(), dout.value.data(), x.value.data(), w.value.data(),
                          rstd.data(), T, C);
-    snprintf(what, sizeof what, "rmsnorm backward dx T=%d C=%d", T, C);
-    check(what, download_bf16(d_dx, (size_t)T * C), want_dx, TOL_BF16);
+    snprintf(what, sizeof what, "rmsnorm backward dx T=%d C=%d ld=%d", T, C, ld);
+    check(what, download_rows(d_dx, T, C, ld, &kept), want_dx, TOL_BF16);
+    ok(kept, "rmsnorm backward leaves the spare columns alone (ld %d)", ld);
     check("rmsnorm backward dweight, accumulated (fp32)", download_f32(d_dw, C), want_dw, 1e-4);
 
     // accumulate into a dx that already holds a gradient; no dweight
-    HOST_CUDA(cudaMemcpy(d_dx, dx_prior.dev, (size_t)T * C * 2, cudaMemcpyDeviceToDevice));
-    LAUNCHED(cuda_rmsnorm_backward(d_dx, NULL, dout.dev, x.dev, w.dev, d_rstd, T, C, 1, NULL, E));
+    HOST_CUDA(cudaMemcpy2D(d_dx, ld * 2, dx_prior.dev, C * 2, C * 2, T, cudaMemcpyDeviceToDevice));
+    LAUNCHED(cuda_rmsnorm_backward(d_dx, ld, NULL, dout.dev, x.dev, w.dev, d_rstd, T, C, 1, NULL, E));
     for (size_t i = 0; i < want_dx.size(); i++)
         want_dx[i] += dx_prior.value[i];
-    check("rmsnorm backward accumulating into dx", download_bf16(d_dx, (size_t)T * C), want_dx, TOL_BF16);
+    check("rmsnorm backward accumulating into dx", download_rows(d_dx, T, C, ld, &kept), want_dx, TOL_BF16);
+    ok(kept, "rmsnorm backward accumulating leaves the spare columns alone (ld %d)", ld);
     cudaFree(d_out);
     cudaFree(d_dx);
     cudaFree(d_rstd);
@@ -150,25 +177,32 @@ static void test_rope(int T, int n_heads, int head_dim)
     cudaFree(d_x);
 }
 
-static void test_swiglu(size_t n)
+// (rows, cols) with the outputs' rows ld apart.
+static void test_swiglu(int rows, int cols, int ld)
 {
+    size_t n = (size_t)rows * cols, nl = (size_t)rows * ld;
     Bf16Tensor gate(n, 3.0f), up(n), dout(n);
-    bf16_t *d_out = dev_alloc<bf16_t>(n), *d_dg = dev_alloc<bf16_t>(n), *d_du = dev_alloc<bf16_t>(n);
-    LAUNCHED(cuda_swiglu_forward(d_out, gate.dev, up.dev, n, NULL, E));
+    bf16_t *d_out = dev_alloc<bf16_t>(nl), *d_dg = dev_alloc<bf16_t>(nl), *d_du = dev_alloc<bf16_t>(nl);
+    for (bf16_t *d : {d_out, d_dg, d_du})
+        HOST_CUDA(cudaMemset(d, 0xff, nl * 2));
+    bool kept_out = false, kept_dg = false, kept_du = false;
+    LAUNCHED(cuda_swiglu_forward(d_out, ld, gate.dev, up.dev, rows, cols, NULL, E));
     std::vector<float> want(n), want_dg(n), want_du(n);
     cpu_swiglu_forward(want.data(), gate.value.data(), up.value.data(), n);
     char what[96];
-    snprintf(what, sizeof what, "swiglu forward n=%zu", n);
-    check(what, download_bf16(d_out, n), want, TOL_BF16);
-    LAUNCHED(cuda_swiglu_backward(d_dg, d_du, dout.dev, gate.dev, up.dev, n, NULL, E));
+    snprintf(what, sizeof what, "swiglu forward %d x %d, ld %d", rows, cols, ld);
+    check(what, download_rows(d_out, rows, cols, ld, &kept_out), want, TOL_BF16);
+    LAUNCHED(cuda_swiglu_backward(d_dg, d_du, ld, dout.dev, gate.dev, up.dev, rows, cols, NULL, E));
     cpu_swiglu_backward(want_dg.data(), want_du.data(), dout.value.data(), gate.value.data(), up.value.data(), n);
-    check("swiglu backward dgate", download_bf16(d_dg, n), want_dg, TOL_BF16);
-    check("swiglu backward dup", download_bf16(d_du, n), want_du, TOL_BF16);
-    // in place over its inputs, as a trainer short of memory would call it
-    HOST_CUDA(cudaMemcpy(d_dg, gate.dev, n * 2, cudaMemcpyDeviceToDevice));
-    HOST_CUDA(cudaMemcpy(d_du, up.dev, n * 2, cudaMemcpyDeviceToDevice));
-    LAUNCHED(cuda_swiglu_backward(d_dg, d_du, dout.dev, d_dg, d_du, n, NULL, E));
-    check("swiglu backward in place, dgate", download_bf16(d_dg, n), want_dg, TOL_BF16);
+    check("swiglu backward dgate", download_rows(d_dg, rows, cols, ld, &kept_dg), want_dg, TOL_BF16);
+    check("swiglu backward dup", download_rows(d_du, rows, cols, ld, &kept_du), want_du, TOL_BF16);
+    ok(kept_out && kept_dg && kept_du, "swiglu forward and backward leave the spare columns alone (ld %d)", ld);
+    if (ld == cols) {   // in place over its inputs, as a trainer short of memory would call it
+        HOST_CUDA(cudaMemcpy(d_dg, gate.dev, n * 2, cudaMemcpyDeviceToDevice));
+        HOST_CUDA(cudaMemcpy(d_du, up.dev, n * 2, cudaMemcpyDeviceToDevice));
+        LAUNCHED(cuda_swiglu_backward(d_dg, d_du, cols, dout.dev, d_dg, d_du, rows, cols, NULL, E));
+        check("swiglu backward in place, dgate", download_bf16(d_dg, n), want_dg, TOL_BF16);
+    }
     cudaFree(d_out);
     cudaFree(d_dg);
     cudaFree(d_du);
@@ -285,7 +319,7 @@ static void test_shape_errors(void)
     int rc = cuda_rope_forward((bf16_t *)16, (const int32_t *)16, (const float *)16, 4, 2, 7, NULL, &err);
     ok(rc == -1 && strstr(err.msg, "rope.cu:") && strstr(err.msg, "head_dim=7"),
        "rope rejects an odd head_dim naming file and line: %s", rc == -1 ? err.msg : "accepted");
-    rc = cuda_rmsnorm_forward(NULL, NULL, NULL, NULL, 4, 8, 1e-5f, NULL, &err);
+    rc = cuda_rmsnorm_forward(NULL, 8, NULL, NULL, NULL, NULL, 4, 8, 1e-5f, NULL, &err);
     ok(rc == -1 && strstr(err.msg, "rmsnorm.cu:"), "rmsnorm rejects NULL pointers: %s",
        rc == -1 ? err.msg : "accepted");
     rc = cuda_embedding_forward((bf16_t *)16, (const int32_t *)16, (const bf16_t *)16, 4, 0, 10, NULL, NULL, &err);
@@ -337,18 +371,18 @@ static int bench(void)
 
     TIMED("embedding forward", reps, 2 * tc2, 0,
           cuda_embedding_forward(out, d_ids, table.dev, T, C, V, NULL, NULL, E));
-    TIMED("rmsnorm forward", reps, 2 * tc2, 0, cuda_rmsnorm_forward(out, rstd, x.dev, w.dev, T, C, 1e-5f, NULL, E));
+    TIMED("rmsnorm forward", reps, 2 * tc2, 0, cuda_rmsnorm_forward(out, C, NULL, rstd, x.dev, w.dev, T, C, 1e-5f, NULL, E));
     // the same launches on pointers one element off 16-byte alignment take the scalar path:
     // what the 16-byte accesses buy
     TIMED("rmsnorm forward, scalar path", reps, 2 * tc2, 0,
-          cuda_rmsnorm_forward(out + 1, rstd, x.dev + 1, w.dev, T, C, 1e-5f, NULL, E));
+          cuda_rmsnorm_forward(out + 1, C, NULL, rstd, x.dev + 1, w.dev, T, C, 1e-5f, NULL, E));
     TIMED("embedding forward, scalar path", reps, 2 * tc2, 0,
           cuda_embedding_forward(out + 1, d_ids, table.dev, T, C, V, NULL, NULL, E));
     TIMED("rmsnorm backward (no dweight)", reps, 3 * tc2, 0,
-          cuda_rmsnorm_backward(dx, NULL, dout.dev, x.dev, w.dev, rstd, T, C, 0, NULL, E));
+          cuda_rmsnorm_backward(dx, C, NULL, dout.dev, x.dev, w.dev, rstd, T, C, 0, NULL, E));
     float *dw = dev_alloc<float>(C);
     TIMED("rmsnorm backward (+dweight, +=dx)", reps, 4 * tc2, 0,
-          cuda_rmsnorm_backward(dx, dw, dout.dev, x.dev, w.dev, rstd, T, C, 1, NULL, E));
+          cuda_rmsnorm_backward(dx, C, dw, dout.dev, x.dev, w.dev, rstd, T, C, 1, NULL, E));
     std::vector<float> inv_freq = llama3_inv_freq(D, 500000.0);
     float *d_freq = dev_copy(inv_freq.data(), inv_freq.size());
     TIMED("rope forward q (32 heads)", reps, 2 * tc2, 0, cuda_rope_forward(out, d_pos, d_freq, T, H, D, NULL, E));
@@ -359,11 +393,11 @@ static int bench(void)
         size_t n = (size_t)T * F;
         Bf16Tensor gate(n, 3.0f), up(n), dy(n);
         bf16_t *o = dev_alloc<bf16_t>(n), *dg = dev_alloc<bf16_t>(n), *du = dev_alloc<bf16_t>(n);
-        TIMED("swiglu forward", reps, 6.0 * n, 0, cuda_swiglu_forward(o, gate.dev, up.dev, n, NULL, E));
+        TIMED("swiglu forward", reps, 6.0 * n, 0, cuda_swiglu_forward(o, F, gate.dev, up.dev, T, F, NULL, E));
         TIMED("swiglu forward, scalar path", reps, 6.0 * n, 0,
-              cuda_swiglu_forward(o + 1, gate.dev + 1, up.dev + 1, n, NULL, E));
+              cuda_swiglu_forward(o + 1, F, gate.dev + 1, up.dev + 1, T, F, NULL, E));
         TIMED("swiglu backward", reps, 10.0 * n, 0,
-              cuda_swiglu_backward(dg, du, dy.dev, gate.dev, up.dev, n, NULL, E));
+              cuda_swiglu_backward(dg, du, F, dy.dev, gate.dev, up.dev, T, F, NULL, E));
         cudaFree(o), cudaFree(dg), cudaFree(du);
     }
     {
@@ -444,14 +478,18 @@ int main(int argc, char **argv)
     }
     test_embedding(1037, 776, 3001);  // vector path
     test_embedding(331, 77, 1001);    // scalar path
-    test_rmsnorm(1037, 776);
-    test_rmsnorm(331, 77);
-    test_rmsnorm(67, 13000);          // dweight partials above 48 KB of shared memory
+    test_rmsnorm(1037, 776, 776);
+    test_rmsnorm(331, 77, 77);
+    test_rmsnorm(67, 13000, 13000);   // dweight partials above 48 KB of shared memory
+    test_rmsnorm(333, 776, 776 + 48); // spare columns (the engine's folded LoRA), vector path
+    test_rmsnorm(77, 776, 781);       // odd row stride: scalar path
     test_rope(1037, 11, 128);         // four pairs a thread, two groups of heads (8 + 3)
     test_rope(333, 3, 72);            // four pairs a thread, 9 groups of pairs a head
     test_rope(333, 3, 70);            // head_dim % 8 != 0: one pair a thread
-    test_swiglu((size_t)1037 * 776);
-    test_swiglu((size_t)1037 * 777);
+    test_swiglu(1037, 776, 776);
+    test_swiglu(1037, 777, 777);
+    test_swiglu(333, 776, 776 + 16);  // spare columns, vector path
+    test_swiglu(77, 777, 790);        // spare columns, scalar path
     test_cross_entropy(blas, 301, 520, 5003, {{128, 1024}, {100, 1 << 30}, {4096, 5003}});
     test_cross_entropy(blas, 77, 136, 999, {{4096, 4096}, {77, 998}});
     test_adamw(1000003);

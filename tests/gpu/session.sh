@@ -5,8 +5,9 @@
 #   sh tests/gpu/session.sh STEP...
 # Steps: tests (every tests/gpu/*.t: prove with GPU_TESTS=build/obj/test-gpu), NAME.t (one of
 # them), bench-NAME (NAME_test --bench: gen, sample, decode, engine, ...), gen (tests/bench/gpu_gen.sh), train
-# (tests/bench/gpu_train.sh), tok (tests/bench/tok.sh with the prebuilt driver), memcheck-gen,
-# memcheck-sample, memcheck-decode (compute-sanitizer on those tests), ncu-gen (kernel durations of
+# (tests/bench/gpu_train.sh), tok (tests/bench/tok.sh with the prebuilt driver), memcheck-NAME
+# (NAME_test under compute-sanitizer: gen, sample, decode, kernels, engine), profile-engine (a training
+# step's time by operation, and its products alone: ENGINE_TEST_PROFILE = the layers, default 2), ncu-gen (kernel durations of
 # a few decode steps, Nsight Compute), ncu-attention (one decode-attention launch in full).
 # Environment: TOOL_LIBS (folders of shared libraries the tools need and the machine lacks, put on
 # LD_LIBRARY_PATH for our binaries), TESTDATA, GPU_RUN_BUDGET_S (default 580), OUT.
@@ -56,13 +57,15 @@ for s in "$@"; do
             chmod +x "$OUT/wrap/$(basename "$t")"
         done
         step 200 tok env TOKDRV="$OUT/wrap/tokdrv" BIN="$OUT/wrap" sh tests/bench/tok.sh ;;
+    profile-engine)   # where a training step's time goes (llama3-8b dims, 2 layers), the products alone
+        step 200 "$s" env LD_LIBRARY_PATH="$LIBS" ENGINE_TEST_PROFILE=${ENGINE_TEST_PROFILE:-2} "$GPU_TESTS/engine_test" --bench ;;
     ncu-gen)   # every kernel's duration in 3 plain decode steps (cuBLAS, then GEMV products), as CSV
         step 300 ncu-gen env LD_LIBRARY_PATH="$LIBS" GEN_TEST_PROFILE=1 ncu --clock-control none --cache-control none \
             --metrics gpu__time_duration.sum --csv "$GPU_TESTS/gen_test" --bench ;;
     ncu-attention)   # Nsight Compute's full report of one decode-attention launch (stall reasons)
         step 200 ncu-attention env LD_LIBRARY_PATH="$LIBS" GEN_TEST_PROFILE=1 ncu --clock-control none --set full \
             -k regex:decode_attention_kernel --launch-skip 40 --launch-count 1 "$GPU_TESTS/gen_test" --bench ;;
-    memcheck-gen | memcheck-sample | memcheck-decode)
+    memcheck-*)   # memcheck-NAME: NAME_test under compute-sanitizer's memcheck
         t=${s#memcheck-}_test
         step 200 "$s" env LD_LIBRARY_PATH="$LIBS" compute-sanitizer --tool memcheck --error-exitcode 9 "$GPU_TESTS/$t" ;;
     *) echo "session.sh: unknown step $s" >&2; status=2 ;;

@@ -546,26 +546,39 @@ static void test_launcher_arguments(void)
 {
     Err err;
     void *p = (void *)(uintptr_t)4096;  // non-NULL, never read
+    void *q = (char *)p + 64;          // another such buffer
     rejects(cuda_embedding_forward(p, p, p, 4, 0, 10, NULL, NULL, &err), &err, "embedding", "C=0",
             "an embedding of width 0");
     rejects(cuda_embedding_forward(p, p, p, 4, 8, 0, NULL, NULL, &err), &err, "embedding", "V=0",
             "an embedding table of 0 rows");
     rejects(cuda_embedding_forward(NULL, p, p, 4, 8, 10, NULL, NULL, &err), &err, "embedding", "NULL",
             "a NULL embedding output");
-    rejects(cuda_rmsnorm_forward(p, p, p, p, -1, 8, 1e-5f, NULL, &err), &err, "rmsnorm", "T=-1",
+    rejects(cuda_rmsnorm_forward(p, 8, NULL, p, p, p, -1, 8, 1e-5f, NULL, &err), &err, "rmsnorm", "T=-1",
             "a negative token count");
-    rejects(cuda_rmsnorm_forward(p, NULL, p, p, 4, 8, 1e-5f, NULL, &err), &err, "rmsnorm", "NULL",
+    rejects(cuda_rmsnorm_forward(p, 8, NULL, NULL, p, p, 4, 8, 1e-5f, NULL, &err), &err, "rmsnorm", "NULL",
             "rmsnorm without rstd");
-    rejects(cuda_rmsnorm_backward(p, NULL, p, p, p, p, 4, 0, 0, NULL, &err), &err, "rmsnorm", "C=0",
+    rejects(cuda_rmsnorm_forward(p, 7, NULL, p, p, p, 4, 8, 1e-5f, NULL, &err), &err, "rmsnorm", "ld_out=7",
+            "an rmsnorm output row stride shorter than a row");
+    rejects(cuda_rmsnorm_forward(p, 8, q, p, q, p, 4, 8, 1e-5f, NULL, &err), &err,
+            "rmsnorm", "copy aliases", "an rmsnorm forward copying x over itself");
+    rejects(cuda_rmsnorm_backward(p, 8, NULL, p, p, p, p, 4, 0, 0, NULL, &err), &err, "rmsnorm", "C=0",
             "an rmsnorm backward of width 0");
-    rejects(cuda_rmsnorm_backward(p, NULL, p, p, p, p, 4, 8, 1, NULL, &err), &err, "rmsnorm", "aliases",
+    rejects(cuda_rmsnorm_backward(p, 4, NULL, p, p, p, p, 4, 8, 0, NULL, &err), &err, "rmsnorm", "ld_dx=4",
+            "an rmsnorm backward dx row stride shorter than a row");
+    rejects(cuda_rmsnorm_backward(p, 8, NULL, p, p, p, p, 4, 8, 1, NULL, &err), &err, "rmsnorm", "aliases",
             "rmsnorm backward accumulating into its own dout");
     rejects(cuda_rope_forward(p, p, p, 4, 2, 7, NULL, &err), &err, "rope", "head_dim=7", "an odd head_dim");
     rejects(cuda_rope_backward(p, p, p, 4, 0, 8, NULL, &err), &err, "rope", "n_heads=0", "rope over 0 heads");
     rejects(cuda_rope_forward(p, NULL, p, 4, 2, 8, NULL, &err), &err, "rope", "NULL", "rope without positions");
-    rejects(cuda_swiglu_forward(p, NULL, p, 8, NULL, &err), &err, "swiglu", "NULL", "swiglu without a gate");
-    rejects(cuda_swiglu_backward(p, p, p, p, p, 8, NULL, &err), &err, "swiglu", "same buffer",
+    rejects(cuda_swiglu_forward(p, 8, NULL, p, 1, 8, NULL, &err), &err, "swiglu", "NULL", "swiglu without a gate");
+    rejects(cuda_swiglu_forward(p, 6, p, p, 1, 8, NULL, &err), &err, "swiglu", "ld_out=6",
+            "a swiglu output row stride shorter than a row");
+    rejects(cuda_swiglu_forward(p, 10, p, q, 2, 8, NULL, &err), &err, "swiglu", "aliases",
+            "swiglu forward over its own gate with spare columns");
+    rejects(cuda_swiglu_backward(p, p, 8, p, p, p, 1, 8, NULL, &err), &err, "swiglu", "same buffer",
             "swiglu backward with dgate and dup in one buffer");
+    rejects(cuda_swiglu_backward(p, q, 10, p, p, q, 2, 8, NULL, &err), &err, "swiglu",
+            "aliases", "swiglu backward over its own inputs with spare columns");
     size_t ws = cuda_cross_entropy_workspace_bytes(6, 8, 50, 4, 16);
     rejects(cuda_fused_cross_entropy(p, p, p, p, p, 6, 8, 50, 4, 0, 1, p, ws, p, NULL, &err), &err,
             "cross_entropy", "vocab_chunk=0", "a vocabulary chunk of 0");
@@ -582,9 +595,9 @@ static void test_launcher_arguments(void)
             "clipping without the gradient norm");
     rejects(cuda_grad_norm_squared(NULL, p, 8, NULL, &err), &err, "adamw", "NULL", "a NULL norm accumulator");
     // the workspace formula: one block and one chunk of a small problem, by hand
-    is_int(cuda_cross_entropy_workspace_bytes(6, 8, 50, 4, 16), 256 + 256 + 256 + 3 * 256,
-           "cross-entropy workspace: logits, gradients, fp32 d(hidden), 3 stats, 256-byte aligned");
-    is_int(cuda_cross_entropy_workspace_bytes(6, 8, 50, 4, 64), 1024 + 512 + 3 * 256,
+    is_int(cuda_cross_entropy_workspace_bytes(6, 8, 50, 4, 16), 256 + 256 + 3 * 256,
+           "cross-entropy workspace: logits (gradients in place), fp32 d(hidden), 3 stats, 256-byte aligned");
+    is_int(cuda_cross_entropy_workspace_bytes(6, 8, 50, 4, 64), 1024 + 3 * 256,
            "cross-entropy workspace without d(hidden) when one chunk covers the vocabulary");
 }
 
