@@ -766,7 +766,7 @@ static int proj_forward(CudaEngine *e, int l, int p, bf16_t *y, const bf16_t *x,
 // Backward of projection p from d_y (N, out; rows ld_dy apart, spare columns after out when
 // folded): dB += s d_y^T u, du = s d_y B (into d_y's spare columns when folded, else d_u),
 // dA += du^T x (dA, dB accumulate in fp32); then, when d_x is not NULL, d_x (N, in) (+)=
-// [d_y | du] W' (one product) or d_y W + du A.
+// [d_y | du] W' (one product), or d_y W with du A left to group_dx (q, k, v).
 static int proj_backward(CudaEngine *e, int l, int p, bf16_t *d_x, bf16_t *d_y, int ld_dy, const bf16_t *x, int N,
                          int accumulate, Err *err)
 {
@@ -775,11 +775,11 @@ static int proj_backward(CudaEngine *e, int l, int p, bf16_t *d_x, bf16_t *d_y, 
     const ProjFold *f = &e->fold[p];
     const bf16_t *w = e->layers[l].proj[p];
     long oa = e->off_A[(size_t)l * PROJ_COUNT + p], ob = e->off_B[(size_t)l * PROJ_COUNT + p];
-    // Every targeted projection has spare columns on one side at least (the groups above): du in
-    // d_y's, or (q, k, v) in d_u beside the other members', for group_dx.
-    bf16_t *du = f->du_col >= 0 ? d_y + out + f->du_col : e->d_u + f->u_col;
-    int ld_du = f->du_col >= 0 ? ld_dy : f->in_spare;
     if (oa >= 0) {
+        // Every targeted projection has spare columns on one side at least (the groups above): du
+        // in d_y's, or (q, k, v) in d_u beside the other members', for group_dx.
+        bf16_t *du = f->du_col >= 0 ? d_y + out + f->du_col : e->d_u + f->u_col;
+        int ld_du = f->du_col >= 0 ? ld_dy : f->in_spare;
         const bf16_t *u = f->u_col >= 0 ? x + in + f->u_col : e->acts[l].lora_u[p];
         int ld_u = f->u_col >= 0 ? f->ldw : r;
         if (gemm(e, true, false, out, r, N, e->scale, d_y, ld_dy, u, ld_u, 1.0f, e->grads + ob, r, CUDA_R_32F,
