@@ -553,13 +553,7 @@ static void bench_case(const char *name, const Model *m, int B, int T, int rank,
     const ModelConfig *c = &m->config;
     Batch batch(B, T, c->vocab_size);
     Lora *lora = random_lora(c, rank, rank, 0.05f);
-    Err err;
-    CudaEngineOptions opt = {mode};
-    CudaEngine *gpu = cuda_engine_create(m, &lora->config, B, T, &opt, &err);
-    if (!gpu) {
-        fprintf(stderr, "%s: %s\n", harness_prog, err.msg);
-        exit(1);
-    }
+    CudaEngine *gpu = engine_or_die(m, &lora->config, B, T, mode);
     LAUNCHED(cuda_engine_upload_lora(gpu, lora, E));
     double loss = 0;
     long n = 0;
@@ -601,13 +595,7 @@ static void profile_case(const char *name, const Model *m, int B, int T, int ran
 {
     Batch batch(B, T, m->config.vocab_size);
     Lora *lora = random_lora(&m->config, rank, rank, 0.05f);
-    CudaEngineOptions opt = {mode};
-    Err err;
-    CudaEngine *gpu = cuda_engine_create(m, &lora->config, B, T, &opt, &err);
-    if (!gpu) {
-        fprintf(stderr, "%s: %s\n", harness_prog, err.msg);
-        exit(1);
-    }
+    CudaEngine *gpu = engine_or_die(m, &lora->config, B, T, mode);
     LAUNCHED(cuda_engine_upload_lora(gpu, lora, E));
     double loss = 0;
     long n = 0;
