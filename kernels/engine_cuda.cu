@@ -237,7 +237,8 @@ void cuda_engine_profile_report(CudaEngine *e, FILE *out)
         fprintf(out, "#   %-28s %8.3f ms %5.1f%%\n", r.second.c_str(), r.first, 100 * r.first / total);
 }
 
-static int dev_alloc(CudaEngine *e, void **p, size_t bytes, Err *err)
+// zero: clear the buffer too (once, at create).
+static int dev_alloc(CudaEngine *e, void **p, size_t bytes, Err *err, bool zero = false)
 {
     *p = NULL;
     if (e->dry_run) {
@@ -247,11 +248,21 @@ static int dev_alloc(CudaEngine *e, void **p, size_t bytes, Err *err)
     CUDA_CHECK(cudaMalloc(p, bytes ? bytes : 16), err);
     e->allocs->push_back(*p);
     e->device_bytes += bytes;
+    if (zero)
+        CUDA_CHECK(cudaMemset(*p, 0, bytes), err);
     return 0;
 }
 #define ALLOC(ptr, count)                                                                         \
     do {                                                                                          \
         if (dev_alloc(e, (void **)&(ptr), (size_t)(count) * sizeof *(ptr), err) < 0)              \
+            goto fail;                                                                            \
+    } while (0)
+// Buffers with LoRA spare columns that no product writes before the folded products read them
+// (padding; another projection's du before its backward; the A stacks' padding rows): they are
+// read against zeros of W' and must be finite, so they start as zeros.
+#define ALLOC_ZERO(ptr, count)                                                                    \
+    do {                                                                                          \
+        if (dev_alloc(e, (void **)&(ptr), (size_t)(count) * sizeof *(ptr), err, true) < 0)        \
             goto fail;                                                                            \
     } while (0)
 
@@ -458,7 +469,7 @@ static int alloc_buffers(CudaEngine *e, Err *err)
         for (int g = 0; g < IN_GROUPS; g++) {
             size_t in = g == GROUP_ACT ? F : D, spare = e->ld_in[g] - in;
             if (spare)
-                ALLOC(e->layers[l].a_stack[g], spare * in);
+                ALLOC_ZERO(e->layers[l].a_stack[g], spare * in);
         }
     for (int l = 0; l < L; l++) {
         LayerActs *a = &e->acts[l];
@@ -495,16 +506,16 @@ static int alloc_buffers(CudaEngine *e, Err *err)
     ALLOC(e->cu_seqlens, N + 1);
     ALLOC(e->seq_start, N);
     ALLOC(e->losses, N);
-    ALLOC(e->d_x, N * e->ld_out[GROUP_DX]);
+    ALLOC_ZERO(e->d_x, N * e->ld_out[GROUP_DX]);
     ALLOC(e->d_xn, N * D);
     ALLOC(e->d_q, N * QD);
     ALLOC(e->d_attn, N * QD);
     ALLOC(e->d_k, N * KD);
     ALLOC(e->d_v, N * KD);
-    ALLOC(e->d_gate, N * e->ld_out[GROUP_DGATE]);
-    ALLOC(e->d_up, N * e->ld_out[GROUP_DUP]);
+    ALLOC_ZERO(e->d_gate, N * e->ld_out[GROUP_DGATE]);
+    ALLOC_ZERO(e->d_up, N * e->ld_out[GROUP_DUP]);
     ALLOC(e->d_act, N * F);
-    ALLOC(e->d_u, N * (e->ld_in[GROUP_XN1] > (int)D ? e->ld_in[GROUP_XN1] - D : 8));
+    ALLOC_ZERO(e->d_u, N * (e->ld_in[GROUP_XN1] > (int)D ? e->ld_in[GROUP_XN1] - D : 8));
     if (c->head_dim == 64 || c->head_dim == 128) {
         e->attn_ws_bytes = cuda_attention_backward_workspace_bytes((int)N, c->n_heads, c->n_kv_heads, c->head_dim);
         if (dev_alloc(e, &e->attn_ws, e->attn_ws_bytes, err) < 0)
@@ -646,25 +657,6 @@ CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_bat
     if (choose_recompute(e, m, asked, err) < 0 || upload_weights(e, m, err) < 0 || alloc_buffers(e, err) < 0 ||
         build_fold_copies(e, err) < 0)
         goto fail;
-    {
-        // Spare columns that no product writes (padding; another projection's du before its
-        // backward) are read by the folded products against zeros of W': they must be finite.
-        size_t d_u_cols = e->ld_in[GROUP_XN1] > c->dim ? e->ld_in[GROUP_XN1] - c->dim : 8;
-        bool zeroed = cudaMemset(e->d_x, 0, N * e->ld_out[GROUP_DX] * 2) == cudaSuccess &&
-                      cudaMemset(e->d_u, 0, N * d_u_cols * 2) == cudaSuccess &&
-                      cudaMemset(e->d_gate, 0, N * e->ld_out[GROUP_DGATE] * 2) == cudaSuccess &&
-                      cudaMemset(e->d_up, 0, N * e->ld_out[GROUP_DUP] * 2) == cudaSuccess;
-        for (int l = 0; l < L; l++)
-            for (int g = 0; g < IN_GROUPS; g++)
-                if (e->layers[l].a_stack[g])
-                    zeroed = zeroed && cudaMemset(e->layers[l].a_stack[g], 0,
-                                                  (size_t)(e->ld_in[g] - (g == GROUP_ACT ? c->hidden_dim : c->dim)) *
-                                                      (g == GROUP_ACT ? c->hidden_dim : c->dim) * 2) == cudaSuccess;
-        if (!zeroed) {
-            err_set(err, "cuda engine: clearing the LoRA spare columns failed");
-            goto fail;
-        }
-    }
     {
         std::vector<float> inv_freq(c->head_dim / 2);
         rope_inv_freq(c, inv_freq.data());

@@ -61,13 +61,14 @@ static void test_embedding(int T, int C, int V)
 // spare column (cols .. ld - 1) still holds the 0xffff pattern it was filled with.
 static std::vector<float> download_rows(const bf16_t *dev, int rows, int cols, int ld, bool *spare_kept)
 {
-    std::vector<float> all = download_bf16(dev, (size_t)rows * ld), out((size_t)rows * cols);
     std::vector<uint16_t> bits((size_t)rows * ld);
+    HOST_CUDA(cudaDeviceSynchronize());
     HOST_CUDA(cudaMemcpy(bits.data(), dev, bits.size() * 2, cudaMemcpyDeviceToHost));
+    std::vector<float> out((size_t)rows * cols);
     *spare_kept = true;
     for (int t = 0; t < rows; t++) {
         for (int j = 0; j < cols; j++)
-            out[(size_t)t * cols + j] = all[(size_t)t * ld + j];
+            out[(size_t)t * cols + j] = bf16_float(bits[(size_t)t * ld + j]);
         for (int j = cols; j < ld; j++)
             *spare_kept = *spare_kept && bits[(size_t)t * ld + j] == 0xffff;
     }

@@ -7,7 +7,8 @@
 # them), bench-NAME (NAME_test --bench: gen, sample, decode, engine, ...), gen (tests/bench/gpu_gen.sh), train
 # (tests/bench/gpu_train.sh), tok (tests/bench/tok.sh with the prebuilt driver), memcheck-NAME
 # (NAME_test under compute-sanitizer: gen, sample, decode, kernels, engine), profile-engine (a training
-# step's time by operation, and its products alone: ENGINE_TEST_PROFILE = the layers, default 2), ncu-gen (kernel durations of
+# step's time by operation, and its products alone: ENGINE_TEST_PROFILE = the layers, default 2; GPU
+# clocks and power beside it), ncu-gen (kernel durations of
 # a few decode steps, Nsight Compute), ncu-attention (one decode-attention launch in full).
 # Environment: TOOL_LIBS (folders of shared libraries the tools need and the machine lacks, put on
 # LD_LIBRARY_PATH for our binaries), TESTDATA, GPU_RUN_BUDGET_S (default 580), OUT.
@@ -57,8 +58,13 @@ for s in "$@"; do
             chmod +x "$OUT/wrap/$(basename "$t")"
         done
         step 200 tok env TOKDRV="$OUT/wrap/tokdrv" BIN="$OUT/wrap" sh tests/bench/tok.sh ;;
-    profile-engine)   # where a training step's time goes (llama3-8b dims, 2 layers), the products alone
-        step 200 "$s" env LD_LIBRARY_PATH="$LIBS" ENGINE_TEST_PROFILE=${ENGINE_TEST_PROFILE:-2} "$GPU_TESTS/engine_test" --bench ;;
+    profile-engine)   # where a training step's time goes (llama3-8b dims, 2 layers), the products alone;
+        # clocks, power and throttle reasons sampled every 250 ms meanwhile (profile-engine-smi.csv)
+        nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+            --format=csv -lms 250 >"$OUT/profile-engine-smi.csv" 2>&1 &
+        smi=$!
+        step 200 "$s" env LD_LIBRARY_PATH="$LIBS" ENGINE_TEST_PROFILE=${ENGINE_TEST_PROFILE:-2} "$GPU_TESTS/engine_test" --bench
+        kill $smi ;;
     ncu-gen)   # every kernel's duration in 3 plain decode steps (cuBLAS, then GEMV products), as CSV
         step 300 ncu-gen env LD_LIBRARY_PATH="$LIBS" GEN_TEST_PROFILE=1 ncu --clock-control none --cache-control none \
             --metrics gpu__time_duration.sum --csv "$GPU_TESTS/gen_test" --bench ;;
