@@ -71,9 +71,13 @@ $(BUILD)/tools/%.o: tools/%.c $(wildcard lib/*.h tools/*.h)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
 $(BUILD)/libalp.a: $(LIB_OBJ)
 	$(AR) rcs $@ $^
+# attention.cu's version 4 forward is made of wgmma, which exists only for the sm_90a target: that
+# file is built for sm_90a, and as compute_90 PTX (without that kernel) for newer GPUs to compile
+NVFLAGS_attention = $(filter-out -arch=sm_90,$(NVFLAGS)) -gencode=arch=compute_90a,code=sm_90a \
+	-gencode=arch=compute_90,code=compute_90
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.cuh lib/*.h)
 	@mkdir -p $(@D)
-	$(NVCC) $(NVFLAGS) -c -o $@ $<
+	$(NVCC) $(or $(NVFLAGS_$*),$(NVFLAGS)) -c -o $@ $<
 $(BUILD)/libkernels.a: $(CUDA_OBJ)
 	$(AR) rcs $@ $^
 $(BIN)/%: $(BUILD)/tools/%.o $(BUILD)/libalp.a $(CUDA_LIB)

@@ -1,6 +1,7 @@
 // Flash-style causal GQA attention over packed variable-length sequences, forward and backward
 // (FlashAttention-2's schedule). bf16 tiles in shared memory, tensor cores through
-// mma.sync.m16n8k16 (bf16 in, fp32 accumulate), online softmax in fp32 registers.
+// mma.sync.m16n8k16 (bf16 in, fp32 accumulate), online softmax in fp32 registers; version 4's
+// forward (the default on Hopper, head_dim 128) through wgmma and TMA instead (its section below).
 //
 // Tiles: a block of 4 warps owns TILE = 64 rows (queries in the forward, keys in the backward;
 // 128 queries in version 3's forward, 128 keys and 8 warps in versions 2 and 3's backward); each
@@ -19,6 +20,8 @@
 // the probabilities never leave registers. B operands whose k runs along a row of shared
 // memory load as 32-bit words (versions 1, 2) or by ldmatrix (3); those whose k runs down a
 // column (V and dO as k = keys/queries) load with ldmatrix.trans.
+#include <cuda.h>  // CUtensorMap; the encoder comes from the runtime (cudaGetDriverEntryPointByVersion)
+
 #include "attention.cuh"
 #include "cuda_check.cuh"
 
@@ -479,6 +482,312 @@ __global__ void __launch_bounds__(THREADS, 1) attention_forward_fast_kernel(
     }
 }
 
+// ---- version 4's forward: Hopper's warpgroup products (wgmma) and copies (TMA), sm_90a only ------
+// A block of 2 warpgroups owns 128 queries of one head (64 each: the M of one wgmma), head_dim
+// 128. Q and each 128-key K, V tile sit in shared memory in the tensor cores' 128-byte swizzled
+// layout: a tile is two 64-column halves, each 128 rows of 128 bytes, and the 16-byte piece j of
+// row r is stored at piece j ^ (r % 8) (so that the 8 rows a product reads at once hit every
+// bank); every half starts on 1024 bytes. TMA writes exactly that layout (one instruction a half
+// tile, rows past T zero-filled). S = Q K^T reads both operands from shared memory (K-major);
+// O += P V takes P from registers (the score accumulators, rounded to bf16, are already an A
+// fragment) and V MN-major. The rows' masks, maxima and sums are version 3's. Compiled only for
+// sm_90a (the wgmma instructions exist nowhere else): elsewhere the kernel is empty and the
+// launcher is never chosen (attention_sm90_ok). kernels/NOTES.md ("Attention version 4") has
+// what each part bought.
+constexpr int H_BM = 128, H_D = 128, H_THREADS = 256, H_STAGES = 3;
+constexpr uint32_t H_HALF = 128 * 128;       // bytes of one 64-column half of a 128-row tile
+constexpr uint32_t H_TILE = 2 * H_HALF;      // a 128 x 128 bf16 tile
+// alignment slack, Q, the K and V stages, seq_first, 7 mbarriers (version 4)
+constexpr size_t forward_sm90_smem_bytes() { return 1024 + (1 + 2 * H_STAGES) * H_TILE + H_BM * 4 + 7 * 8; }
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ATTENTION_SM90_BUILT 1
+constexpr int H_BN = 128;  // keys per tile
+// A shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
+// offsets (PTX ISA, "Matrix Descriptor Format")
+__device__ inline uint64_t sw128_desc(uint32_t addr, uint32_t lead, uint32_t stride)
+{
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | (uint64_t)((lead >> 4) & 0x3FFF) << 16 |
+           (uint64_t)((stride >> 4) & 0x3FFF) << 32 | 1ull << 62;
+}
+__device__ inline void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ inline void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int pending> __device__ inline void wgmma_wait()
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(pending) : "memory");
+}
+// keeps the compiler from moving accesses of an accumulator across a wgmma fence or wait
+__device__ inline void pin(float (&d)[16][4])
+{
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            asm volatile("" : "+f"(d[i][j])::"memory");
+}
+// d (64 x 128 fp32, this warpgroup's) += a (64 x 16) b (16 x 128), a and b by shared-memory
+// descriptors, both K-major; accumulate 0: d = a b
+__device__ inline void wgmma_ss(float (&d)[16][4], uint64_t a, uint64_t b, int accumulate)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "%64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                   "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                   "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                   "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+                   "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+                   "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+                   "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+                   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+// d += a b, a in registers (4 x 2 bf16 a thread: an mma.m16n8k16 A fragment of this warp's 16
+// rows), b by descriptor, MN-major (rows are k, contiguous along n)
+__device__ inline void wgmma_rs_mn(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                   "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                   "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                   "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+                   "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+                   "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+                   "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+                   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+// ---- TMA, mbarriers, named barriers (version 4) ----
+__device__ inline void mbar_init(uint32_t bar, int count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// arrive, announcing `bytes` of copies that will complete on this barrier's current phase
+__device__ inline void mbar_expect(uint32_t bar, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ inline void mbar_arrive(uint32_t bar)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// wait until the phase with this parity (0 or 1) has completed
+__device__ inline void mbar_wait(uint32_t bar, uint32_t parity)
+{
+    uint32_t done = 0;
+    while (!done)
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+}
+// rows [row, row + 128) x columns [col, col + 64) of head h of the (T, H, 128) tensor of map
+// into shared memory at dst (128-byte swizzled, 1024-aligned), completing on bar; rows past T
+// arrive as zeros
+__device__ inline void tma_load(uint32_t dst, const CUtensorMap *map, int col, int h, int row, uint32_t bar)
+{
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+                 "[%5];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(h), "r"(row), "r"(bar)
+                 : "memory");
+}
+// a 128 x 128 tile: its two 64-column halves
+__device__ inline void tma_tile(uint32_t dst, const CUtensorMap *map, int h, int row, uint32_t bar)
+{
+    tma_load(dst, map, 0, h, row, bar);
+    tma_load(dst + H_HALF, map, 64, h, row, bar);
+}
+// named barriers 1 and 2: a warpgroup waits for the other's arrival (256 threads in all)
+__device__ inline void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ inline void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+#endif
+
+// Version 4's forward. The two warpgroups take turns on the tensor cores (FlashAttention-3's
+// ping-pong, by two named barriers): warpgroup 0 issues its products of a tile (S_j = Q K_j^T and
+// the previous tile's O += P_{j-1} V_{j-1}), then warpgroup 1 its, then warpgroup 0 its next, ...,
+// so that one's softmax runs while the other's products do. Nothing is block-wide inside the
+// loop: stage i (of 3) is full when full[i] completes (its copies landed) and free when empty[i]
+// does (each of the 8 warps has waited for the products that read it). Thread 128 (in warpgroup
+// 1, the one behind) issues every copy: Q, the first three tiles, and tile j + 2 once stage
+// (j - 1) % 3 is free. Each warpgroup also issues S_j before waiting for P_{j-1} V_{j-1}, and
+// masks S_j while that runs (ptxas places the rest of the softmax after the second wait: it
+// reuses P's registers).
+__global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
+    const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+    const __grid_constant__ CUtensorMap map_v, __nv_bfloat16 *out, float *lse, const int32_t *cu, int n_seqs, int T,
+    int Hq, int Hkv, float scale_log2)
+{
+#ifdef ATTENTION_SM90_BUILT
+    extern __shared__ __align__(16) unsigned char smem[];
+    uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem), pad = ((raw + 1023) & ~1023u) - raw;
+    uint32_t sQ = raw + pad, sKV = sQ + H_TILE;  // stage i: K at sKV + 2 i H_TILE, V after it
+    unsigned char *tail = smem + pad + (1 + 2 * H_STAGES) * H_TILE;
+    int *seq_first = reinterpret_cast<int *>(tail);
+    uint32_t bars = raw + pad + (1 + 2 * H_STAGES) * H_TILE + H_BM * 4;  // q, full[3], empty[3]: 8 bytes each
+    uint32_t bar_q = bars, bar_full = bars + 8, bar_empty = bars + 32;
+
+    int q0 = (gridDim.x - 1 - blockIdx.x) * H_BM, h = blockIdx.y, kvh = h / (Hq / Hkv);
+    bool producer = threadIdx.x == 128;
+    if (threadIdx.x == 0) {
+        mbar_init(bar_q, 1);
+        for (int i = 0; i < H_STAGES; i++) {
+            mbar_init(bar_full + 8 * i, 1);
+            mbar_init(bar_empty + 8 * i, 8);  // one arrival a warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+    }
+    for (int i = threadIdx.x; i < H_BM; i += H_THREADS)
+        seq_first[i] = cu[sequence_of(cu, n_seqs, min(q0 + i, T - 1))];
+    __syncthreads();  // barriers initialised, seq_first
+    int key_first = seq_first[0], key_last = min(q0 + H_BM, T) - 1;
+    int n_tiles = (key_last - key_first) / H_BN + 1;
+    auto issue = [&](int j) {  // tile j into stage j % 3 (the producer thread only)
+        uint32_t stage = sKV + (j % H_STAGES) * 2 * H_TILE, full = bar_full + 8 * (j % H_STAGES);
+        mbar_expect(full, 2 * H_TILE);
+        tma_tile(stage, &map_k, kvh, key_first + j * H_BN, full);
+        tma_tile(stage + H_TILE, &map_v, kvh, key_first + j * H_BN, full);
+    };
+    if (producer) {
+        mbar_expect(bar_q, H_TILE);
+        tma_tile(sQ, &map_q, h, q0, bar_q);
+        for (int j = 0; j < H_STAGES && j < n_tiles; j++)
+            issue(j);
+    }
+
+    int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int row0 = wg * 64 + warp * 16;  // this warp's first row in the block
+    int ta = q0 + row0 + g, tb = ta + 8, first_a = seq_first[row0 + g], first_b = seq_first[row0 + g + 8];
+    int last_first = seq_first[row0 + 15];
+    float o[16][4], s[16][4], max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;
+    uint32_t p[8][4];  // P of the previous tile, the A fragments of P V
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+        o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    auto q_desc = [&](int ks) { return sw128_desc(sQ + (ks / 4) * H_HALF + wg * 64 * 128 + (ks % 4) * 32, 16, 1024); };
+    auto v_desc = [&](uint32_t sV, int kc) { return sw128_desc(sV + kc * 16 * 128, H_HALF, 1024); };
+    int my_turn = 1 + wg, other_turn = 2 - wg;  // named barrier ids
+    if (wg == 1)
+        named_arrive(other_turn);  // warpgroup 0 goes first
+    mbar_wait(bar_q, 0);
+
+    for (int it = 0; it < n_tiles; it++) {
+        uint32_t sK = sKV + (it % H_STAGES) * 2 * H_TILE;
+        uint32_t sV_prev = sKV + ((it + H_STAGES - 1) % H_STAGES) * 2 * H_TILE + H_TILE;
+        mbar_wait(bar_full + 8 * (it % H_STAGES), (it / H_STAGES) & 1);
+        named_sync(my_turn);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < H_D / 16; ks++)
+            wgmma_ss(s, q_desc(ks), sw128_desc(sK + (ks / 4) * H_HALF + (ks % 4) * 32, 16, 1024), ks > 0);
+        wgmma_commit();
+        if (it > 0) {
+#pragma unroll
+            for (int kc = 0; kc < H_BN / 16; kc++)
+                wgmma_rs_mn(o, p[kc], v_desc(sV_prev, kc));
+        }
+        wgmma_commit();
+        named_arrive(other_turn);
+        wgmma_wait<1>();
+        pin(s);
+        int k0 = key_first + it * H_BN;
+        if (!(k0 + H_BN - 1 <= q0 + row0 && last_first <= k0)) {  // a tile some key of which is masked
+#pragma unroll
+            for (int nt = 0; nt < H_BN / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int j = k0 + nt * 8 + 2 * c + e;
+                    if (j > ta || j < first_a)
+                        s[nt][e] = -INFINITY;
+                    if (j > tb || j < first_b)
+                        s[nt][2 + e] = -INFINITY;
+                }
+        }
+        float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < H_BN / 8; nt++) {
+            tile_max_a = fmaxf(tile_max_a, fmaxf(s[nt][0], s[nt][1]));
+            tile_max_b = fmaxf(tile_max_b, fmaxf(s[nt][2], s[nt][3]));
+        }
+        tile_max_a = fmaxf(max_a, tile_max_a * scale_log2);
+        tile_max_b = fmaxf(max_b, tile_max_b * scale_log2);
+        tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 1));
+        tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 2));
+        tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 1));
+        tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 2));
+        float base_a = tile_max_a == -INFINITY ? 0.0f : tile_max_a;
+        float base_b = tile_max_b == -INFINITY ? 0.0f : tile_max_b;
+        float rescale_a = fast_exp2(max_a - base_a), rescale_b = fast_exp2(max_b - base_b);
+        max_a = tile_max_a;
+        max_b = tile_max_b;
+        float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < H_BN / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                s[nt][e] = fast_exp2(fmaf(s[nt][e], scale_log2, -base_a));
+                s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], scale_log2, -base_b));
+                tile_sum_a += s[nt][e];
+                tile_sum_b += s[nt][2 + e];
+            }
+        sum_a = sum_a * rescale_a + tile_sum_a;
+        sum_b = sum_b * rescale_b + tile_sum_b;
+        wgmma_wait<0>();  // the previous tile's P V has landed in O (and p is free)
+        pin(o);
+        if (it > 0) {  // this warp is done with the previous tile's stage
+            int stage = (it - 1) % H_STAGES;
+            if (lane == 0)
+                mbar_arrive(bar_empty + 8 * stage);
+            if (producer && it + 2 < n_tiles) {
+                mbar_wait(bar_empty + 8 * stage, ((it - 1) / H_STAGES) & 1);
+                issue(it + 2);
+            }
+        }
+        if (__any_sync(0xffffffffu, rescale_a != 1.0f || rescale_b != 1.0f)) {
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                o[i][0] *= rescale_a, o[i][1] *= rescale_a;
+                o[i][2] *= rescale_b, o[i][3] *= rescale_b;
+            }
+        }
+#pragma unroll
+        for (int kc = 0; kc < H_BN / 16; kc++)
+            a_from_c(p[kc], s[2 * kc], s[2 * kc + 1]);
+    }
+    uint32_t sV_last = sKV + ((n_tiles - 1) % H_STAGES) * 2 * H_TILE + H_TILE;
+    named_sync(my_turn);
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < H_BN / 16; kc++)
+        wgmma_rs_mn(o, p[kc], v_desc(sV_last, kc));
+    wgmma_commit();
+    if (wg == 0)
+        named_arrive(other_turn);  // warpgroup 1's last turn; its own last arrival would have no taker
+    wgmma_wait<0>();
+    pin(o);
+    store_rows<H_D>(out, lse, o, max_a, max_b, sum_a, sum_b, ta, tb, T, Hq, h);
+#endif
+}
+
 // delta[t, h] = rowsum(dout * out) in fp32, and the dq accumulator's row zeroed (and, when
 // dkv_acc is given, the fp32 dk and dv accumulators' rows (t, h) for h < Hkv; when seq_start
 // is, the first position of t's sequence). One warp per (token, head) row.
@@ -784,6 +1093,65 @@ int forward_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, co
     return 0;
 }
 
+// The tensor-map encoder of the driver (cuTensorMapEncodeTiled), found once through the runtime
+typedef CUresult (*EncodeTiledFn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                                  const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// A TMA map of x (T, H, 128) bf16 whose box is 128 rows (positions) x 64 columns of one head,
+// 128-byte swizzled: the layout the kernel's products read
+int head_map(CUtensorMap *map, const bf16_t *x, int T, int H, Err *err)
+{
+    static EncodeTiledFn encode = nullptr;
+    if (!encode) {
+        void *fn = nullptr;
+        cudaDriverEntryPointQueryResult found;
+        CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found),
+                   err);
+        SHAPE_CHECK(found == cudaDriverEntryPointSuccess && fn, err, "attention: the driver has no cuTensorMapEncodeTiled");
+        encode = (EncodeTiledFn)fn;
+    }
+    cuuint64_t dims[3] = {(cuuint64_t)H_D, (cuuint64_t)H, (cuuint64_t)T}, strides[2] = {H_D * 2, (cuuint64_t)H * H_D * 2};
+    cuuint32_t box[3] = {64, 1, 128}, step[3] = {1, 1, 1};
+    CUresult rc = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void *)x, dims, strides, box, step,
+                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    SHAPE_CHECK(rc == CUDA_SUCCESS, err, "attention: cuTensorMapEncodeTiled failed (%d)", (int)rc);
+    return 0;
+}
+
+// Version 4's forward (head_dim 128 on an sm_90 device; attention_sm90_ok says when)
+int forward_sm90_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v,
+                        const int32_t *cu, int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream, Err *err)
+{
+    size_t smem = forward_sm90_smem_bytes();
+    dim3 grid(ceil_div(T, H_BM), Hq);
+    float scale_log2 = LOG2E / sqrtf((float)H_D);
+    CUtensorMap map_q, map_k, map_v;
+    if (head_map(&map_q, q, T, Hq, err) || head_map(&map_k, k, T, Hkv, err) || head_map(&map_v, v, T, Hkv, err))
+        return -1;
+    CUDA_CHECK(
+        cudaFuncSetAttribute(attention_forward_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        err);
+    attention_forward_tma_kernel<<<grid, H_THREADS, smem, stream>>>(map_q, map_k, map_v, out, lse, cu, n_seqs, T, Hq,
+                                                                    Hkv, scale_log2);
+    LAUNCH_CHECK(err);
+    return 0;
+}
+
+// Whether this build has the sm_90a forward and the current device runs it (compute capability
+// 9.0 exactly: sm_90a code runs nowhere else)
+bool attention_sm90_ok(void)
+{
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev))
+        return false;
+    cudaFuncAttributes attr;
+    return major == 9 && minor == 0 && cudaFuncGetAttributes(&attr, attention_forward_tma_kernel) == cudaSuccess &&
+           attr.numRegs > 0;
+}
+
 template <int D, int STAGES, int KW, bool FAST>
 int backward_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q, const bf16_t *k,
                     const bf16_t *v, const bf16_t *out, const float *lse, const int32_t *cu, int n_seqs, int T,
@@ -817,8 +1185,9 @@ int backward_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, cons
 // Which kernel version the launchers run (cuda_attention_set_version; kernels/NOTES.md has
 // each one's timings): 1 loads then computes, 64-row blocks of 4 warps; 2, version 1's forward
 // and a backward on 128-key blocks of 8 warps that copies the next query tile while computing on
-// this one; 3, the fastest measured: the FAST kernels.
-int attention_version = 3;
+// this one; 3, the FAST kernels; 4, the fastest measured: version 3's backward and, for head_dim
+// 128 on an sm_90 device, the wgmma/TMA forward (elsewhere version 3's).
+int attention_version = 4;
 
 }  // namespace
 
@@ -835,8 +1204,12 @@ extern "C" int cuda_attention_forward(bf16_t *out, float *lse, const bf16_t *q, 
     SHAPE_CHECK(is_aligned16(out) && is_aligned16(q) && is_aligned16(k) && is_aligned16(v), err,
                 "attention forward: q, k, v, out must be 16-byte aligned");
     cudaStream_t s = (cudaStream_t)stream;
-    auto launch = head_dim == 64 ? (attention_version == 3 ? forward_launch<64, true> : forward_launch<64, false>)
-                                 : (attention_version == 3 ? forward_launch<128, true> : forward_launch<128, false>);
+    if (attention_version >= 4 && head_dim == 128 && attention_sm90_ok())
+        return forward_sm90_launch(out, lse, q, k, v, cu_seqlens, n_seqs, T, n_heads,
+                                   n_kv_heads, s, err);
+    bool fast = attention_version >= 3;
+    auto launch = head_dim == 64 ? (fast ? forward_launch<64, true> : forward_launch<64, false>)
+                                 : (fast ? forward_launch<128, true> : forward_launch<128, false>);
     return launch(out, lse, q, k, v, cu_seqlens, n_seqs, T, n_heads, n_kv_heads, s, err);
 }
 

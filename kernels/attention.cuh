@@ -38,12 +38,14 @@ int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *do
 // The kernel lab's switch, for tests and benchmarks (not thread-safe; process-wide): version 1
 // loads each tile, then computes on it; version 2 runs version 1's forward and a backward on
 // 128-key blocks of 8 warps that copies the next query tile while computing on this one; version
-// 3 (the default, fastest on an H200) loads fragments with ldmatrix, runs 128-query forward
-// blocks, one backward block per (key tile, query head), and the exponent through ex2.approx.
+// 3 loads fragments with ldmatrix, runs 128-query forward blocks, one backward block per (key
+// tile, query head), and the exponent through ex2.approx; version 4 (the default, fastest on an
+// H200) is version 3 with, for head_dim 128 on a compute capability 9.0 device, a forward of
+// Hopper's own instructions (wgmma products, TMA copies; elsewhere it runs version 3's forward).
 // kernels/NOTES.md has each one's timings. Versions 1 and 2 give the same forward output bit for
-// bit, 3 the same to bf16 rounding. Returns the previous version, or -1 (and changes nothing) for
-// an unknown one.
-#define ATTENTION_VERSIONS 3
+// bit, 3 and 4 the same to bf16 rounding. Returns the previous version, or -1 (and changes
+// nothing) for an unknown one.
+#define ATTENTION_VERSIONS 4
 int cuda_attention_set_version(int version);
 
 // Plain kernels for any head_dim up to ATTENTION_PLAIN_MAX_HEAD_DIM (kernels/attention_plain.cu;
