@@ -1,7 +1,8 @@
 // Flash-style causal GQA attention over packed variable-length sequences, forward and backward
 // (FlashAttention-2's schedule). bf16 tiles in shared memory, tensor cores through
-// mma.sync.m16n8k16 (bf16 in, fp32 accumulate), online softmax in fp32 registers; version 4's
-// forward (the default on Hopper, head_dim 128) through wgmma and TMA instead (its section below).
+// mma.sync.m16n8k16 (bf16 in, fp32 accumulate), online softmax in fp32 registers; on Hopper, for
+// head_dim 128, the default (version 5) runs forward and backward through wgmma and TMA instead
+// (their sections below).
 //
 // Tiles: a block of 4 warps owns TILE = 64 rows (queries in the forward, keys in the backward;
 // 128 queries in version 3's forward, 128 keys and 8 warps in versions 2 and 3's backward); each
@@ -620,6 +621,41 @@ __device__ inline void tma_tile(uint32_t dst, const CUtensorMap *map, int h, int
 // named barriers 1 and 2: a warpgroup waits for the other's arrival (256 threads in all)
 __device__ inline void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 __device__ inline void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+// d (64 x 64 fp32, this warpgroup's) += a (64 x 16) b (16 x 64), both by descriptor; TA, TB:
+// a M-major, b N-major (else K-major); accumulate 0: d = a b
+template <int TA, int TB>
+__device__ inline void wgmma64_ss(float (&d)[8][4], uint64_t a, uint64_t b, int accumulate)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                 "%32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                   "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                   "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                   "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));
+}
+__device__ inline void pin(float (&d)[8][4])
+{
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            asm volatile("" : "+f"(d[i][j])::"memory");
+}
+// n bytes (a multiple of 16, both addresses 16-aligned) from global src to shared dst, completing on bar
+__device__ inline void bulk_load(uint32_t dst, const void *src, uint32_t n, uint32_t bar)
+{
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(n), "r"(bar)
+                 : "memory");
+}
+__device__ inline void sts32(uint32_t addr, uint32_t v) { asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory"); }
 #endif
 
 // Version 4's forward. The two warpgroups take turns on the tensor cores (FlashAttention-3's
@@ -786,6 +822,215 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
     pin(o);
     store_rows<H_D>(out, lse, o, max_a, max_b, sum_a, sum_b, ta, tb, T, Hq, h);
 #endif
+}
+
+// ---- version 5's backward: wgmma products and TMA copies, sm_90a only ----------------------
+// One block of 2 warpgroups per (128-key tile, query head), head_dim 128; warpgroup w owns keys
+// [64 w, 64 w + 64) of the tile. K and V stay in shared memory (TMA, 128-byte swizzled as in the
+// forward); the query tiles (64 queries: Q, dO, their log-sum-exps in log2 units, deltas and
+// sequence starts, the last three from the transposed, padded copies attention_backward_stats_kernel
+// makes) stream through two stages. Per query tile, each warpgroup computes with its own 64 keys
+// S^T = K Q^T and dP^T = V dO^T (64 x 64, both operands from shared memory), P^T and
+// dS^T = P^T (dP^T - delta) in registers, then dV += P^T dO and dK += dS^T Q with P^T and dS^T as
+// register A fragments; dS^T also goes to shared memory (rows = keys, 128 bytes of queries each,
+// swizzled: the M-major A operand of the next product) and, once both warpgroups' halves are
+// there, each warpgroup computes 64 of dQ's 128 columns, dS K over all 128 keys, and adds them
+// into the fp32 dq accumulator. dK, dV (fp32, in registers over every query tile) are added into
+// their accumulators at the end (the query heads of a kv head add into the same rows).
+constexpr int B_BQ = 64, B_STAGES = 2;
+constexpr uint32_t B_QHALF = 64 * 128, B_QTILE = 2 * B_QHALF;  // a 64 x 128 bf16 tile and its halves
+constexpr uint32_t B_STAGE = 2 * B_QTILE + 3 * 256 + 1280;     // Q, dO, lse, delta, starts; 1024-aligned
+constexpr uint32_t B_DS = 128 * 128;                           // dS^T: 128 keys x 64 queries bf16
+constexpr size_t backward_sm90_smem_bytes() { return 1024 + 2 * H_TILE + B_STAGES * B_STAGE + 2 * B_DS + 5 * 8; }
+
+__global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
+    const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_do,
+    const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v, float *dq_acc,
+    float *dkv_acc, const float *lse_t, const float *delta_t, const int32_t *starts, const int32_t *cu, int n_seqs,
+    int T, int Tpad, int Hq, int Hkv, float scale_log2, float scale)
+{
+#ifdef ATTENTION_SM90_BUILT
+    extern __shared__ __align__(16) unsigned char smem[];
+    uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem), pad = ((raw + 1023) & ~1023u) - raw;
+    uint32_t base = raw + pad, sK = base, sV = base + H_TILE, stages = base + 2 * H_TILE;
+    uint32_t sdS0 = stages + B_STAGES * B_STAGE, bars = sdS0 + 2 * B_DS;
+    uint32_t bar_kv = bars, bar_full = bars + 8, bar_empty = bars + 8 + 8 * B_STAGES;
+    auto generic = [&](uint32_t a) { return smem + pad + (a - base); };
+
+    int h = blockIdx.x, kvh = h / (Hq / Hkv), k0 = blockIdx.y * 128;
+    // the queries that see a key of the tile: [k0, the end of its last key's sequence)
+    int q_end = cu[sequence_of(cu, n_seqs, min(k0 + 127, T - 1)) + 1];
+    int n_q = (q_end - k0 + B_BQ - 1) / B_BQ;
+    if (threadIdx.x == 0) {
+        mbar_init(bar_kv, 1);
+        for (int i = 0; i < B_STAGES; i++) {
+            mbar_init(bar_full + 8 * i, 1);
+            mbar_init(bar_empty + 8 * i, 8);  // one arrival a warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+    }
+    __syncthreads();
+    auto issue = [&](int j) {  // query tile j into stage j % B_STAGES (thread 0 only)
+        uint32_t s = stages + (j % B_STAGES) * B_STAGE, full = bar_full + 8 * (j % B_STAGES);
+        int qs = k0 + j * B_BQ;
+        mbar_expect(full, 2 * B_QTILE + 3 * 256);
+        tma_load(s, &map_q, 0, h, qs, full);
+        tma_load(s + B_QHALF, &map_q, 64, h, qs, full);
+        tma_load(s + B_QTILE, &map_do, 0, h, qs, full);
+        tma_load(s + B_QTILE + B_QHALF, &map_do, 64, h, qs, full);
+        bulk_load(s + 2 * B_QTILE, lse_t + (size_t)h * Tpad + qs, 256, full);
+        bulk_load(s + 2 * B_QTILE + 256, delta_t + (size_t)h * Tpad + qs, 256, full);
+        bulk_load(s + 2 * B_QTILE + 512, starts + qs, 256, full);
+    };
+    if (threadIdx.x == 0) {
+        mbar_expect(bar_kv, 2 * H_TILE);
+        tma_tile(sK, &map_k, kvh, k0, bar_kv);
+        tma_tile(sV, &map_v, kvh, k0, bar_kv);
+        for (int j = 0; j < B_STAGES && j < n_q; j++)
+            issue(j);
+    }
+
+    int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    int row = wg * 64 + warp * 16 + g;  // this thread's keys in the tile: row, row + 8
+    int ka = k0 + row, kb = ka + 8, key_warp = k0 + wg * 64 + warp * 16;
+    float dk[16][4], dv[16][4];
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            dk[i][e] = dv[i][e] = 0.0f;
+    // A: this warpgroup's 64 keys of K (or V), hd columns [16 ks, 16 ks + 16)
+    auto key_desc = [&](uint32_t sX, int ks) { return sw128_desc(sX + (ks / 4) * H_HALF + wg * 64 * 128 + (ks % 4) * 32, 16, 1024); };
+    // B, K-major: the 64 queries of a Q (or dO) tile, hd columns [16 ks, 16 ks + 16)
+    auto query_desc = [&](uint32_t sX, int ks) { return sw128_desc(sX + (ks / 4) * B_QHALF + (ks % 4) * 32, 16, 1024); };
+    // B, N-major: queries [16 kc, 16 kc + 16) of a Q (or dO) tile, all 128 hd columns
+    auto query_mn_desc = [&](uint32_t sX, int kc) { return sw128_desc(sX + kc * 16 * 128, B_QHALF, 1024); };
+    mbar_wait(bar_kv, 0);
+
+    for (int j = 0; j < n_q; j++) {
+        int st = j % B_STAGES, qs = k0 + j * B_BQ;
+        uint32_t s = stages + st * B_STAGE, sdS = sdS0 + (j & 1) * B_DS;
+        const float *s_lse = reinterpret_cast<const float *>(generic(s + 2 * B_QTILE)), *s_delta = s_lse + 64;
+        const int32_t *s_start = reinterpret_cast<const int32_t *>(s_lse + 128);
+        mbar_wait(bar_full + 8 * st, (j / B_STAGES) & 1);
+        float sT[8][4], dpT[8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < H_D / 16; ks++)
+            wgmma64_ss<0, 0>(sT, key_desc(sK, ks), query_desc(s, ks), ks > 0);
+#pragma unroll
+        for (int ks = 0; ks < H_D / 16; ks++)
+            wgmma64_ss<0, 0>(dpT, key_desc(sV, ks), query_desc(s + B_QTILE, ks), ks > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin(sT);
+        pin(dpT);
+        // P^T, dS^T: rows keys ka, kb; columns queries qs + 8 i + 2 c + e. Whole tiles inside
+        // every query's sequence and causal window, and before T, skip the mask.
+        bool full = qs + B_BQ - 1 < T && key_warp + 15 <= qs && s_start[B_BQ - 1] <= key_warp;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int col = 8 * i + 2 * c + e, t = qs + col;
+                float l = s_lse[col], dl = s_delta[col];
+                float pa = fast_exp2(fmaf(sT[i][e], scale_log2, -l)), pb = fast_exp2(fmaf(sT[i][2 + e], scale_log2, -l));
+                if (!full) {
+                    int first = s_start[col];
+                    pa = ka <= t && ka >= first && t < T ? pa : 0.0f;
+                    pb = kb <= t && kb >= first && t < T ? pb : 0.0f;
+                }
+                sT[i][e] = pa;
+                sT[i][2 + e] = pb;
+                dpT[i][e] = pa * (dpT[i][e] - dl);
+                dpT[i][2 + e] = pb * (dpT[i][2 + e] - dl);
+            }
+        uint32_t pA[4][4], dsA[4][4];  // A fragments, k = queries [16 kc, 16 kc + 16)
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++) {
+            a_from_c(pA[kc], sT[2 * kc], sT[2 * kc + 1]);
+            a_from_c(dsA[kc], dpT[2 * kc], dpT[2 * kc + 1]);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++)
+            wgmma_rs_mn(dv, pA[kc], query_mn_desc(s + B_QTILE, kc));
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++)
+            wgmma_rs_mn(dk, dsA[kc], query_mn_desc(s, kc));
+        wgmma_commit();
+        // dS^T into shared memory: row `row` (and row + 8), queries 8 i + 2 c, swizzled
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++)
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                int i = 2 * kc + half;
+                sts32(sdS + row * 128 + ((i ^ g) * 16) + 4 * c, dsA[kc][2 * half]);
+                sts32(sdS + (row + 8) * 128 + ((i ^ g) * 16) + 4 * c, dsA[kc][2 * half + 1]);
+            }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the tensor cores read them next
+        named_sync(1);  // both warpgroups' dS^T are in place
+        float dq[8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kc = 0; kc < 8; kc++)  // dQ (queries x this warpgroup's 64 hd columns) = dS K, 16 keys a product
+            wgmma64_ss<1, 1>(dq, sw128_desc(sdS + kc * 16 * 128, 16, 1024),
+                             sw128_desc(sK + wg * H_HALF + kc * 16 * 128, 16, 1024), kc > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin(dq);
+        pin(dv);
+        pin(dk);
+        if (lane == 0)  // this warp is done with the stage
+            mbar_arrive(bar_empty + 8 * st);
+        if (threadIdx.x == 0 && j + B_STAGES < n_q) {
+            mbar_wait(bar_empty + 8 * st, (j / B_STAGES) & 1);
+            issue(j + B_STAGES);
+        }
+        int qa = qs + warp * 16 + g, qb = qa + 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int col = wg * 64 + 8 * i + 2 * c;
+            if (qa < T)
+                atomicAdd(reinterpret_cast<float2 *>(dq_acc + ((size_t)qa * Hq + h) * H_D + col),
+                          make_float2(dq[i][0] * scale, dq[i][1] * scale));
+            if (qb < T)
+                atomicAdd(reinterpret_cast<float2 *>(dq_acc + ((size_t)qb * Hq + h) * H_D + col),
+                          make_float2(dq[i][2] * scale, dq[i][3] * scale));
+        }
+    }
+    size_t n_kv = (size_t)T * Hkv * H_D;
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        int col = 8 * i + 2 * c;
+        if (ka < T) {
+            size_t at = ((size_t)ka * Hkv + kvh) * H_D + col;
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk[i][0] * scale, dk[i][1] * scale));
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv[i][0], dv[i][1]));
+        }
+        if (kb < T) {
+            size_t at = ((size_t)kb * Hkv + kvh) * H_D + col;
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk[i][2] * scale, dk[i][3] * scale));
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv[i][2], dv[i][3]));
+        }
+    }
+#endif
+}
+
+// lse (natural log) and delta (T, Hq) into lse_t (log2 units) and delta_t (Hq, Tpad), and the
+// sequence starts into a copy padded to Tpad: positions past T get lse +inf (their P is 0),
+// delta 0, start T
+__global__ void attention_backward_stats_kernel(float *lse_t, float *delta_t, int32_t *starts_pad, const float *lse,
+                                                const float *delta, const int32_t *starts, int T, int Tpad, int Hq)
+{
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)Hq * Tpad)
+        return;
+    int h = (int)(i / Tpad), t = (int)(i % Tpad);
+    lse_t[i] = t < T ? lse[(size_t)t * Hq + h] * LOG2E : INFINITY;
+    delta_t[i] = t < T ? delta[(size_t)t * Hq + h] : 0.0f;
+    if (h == 0)
+        starts_pad[t] = t < T ? starts[t] : T;
 }
 
 // delta[t, h] = rowsum(dout * out) in fp32, and the dq accumulator's row zeroed (and, when
@@ -1098,9 +1343,9 @@ typedef CUresult (*EncodeTiledFn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t
                                   const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
-// A TMA map of x (T, H, 128) bf16 whose box is 128 rows (positions) x 64 columns of one head,
+// A TMA map of x (T, H, 128) bf16 whose box is `rows` rows (positions) x 64 columns of one head,
 // 128-byte swizzled: the layout the kernel's products read
-int head_map(CUtensorMap *map, const bf16_t *x, int T, int H, Err *err)
+int head_map(CUtensorMap *map, const bf16_t *x, int T, int H, int rows, Err *err)
 {
     static EncodeTiledFn encode = nullptr;
     if (!encode) {
@@ -1112,7 +1357,7 @@ int head_map(CUtensorMap *map, const bf16_t *x, int T, int H, Err *err)
         encode = (EncodeTiledFn)fn;
     }
     cuuint64_t dims[3] = {(cuuint64_t)H_D, (cuuint64_t)H, (cuuint64_t)T}, strides[2] = {H_D * 2, (cuuint64_t)H * H_D * 2};
-    cuuint32_t box[3] = {64, 1, 128}, step[3] = {1, 1, 1};
+    cuuint32_t box[3] = {64, 1, (cuuint32_t)rows}, step[3] = {1, 1, 1};
     CUresult rc = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void *)x, dims, strides, box, step,
                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -1128,13 +1373,50 @@ int forward_sm90_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *
     dim3 grid(ceil_div(T, H_BM), Hq);
     float scale_log2 = LOG2E / sqrtf((float)H_D);
     CUtensorMap map_q, map_k, map_v;
-    if (head_map(&map_q, q, T, Hq, err) || head_map(&map_k, k, T, Hkv, err) || head_map(&map_v, v, T, Hkv, err))
+    if (head_map(&map_q, q, T, Hq, 128, err) || head_map(&map_k, k, T, Hkv, 128, err) ||
+        head_map(&map_v, v, T, Hkv, 128, err))
         return -1;
     CUDA_CHECK(
         cudaFuncSetAttribute(attention_forward_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
         err);
     attention_forward_tma_kernel<<<grid, H_THREADS, smem, stream>>>(map_q, map_k, map_v, out, lse, cu, n_seqs, T, Hq,
                                                                     Hkv, scale_log2);
+    LAUNCH_CHECK(err);
+    return 0;
+}
+
+// Version 5's backward (head_dim 128 on an sm_90 device)
+int backward_sm90_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q, const bf16_t *k,
+                         const bf16_t *v, const bf16_t *out, const float *lse, const int32_t *cu, int n_seqs, int T,
+                         int Hq, int Hkv, float *dq_acc, float *dkv_acc, float *delta, int32_t *seq_start,
+                         float *lse_t, float *delta_t, int32_t *starts_pad, cudaStream_t stream, Err *err)
+{
+    long rows = (long)T * Hq;
+    int Tpad = ceil_div(T, B_BQ) * B_BQ;
+    attention_backward_prepare_kernel<H_D><<<ceil_div((size_t)rows * 32, 256), 256, 0, stream>>>(
+        delta, dq_acc, dkv_acc, seq_start, dout, out, rows, Hq, Hkv, cu, n_seqs);
+    LAUNCH_CHECK(err);
+    attention_backward_stats_kernel<<<ceil_div((size_t)Hq * Tpad, 256), 256, 0, stream>>>(lse_t, delta_t, starts_pad,
+                                                                                        lse, delta, seq_start, T, Tpad, Hq);
+    LAUNCH_CHECK(err);
+    CUtensorMap map_q, map_do, map_k, map_v;
+    if (head_map(&map_q, q, T, Hq, B_BQ, err) || head_map(&map_do, dout, T, Hq, B_BQ, err) ||
+        head_map(&map_k, k, T, Hkv, 128, err) || head_map(&map_v, v, T, Hkv, 128, err))
+        return -1;
+    size_t smem = backward_sm90_smem_bytes();
+    CUDA_CHECK(
+        cudaFuncSetAttribute(attention_backward_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        err);
+    attention_backward_tma_kernel<<<dim3(Hq, ceil_div(T, 128)), H_THREADS, smem, stream>>>(
+        map_q, map_do, map_k, map_v, dq_acc, dkv_acc, lse_t, delta_t, starts_pad, cu, n_seqs, T, Tpad, Hq, Hkv,
+        LOG2E / sqrtf((float)H_D), 1.0f / sqrtf((float)H_D));
+    LAUNCH_CHECK(err);
+    size_t n = (size_t)rows * H_D, n_kv = (size_t)T * Hkv * H_D;
+    attention_dq_convert_kernel<<<ceil_div(n / 8, 256), 256, 0, stream>>>(dq, dq_acc, n);
+    LAUNCH_CHECK(err);
+    attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dk, dkv_acc, n_kv);
+    LAUNCH_CHECK(err);
+    attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dv, dkv_acc + n_kv, n_kv);
     LAUNCH_CHECK(err);
     return 0;
 }
@@ -1185,9 +1467,10 @@ int backward_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, cons
 // Which kernel version the launchers run (cuda_attention_set_version; kernels/NOTES.md has
 // each one's timings): 1 loads then computes, 64-row blocks of 4 warps; 2, version 1's forward
 // and a backward on 128-key blocks of 8 warps that copies the next query tile while computing on
-// this one; 3, the FAST kernels; 4, the fastest measured: version 3's backward and, for head_dim
-// 128 on an sm_90 device, the wgmma/TMA forward (elsewhere version 3's).
-int attention_version = 4;
+// this one; 3, the FAST kernels; 4, version 3's backward and, for head_dim 128 on an sm_90
+// device, the wgmma/TMA forward; 5, the fastest measured: there, the wgmma/TMA backward too
+// (elsewhere, and for head_dim 64, versions 4 and 5 run version 3's kernels).
+int attention_version = 5;
 
 }  // namespace
 
@@ -1217,9 +1500,11 @@ extern "C" size_t cuda_attention_backward_workspace_bytes(int T, int n_heads, in
 {
     size_t t = T > 0 ? T : 0, hq = n_heads > 0 ? n_heads : 0, hkv = n_kv_heads > 0 ? n_kv_heads : 0;
     size_t d = head_dim > 0 ? head_dim : 0;
-    // dq accumulator, dk and dv accumulators, delta, each position's sequence start
+    size_t tpad = (t + 63) / 64 * 64;
+    // dq accumulator, dk and dv accumulators, delta, each position's sequence start; then (version
+    // 5) lse and delta transposed to (heads, tpad), the starts padded to tpad
     return (t * hq * d * 4 + 15) / 16 * 16 + (2 * t * hkv * d * 4 + 15) / 16 * 16 + (t * hq * 4 + 15) / 16 * 16 +
-           t * 4;
+           (t * 4 + 15) / 16 * 16 + 2 * hq * tpad * 4 + tpad * 4;
 }
 
 extern "C" int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q,
@@ -1246,6 +1531,13 @@ extern "C" int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const
     float *delta = (float *)((char *)dkv_acc + ((size_t)2 * T * n_kv_heads * head_dim * 4 + 15) / 16 * 16);
     int32_t *seq_start = (int32_t *)((char *)delta + ((size_t)T * n_heads * 4 + 15) / 16 * 16);
     cudaStream_t s = (cudaStream_t)stream;
+    if (attention_version == 5 && head_dim == 128 && attention_sm90_ok()) {
+        size_t tpad = ((size_t)T + 63) / 64 * 64;
+        float *lse_t = (float *)((char *)seq_start + ((size_t)T * 4 + 15) / 16 * 16), *delta_t = lse_t + n_heads * tpad;
+        int32_t *starts_pad = (int32_t *)(delta_t + n_heads * tpad);
+        return backward_sm90_launch(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, n_seqs, T, n_heads, n_kv_heads,
+                                    dq_acc, dkv_acc, delta, seq_start, lse_t, delta_t, starts_pad, s, err);
+    }
     auto launch = head_dim == 64 ? (attention_version == 1   ? backward_launch<64, 1, 4, false>
                                     : attention_version == 2 ? backward_launch<64, 2, 8, false>
                                                              : backward_launch<64, 2, 8, true>)

@@ -21,8 +21,9 @@ int cuda_attention_forward(bf16_t *out, float *lse, const bf16_t *q, const bf16_
                            int head_dim, GpuStream stream, Err *err);
 
 // Bytes of device workspace the backward needs: fp32 accumulators for dq (T, n_heads, head_dim),
-// dk and dv (T, n_kv_heads, head_dim each), D = rowsum(dout * out) (T, n_heads), and each
-// position's sequence start (T int32).
+// dk and dv (T, n_kv_heads, head_dim each), D = rowsum(dout * out) (T, n_heads), each
+// position's sequence start (T int32), and for version 5 the log-sum-exps and D transposed to
+// (n_heads, T rounded up to 64) and the starts padded to that length.
 size_t cuda_attention_backward_workspace_bytes(int T, int n_heads, int n_kv_heads, int head_dim);
 
 // dq (T, n_heads, head_dim), dk, dv (T, n_kv_heads, head_dim), bf16, written (not added to);
@@ -39,13 +40,14 @@ int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *do
 // loads each tile, then computes on it; version 2 runs version 1's forward and a backward on
 // 128-key blocks of 8 warps that copies the next query tile while computing on this one; version
 // 3 loads fragments with ldmatrix, runs 128-query forward blocks, one backward block per (key
-// tile, query head), and the exponent through ex2.approx; version 4 (the default, fastest on an
-// H200) is version 3 with, for head_dim 128 on a compute capability 9.0 device, a forward of
-// Hopper's own instructions (wgmma products, TMA copies; elsewhere it runs version 3's forward).
-// kernels/NOTES.md has each one's timings. Versions 1 and 2 give the same forward output bit for
-// bit, 3 and 4 the same to bf16 rounding. Returns the previous version, or -1 (and changes
+// tile, query head), and the exponent through ex2.approx; version 4 is version 3 with, for
+// head_dim 128 on a compute capability 9.0 device, a forward of Hopper's own instructions (wgmma
+// products, TMA copies); version 5 (the default, fastest on an H200) has the backward of those
+// instructions too. Elsewhere versions 4 and 5 run version 3's kernels. kernels/NOTES.md has each
+// one's timings. Versions 1 and 2 give the same forward output bit for bit, 3 to 5 the same to
+// bf16 rounding. Returns the previous version, or -1 (and changes
 // nothing) for an unknown one.
-#define ATTENTION_VERSIONS 4
+#define ATTENTION_VERSIONS 5
 int cuda_attention_set_version(int version);
 
 // Plain kernels for any head_dim up to ATTENTION_PLAIN_MAX_HEAD_DIM (kernels/attention_plain.cu;
