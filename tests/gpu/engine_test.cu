@@ -868,6 +868,11 @@ int main(int argc, char **argv)
     compare_engines("random q,v,o,up r5", &random_model.m, 2, 128, 5, 0.5f,
                     1u << PROJ_Q | 1u << PROJ_V | 1u << PROJ_O | 1u << PROJ_UP);
     compare_engines("random k,down r3", &random_model.m, 1, 128, 3, 0.5f, 1u << PROJ_K | 1u << PROJ_DOWN);
+    // head_dim 128, GQA 2:1: on an H200 the wgmma/TMA attention kernels (version 5); 640 tokens
+    // end inside a 128-key tile
+    RandomModel hd128_model(512, 1376, 2, 4, 2, 0, 512, 8192);
+    compare_engines("random hd128", &hd128_model.m, 2, 256, 8, 0.5f);
+    compare_engines("random hd128 1x640", &hd128_model.m, 1, 640, 8, 0.5f);
     test_rejects(&random_model.m);
     test_weight_upload();
     test_weight_upload_pitched();
