@@ -493,7 +493,7 @@ __global__ void __launch_bounds__(THREADS, 1) attention_forward_fast_kernel(
 // O += P V takes P from registers (the score accumulators, rounded to bf16, are already an A
 // fragment) and V MN-major. The rows' masks, maxima and sums are version 3's. Compiled only for
 // sm_90a (the wgmma instructions exist nowhere else): elsewhere the kernel is empty and the
-// launcher is never chosen (attention_sm90_ok). kernels/NOTES.md ("Attention version 4") has
+// launcher is never chosen (attention_sm90_ok). kernels/NOTES.md ("Issue 6, part 5") has
 // what each part bought.
 constexpr int H_BM = 128, H_D = 128, H_THREADS = 256, H_STAGES = 3;
 constexpr uint32_t H_HALF = 128 * 128;       // bytes of one 64-column half of a 128-row tile
@@ -532,7 +532,10 @@ __device__ inline void wgmma_ss(float (&d)[16][4], uint64_t a, uint64_t b, int a
 {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
                  "%64, %65, p, 1, 1, 0, 0;\n}\n"
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
                    "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
@@ -558,7 +561,10 @@ __device__ inline void wgmma_rs_mn(float (&d)[16][4], const uint32_t (&a)[4], ui
 {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
                  "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
                    "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
@@ -578,7 +584,7 @@ __device__ inline void wgmma_rs_mn(float (&d)[16][4], const uint32_t (&a)[4], ui
                    "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
-// ---- TMA, mbarriers, named barriers (version 4) ----
+// ---- TMA, mbarriers, named barriers (versions 4 and 5) ----
 __device__ inline void mbar_init(uint32_t bar, int count)
 {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -602,9 +608,9 @@ __device__ inline void mbar_wait(uint32_t bar, uint32_t parity)
                      : "r"(bar), "r"(parity)
                      : "memory");
 }
-// rows [row, row + 128) x columns [col, col + 64) of head h of the (T, H, 128) tensor of map
-// into shared memory at dst (128-byte swizzled, 1024-aligned), completing on bar; rows past T
-// arrive as zeros
+// the box of map (head_map: rows x 64 columns) at row, column col of head h of its (T, H, 128)
+// tensor into shared memory at dst (128-byte swizzled, 1024-aligned), completing on bar; rows
+// past T arrive as zeros
 __device__ inline void tma_load(uint32_t dst, const CUtensorMap *map, int col, int h, int row, uint32_t bar)
 {
     asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
@@ -628,7 +634,8 @@ __device__ inline void wgmma64_ss(float (&d)[8][4], uint64_t a, uint64_t b, int 
 {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
                  "%32, %33, p, 1, 1, %35, %36;\n}\n"
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
                    "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
@@ -655,7 +662,10 @@ __device__ inline void bulk_load(uint32_t dst, const void *src, uint32_t n, uint
                  "l"(src), "r"(n), "r"(bar)
                  : "memory");
 }
-__device__ inline void sts32(uint32_t addr, uint32_t v) { asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory"); }
+__device__ inline void sts32(uint32_t addr, uint32_t v)
+{
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
 #endif
 
 // Version 4's forward. The two warpgroups take turns on the tensor cores (FlashAttention-3's
@@ -900,7 +910,9 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
         for (int e = 0; e < 4; e++)
             dk[i][e] = dv[i][e] = 0.0f;
     // A: this warpgroup's 64 keys of K (or V), hd columns [16 ks, 16 ks + 16)
-    auto key_desc = [&](uint32_t sX, int ks) { return sw128_desc(sX + (ks / 4) * H_HALF + wg * 64 * 128 + (ks % 4) * 32, 16, 1024); };
+    auto key_desc = [&](uint32_t sX, int ks) {
+        return sw128_desc(sX + (ks / 4) * H_HALF + wg * 64 * 128 + (ks % 4) * 32, 16, 1024);
+    };
     // B, K-major: the 64 queries of a Q (or dO) tile, hd columns [16 ks, 16 ks + 16)
     auto query_desc = [&](uint32_t sX, int ks) { return sw128_desc(sX + (ks / 4) * B_QHALF + (ks % 4) * 32, 16, 1024); };
     // B, N-major: queries [16 kc, 16 kc + 16) of a Q (or dO) tile, all 128 hd columns
