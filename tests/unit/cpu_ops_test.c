@@ -615,8 +615,10 @@ static void test_attention_launcher_arguments(void)
     rejects(cuda_attention_forward(p, p, (void *)((char *)p + 2), p, p, p, 1, 8, 4, 4, 64, NULL, &err), &err, "attention",
             "aligned", "a misaligned q");
     size_t ws = cuda_attention_backward_workspace_bytes(8, 4, 2, 64);
-    is_int(ws, 8 * 4 * 64 * 4 + 2 * 8 * 2 * 64 * 4 + 8 * 4 * 4 + 8 * 4,
-           "attention backward workspace: fp32 dq (T, H, hd), dk and dv (T, Hkv, hd), D (T, H), sequence starts (T)");
+    // T = 8 rounds up to 64 positions for version 5's transposed lse and D (H, 64) and padded starts
+    is_int(ws, 8 * 4 * 64 * 4 + 2 * 8 * 2 * 64 * 4 + 8 * 4 * 4 + 8 * 4 + 2 * 4 * 64 * 4 + 64 * 4,
+           "attention backward workspace: fp32 dq (T, H, hd), dk and dv (T, Hkv, hd), D (T, H), sequence starts (T), "
+           "lse and D transposed (H, T to 64), starts padded");
     rejects(cuda_attention_backward(p, p, p, p, p, p, p, p, p, p, 1, 8, 4, 4, 64, p, ws - 1, NULL, &err), &err,
             "attention", "workspace", "a short attention workspace");
     rejects(cuda_attention_backward(p, p, p, p, p, p, p, p, NULL, p, 1, 8, 4, 4, 64, p, ws, NULL, &err), &err,
