@@ -503,6 +503,16 @@ constexpr size_t forward_sm90_smem_bytes() { return 1024 + (1 + 2 * H_STAGES) * 
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define ATTENTION_SM90_BUILT 1
+#endif
+// 1 in the sm_90a image, where the kernels below have their bodies; 0 in any other (an image for
+// plain sm_90 or compute_90 has them empty): attention_sm90_ok reads it
+#ifdef ATTENTION_SM90_BUILT
+__device__ int attention_sm90_image = 1;
+#else
+__device__ int attention_sm90_image = 0;
+#endif
+
+#ifdef ATTENTION_SM90_BUILT
 constexpr int H_BN = 128;  // keys per tile
 // A shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
 // offsets (PTX ISA, "Matrix Descriptor Format")
@@ -1406,8 +1416,8 @@ int backward_sm90_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout,
     return 0;
 }
 
-// Whether this build has the sm_90a kernels and the current device runs them (compute
-// capability 9.0 exactly: sm_90a code runs nowhere else); asked once a device
+// Whether the current device runs the sm_90a image of this file (compute capability 9.0
+// exactly: sm_90a code runs nowhere else; a build for plain sm_90 has none); asked once a device
 bool attention_sm90_ok(void)
 {
     static signed char known[64];  // 0 not asked yet, 1 yes, -1 no
@@ -1415,12 +1425,11 @@ bool attention_sm90_ok(void)
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
         return false;
     if (!known[dev]) {
-        int major = 0, minor = 0;
-        cudaFuncAttributes attr;
+        int major = 0, minor = 0, image = 0;
         bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
                    major == 9 && minor == 0 &&
-                   cudaFuncGetAttributes(&attr, attention_forward_tma_kernel) == cudaSuccess && attr.numRegs > 0;
+                   cudaMemcpyFromSymbol(&image, attention_sm90_image, sizeof image) == cudaSuccess && image == 1;
         known[dev] = yes ? 1 : -1;
     }
     return known[dev] == 1;

@@ -19,6 +19,8 @@ OUT=${OUT:-/tmp/gpu-out}
 BUILD=${GPU_BUILD:-/tmp/gpu-build}
 NAMES=${*:-kernels attention decode}
 NVFLAGS="-O3 -arch=sm_90 -std=c++17 -Ilib -Ikernels"  # the Makefile's, less the warnings
+# attention.cu as the Makefile builds it: for sm_90a (its wgmma kernels), and compute_90 PTX
+NVFLAGS_ATTENTION="-O3 -std=c++17 -Ilib -Ikernels -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_90,code=compute_90"
 for name in $NAMES; do
     case $name in
     kernels | attention | decode) ;;
@@ -54,8 +56,10 @@ rm -f "$BUILD"/kernels/*.o "$BUILD"/libkernels.a "$BUILD"/*_test "$BUILD"/failed
 cc -O2 -std=gnu11 -Ilib -c -o "$BUILD/cpu_ops.o" lib/cpu_ops.c || exit 1
 for cu in kernels/*.cu; do
     obj=$BUILD/kernels/$(basename "$cu" .cu).o
-    # shellcheck disable=SC2086 # NVFLAGS is a list of flags
-    { nvcc $NVFLAGS -c -o "$obj" "$cu" || echo "$cu" >>"$BUILD/failed"; } &
+    flags=$NVFLAGS
+    [ "$cu" = kernels/attention.cu ] && flags=$NVFLAGS_ATTENTION
+    # shellcheck disable=SC2086 # flags is a list of flags
+    { nvcc $flags -c -o "$obj" "$cu" || echo "$cu" >>"$BUILD/failed"; } &
 done
 wait
 [ -e "$BUILD/failed" ] && echo "build failed: $(cat "$BUILD/failed")" && exit 1
