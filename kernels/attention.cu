@@ -326,6 +326,42 @@ __device__ inline float fast_exp2(float x)
     return y;
 }
 
+// One step of the online softmax for a thread's two rows (a: g, b: g + 8) of a tile of raw
+// scores s (NT n-tiles, masked ones -inf), given the maxima of those raw scores in the thread's
+// columns: the rows' running maxima (log2 units, over the quad) move up, s becomes
+// exp2(s * scale_log2 - max), the sums are rescaled and grow, and rescale_a, rescale_b are what
+// the output rows must be multiplied by. A row with no key yet keeps max -inf and subtracts 0
+// instead (exp2 then gives 0, not NaN). (Versions 3 and 4's forwards.)
+template <int NT>
+__device__ inline void softmax_step(float (&s)[NT][4], float tile_max_a, float tile_max_b, float scale_log2,
+                                    float &max_a, float &max_b, float &sum_a, float &sum_b, float &rescale_a,
+                                    float &rescale_b)
+{
+    tile_max_a = fmaxf(max_a, tile_max_a * scale_log2);
+    tile_max_b = fmaxf(max_b, tile_max_b * scale_log2);
+    tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 1));
+    tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 2));
+    tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 1));
+    tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 2));
+    float base_a = tile_max_a == -INFINITY ? 0.0f : tile_max_a;
+    float base_b = tile_max_b == -INFINITY ? 0.0f : tile_max_b;
+    rescale_a = fast_exp2(max_a - base_a), rescale_b = fast_exp2(max_b - base_b);
+    max_a = tile_max_a;
+    max_b = tile_max_b;
+    float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            s[nt][e] = fast_exp2(fmaf(s[nt][e], scale_log2, -base_a));
+            s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], scale_log2, -base_b));
+            tile_sum_a += s[nt][e];
+            tile_sum_b += s[nt][2 + e];
+        }
+    sum_a = sum_a * rescale_a + tile_sum_a;
+    sum_b = sum_b * rescale_b + tile_sum_b;
+}
+
 // The forward of version 3: a block of 4 warps owns MT * 64 queries; warp w's m-tile m holds rows
 // m * 64 + w * 16 + [0, 16), so each K and V fragment loaded serves both m-tiles. Q stays in
 // shared memory (its fragments are reloaded per 16 columns: one ldmatrix per m-tile). The next
@@ -427,29 +463,9 @@ __global__ void __launch_bounds__(THREADS, 1) attention_forward_fast_kernel(
                     tile_max_a = fmaxf(tile_max_a, s[m][nt][e]);
                     tile_max_b = fmaxf(tile_max_b, s[m][nt][2 + e]);
                 }
-            tile_max_a = fmaxf(max_a[m], tile_max_a * scale_log2);
-            tile_max_b = fmaxf(max_b[m], tile_max_b * scale_log2);
-            tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 1));
-            tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 2));
-            tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 1));
-            tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 2));
-            float base_a = tile_max_a == -INFINITY ? 0.0f : tile_max_a;
-            float base_b = tile_max_b == -INFINITY ? 0.0f : tile_max_b;
-            float rescale_a = fast_exp2(max_a[m] - base_a), rescale_b = fast_exp2(max_b[m] - base_b);
-            max_a[m] = tile_max_a;
-            max_b[m] = tile_max_b;
-            float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < TILE / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    s[m][nt][e] = fast_exp2(fmaf(s[m][nt][e], scale_log2, -base_a));
-                    s[m][nt][2 + e] = fast_exp2(fmaf(s[m][nt][2 + e], scale_log2, -base_b));
-                    tile_sum_a += s[m][nt][e];
-                    tile_sum_b += s[m][nt][2 + e];
-                }
-            sum_a[m] = sum_a[m] * rescale_a + tile_sum_a;
-            sum_b[m] = sum_b[m] * rescale_b + tile_sum_b;
+            float rescale_a, rescale_b;
+            softmax_step<TILE / 8>(s[m], tile_max_a, tile_max_b, scale_log2, max_a[m], max_b[m], sum_a[m], sum_b[m],
+                                   rescale_a, rescale_b);
             if (__any_sync(0xffffffffu, rescale_a != 1.0f || rescale_b != 1.0f)) {
 #pragma unroll
                 for (int i = 0; i < D / 8; i++) {
@@ -757,29 +773,8 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
             tile_max_a = fmaxf(tile_max_a, fmaxf(s[nt][0], s[nt][1]));
             tile_max_b = fmaxf(tile_max_b, fmaxf(s[nt][2], s[nt][3]));
         }
-        tile_max_a = fmaxf(max_a, tile_max_a * scale_log2);
-        tile_max_b = fmaxf(max_b, tile_max_b * scale_log2);
-        tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 1));
-        tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 2));
-        tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 1));
-        tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 2));
-        float base_a = tile_max_a == -INFINITY ? 0.0f : tile_max_a;
-        float base_b = tile_max_b == -INFINITY ? 0.0f : tile_max_b;
-        float rescale_a = fast_exp2(max_a - base_a), rescale_b = fast_exp2(max_b - base_b);
-        max_a = tile_max_a;
-        max_b = tile_max_b;
-        float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < H_BN / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                s[nt][e] = fast_exp2(fmaf(s[nt][e], scale_log2, -base_a));
-                s[nt][2 + e] = fast_exp2(fmaf(s[nt][2 + e], scale_log2, -base_b));
-                tile_sum_a += s[nt][e];
-                tile_sum_b += s[nt][2 + e];
-            }
-        sum_a = sum_a * rescale_a + tile_sum_a;
-        sum_b = sum_b * rescale_b + tile_sum_b;
+        float rescale_a, rescale_b;
+        softmax_step<H_BN / 8>(s, tile_max_a, tile_max_b, scale_log2, max_a, max_b, sum_a, sum_b, rescale_a, rescale_b);
         wgmma_wait<0>();  // the previous tile's P V has landed in O (and p is free)
         pin(o);
         if (it > 0) {  // this warp is done with the previous tile's stage
