@@ -686,9 +686,8 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
     extern __shared__ __align__(16) unsigned char smem[];
     uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem), pad = ((raw + 1023) & ~1023u) - raw;
     uint32_t sQ = raw + pad, sKV = sQ + H_TILE;  // stage i: K at sKV + 2 i H_TILE, V after it
-    unsigned char *tail = smem + pad + (1 + 2 * H_STAGES) * H_TILE;
-    int *seq_first = reinterpret_cast<int *>(tail);
-    uint32_t bars = raw + pad + (1 + 2 * H_STAGES) * H_TILE + H_BM * 4;  // q, full[3], empty[3]: 8 bytes each
+    int *seq_first = reinterpret_cast<int *>(smem + pad + (1 + 2 * H_STAGES) * H_TILE);
+    uint32_t bars = sKV + 2 * H_STAGES * H_TILE + H_BM * 4;  // q, full[3], empty[3]: 8 bytes each
     uint32_t bar_q = bars, bar_full = bars + 8, bar_empty = bars + 32;
 
     int q0 = (gridDim.x - 1 - blockIdx.x) * H_BM, h = blockIdx.y, kvh = h / (Hq / Hkv);
@@ -830,6 +829,8 @@ constexpr uint32_t B_QHALF = 64 * 128, B_QTILE = 2 * B_QHALF;  // a 64 x 128 bf1
 constexpr uint32_t B_STAGE = 2 * B_QTILE + 3 * 256 + 1280;     // Q, dO, lse, delta, starts; 1024-aligned
 constexpr uint32_t B_DS = 128 * 128;                           // dS^T: 128 keys x 64 queries bf16
 constexpr size_t backward_sm90_smem_bytes() { return 1024 + 2 * H_TILE + B_STAGES * B_STAGE + 2 * B_DS + 5 * 8; }
+// positions of version 5's transposed statistics: T rounded up to whole query tiles
+constexpr size_t stats_positions(size_t T) { return (T + B_BQ - 1) / B_BQ * B_BQ; }
 
 __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_do,
@@ -1375,17 +1376,45 @@ int forward_sm90_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *
     return 0;
 }
 
+// Before every backward: delta, the dq accumulator zeroed, and (dkv_acc, seq_start given) the dk,
+// dv accumulators zeroed and each position's sequence start
+template <int D>
+int backward_prepare(float *delta, float *dq_acc, float *dkv_acc, int32_t *seq_start, const bf16_t *dout,
+                     const bf16_t *out, const int32_t *cu, int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream,
+                     Err *err)
+{
+    long rows = (long)T * Hq;
+    attention_backward_prepare_kernel<D><<<ceil_div((size_t)rows * 32, 256), 256, 0, stream>>>(
+        delta, dq_acc, dkv_acc, seq_start, dout, out, rows, Hq, Hkv, cu, n_seqs);
+    LAUNCH_CHECK(err);
+    return 0;
+}
+
+// After it: dq (and, dkv_acc given, dk and dv) rounded to bf16 from the fp32 accumulators
+int backward_convert(bf16_t *dq, bf16_t *dk, bf16_t *dv, const float *dq_acc, const float *dkv_acc, int T, int Hq,
+                     int Hkv, int D, cudaStream_t stream, Err *err)
+{
+    size_t n = (size_t)T * Hq * D, n_kv = (size_t)T * Hkv * D;
+    attention_dq_convert_kernel<<<ceil_div(n / 8, 256), 256, 0, stream>>>(dq, dq_acc, n);
+    LAUNCH_CHECK(err);
+    if (dkv_acc) {
+        attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dk, dkv_acc, n_kv);
+        LAUNCH_CHECK(err);
+        attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dv, dkv_acc + n_kv, n_kv);
+        LAUNCH_CHECK(err);
+    }
+    return 0;
+}
+
 // Version 5's backward (head_dim 128 on an sm_90 device)
 int backward_sm90_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q, const bf16_t *k,
                          const bf16_t *v, const bf16_t *out, const float *lse, const int32_t *cu, int n_seqs, int T,
                          int Hq, int Hkv, float *dq_acc, float *dkv_acc, float *delta, int32_t *seq_start,
                          float *lse_t, float *delta_t, int32_t *starts_pad, cudaStream_t stream, Err *err)
 {
-    long rows = (long)T * Hq;
-    int Tpad = ceil_div(T, B_BQ) * B_BQ;
-    attention_backward_prepare_kernel<H_D><<<ceil_div((size_t)rows * 32, 256), 256, 0, stream>>>(
-        delta, dq_acc, dkv_acc, seq_start, dout, out, rows, Hq, Hkv, cu, n_seqs);
-    LAUNCH_CHECK(err);
+    int Tpad = (int)stats_positions(T);
+    if (backward_prepare<H_D>(delta, dq_acc, dkv_acc, seq_start, dout, out, cu, n_seqs, T, Hq, Hkv, stream, err))
+        return -1;
     attention_backward_stats_kernel<<<ceil_div((size_t)Hq * Tpad, 256), 256, 0, stream>>>(lse_t, delta_t, starts_pad,
                                                                                         lse, delta, seq_start, T, Tpad, Hq);
     LAUNCH_CHECK(err);
@@ -1401,14 +1430,7 @@ int backward_sm90_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout,
         map_q, map_do, map_k, map_v, dq_acc, dkv_acc, lse_t, delta_t, starts_pad, cu, n_seqs, T, Tpad, Hq, Hkv,
         LOG2E / sqrtf((float)H_D), 1.0f / sqrtf((float)H_D));
     LAUNCH_CHECK(err);
-    size_t n = (size_t)rows * H_D, n_kv = (size_t)T * Hkv * H_D;
-    attention_dq_convert_kernel<<<ceil_div(n / 8, 256), 256, 0, stream>>>(dq, dq_acc, n);
-    LAUNCH_CHECK(err);
-    attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dk, dkv_acc, n_kv);
-    LAUNCH_CHECK(err);
-    attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dv, dkv_acc + n_kv, n_kv);
-    LAUNCH_CHECK(err);
-    return 0;
+    return backward_convert(dq, dk, dv, dq_acc, dkv_acc, T, Hq, Hkv, H_D, stream, err);
 }
 
 // Whether the current device runs the sm_90a image of this file (compute capability 9.0
@@ -1436,11 +1458,9 @@ int backward_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, cons
                     int Hq, int Hkv, float *dq_acc, float *dkv_acc, float *delta, int32_t *seq_start,
                     cudaStream_t stream, Err *err)
 {
-    long rows = (long)T * Hq;
-    attention_backward_prepare_kernel<D><<<ceil_div((size_t)rows * 32, 256), 256, 0, stream>>>(
-        delta, dq_acc, FAST ? dkv_acc : nullptr, FAST ? seq_start : nullptr, dout, out, rows, Hq, Hkv,
-        cu, n_seqs);
-    LAUNCH_CHECK(err);
+    if (backward_prepare<D>(delta, dq_acc, FAST ? dkv_acc : nullptr, FAST ? seq_start : nullptr, dout, out, cu,
+                            n_seqs, T, Hq, Hkv, stream, err))
+        return -1;
     size_t smem = backward_smem_bytes<D, STAGES, KW>();
     auto kernel = attention_backward_kernel<D, STAGES, KW, FAST>;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), err);
@@ -1448,16 +1468,7 @@ int backward_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, cons
     kernel<<<grid, 32 * KW, smem, stream>>>(dk, dv, dq_acc, dkv_acc, seq_start, q, k, v, dout, lse, delta, cu, n_seqs, T, Hq,
                                              Hkv, 1.0f / sqrtf((float)D));
     LAUNCH_CHECK(err);
-    size_t n = (size_t)rows * D, n_kv = (size_t)T * Hkv * D;
-    attention_dq_convert_kernel<<<ceil_div(n / 8, 256), 256, 0, stream>>>(dq, dq_acc, n);
-    LAUNCH_CHECK(err);
-    if (FAST) {
-        attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dk, dkv_acc, n_kv);
-        LAUNCH_CHECK(err);
-        attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dv, dkv_acc + n_kv, n_kv);
-        LAUNCH_CHECK(err);
-    }
-    return 0;
+    return backward_convert(dq, dk, dv, dq_acc, FAST ? dkv_acc : nullptr, T, Hq, Hkv, D, stream, err);
 }
 
 // Which kernel version the launchers run (cuda_attention_set_version; kernels/NOTES.md has
@@ -1496,7 +1507,7 @@ extern "C" size_t cuda_attention_backward_workspace_bytes(int T, int n_heads, in
 {
     size_t t = T > 0 ? T : 0, hq = n_heads > 0 ? n_heads : 0, hkv = n_kv_heads > 0 ? n_kv_heads : 0;
     size_t d = head_dim > 0 ? head_dim : 0;
-    size_t tpad = (t + 63) / 64 * 64;
+    size_t tpad = stats_positions(t);
     // dq accumulator, dk and dv accumulators, delta, each position's sequence start; then (version
     // 5) lse and delta transposed to (heads, tpad), the starts padded to tpad
     return (t * hq * d * 4 + 15) / 16 * 16 + (2 * t * hkv * d * 4 + 15) / 16 * 16 + (t * hq * 4 + 15) / 16 * 16 +
@@ -1528,7 +1539,7 @@ extern "C" int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const
     int32_t *seq_start = (int32_t *)((char *)delta + ((size_t)T * n_heads * 4 + 15) / 16 * 16);
     cudaStream_t s = (cudaStream_t)stream;
     if (attention_version == 5 && head_dim == 128 && attention_sm90_ok()) {
-        size_t tpad = ((size_t)T + 63) / 64 * 64;
+        size_t tpad = stats_positions(T);
         float *lse_t = (float *)((char *)seq_start + ((size_t)T * 4 + 15) / 16 * 16), *delta_t = lse_t + n_heads * tpad;
         int32_t *starts_pad = (int32_t *)(delta_t + n_heads * tpad);
         return backward_sm90_launch(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, n_seqs, T, n_heads, n_kv_heads,
