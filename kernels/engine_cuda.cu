@@ -27,9 +27,10 @@
 #include "weights.cuh"
 
 // Cross-entropy: blocks of tokens over the whole vocabulary (two products; kernels/NOTES.md), as
-// many tokens a block as keep its fp32 logits within CE_BLOCK_BYTES (-D to try others).
+// many tokens a block as keep its fp32 logits within CE_BLOCK_BYTES (-D to try others): 512 MiB,
+// 1024 tokens at V 128256.
 #ifndef CE_BLOCK_BYTES
-#define CE_BLOCK_BYTES ((size_t)1 << 30)
+#define CE_BLOCK_BYTES ((size_t)1 << 29)
 #endif
 
 // LoRA folded into the base products (kernels/NOTES.md, "Issue 6, part 4"). A targeted
@@ -71,7 +72,8 @@ typedef struct {
 } LayerDev;
 
 // Per layer activations kept for the backward pass (bf16 unless said). With CUDA_RECOMPUTE_LAYER
-// each layer owns only x_in; every other pointer is the same one set, shared by all layers.
+// each layer owns only x_in; every other pointer is the same one set, shared by all layers. With
+// CUDA_RECOMPUTE_MLP each also owns q, k, v, attn, lse, x_mid and o's lora_u.
 typedef struct {
     bf16_t *x_in;                    // (N, D)  residual stream entering the layer
     bf16_t *xn1;                     // (N, D + spare): normed input, then the q, k, v LoRA u
@@ -93,7 +95,7 @@ struct CudaEngine {
     LoraConfig lc;
     float scale;                     // LoRA scale
     int max_B, max_T;
-    CudaRecompute recompute;         // NONE or LAYER
+    CudaRecompute recompute;         // NONE, MLP or LAYER
     bool dry_run;                    // planning: dev_alloc only counts bytes
     int last_N;                      // positions of the last micro-batch
     size_t weight_bytes;             // base weights on the device
@@ -295,7 +297,12 @@ CudaRecompute cuda_engine_recompute(const CudaEngine *e) { return e->recompute; 
 
 const char *cuda_recompute_name(CudaRecompute r)
 {
-    return r == CUDA_RECOMPUTE_NONE ? "none" : r == CUDA_RECOMPUTE_LAYER ? "layer" : "auto";
+    switch (r) {
+    case CUDA_RECOMPUTE_NONE: return "none";
+    case CUDA_RECOMPUTE_MLP: return "mlp";
+    case CUDA_RECOMPUTE_LAYER: return "layer";
+    default: return "auto";
+    }
 }
 
 void cuda_engine_load_stats(const CudaEngine *e, size_t *weight_bytes, double *seconds)
@@ -480,6 +487,23 @@ static int alloc_buffers(CudaEngine *e, Err *err)
             a->x_in = own_x_in;
             continue;
         }
+        if (l > 0 && e->recompute == CUDA_RECOMPUTE_MLP) {
+            // Own: what attention made (q, k, v, its output and lse, o's LoRA u, x_mid). Shared:
+            // the normed inputs and the MLP's activations, which the backward makes again.
+            bf16_t *own_x_in = a->x_in;
+            *a = e->acts[0];
+            a->x_in = own_x_in;
+            ALLOC(a->q, N * QD);
+            ALLOC(a->k, N * KD);
+            ALLOC(a->v, N * KD);
+            ALLOC(a->attn, N * QD);
+            ALLOC(a->lse, N * c->n_heads);
+            ALLOC(a->x_mid, N * D);
+            for (int p = PROJ_Q; p <= PROJ_O; p++)
+                if ((e->lc.targets & (1u << p)) && e->fold[p].u_col < 0)
+                    ALLOC(a->lora_u[p], N * r);
+            continue;
+        }
         ALLOC(a->xn1, N * e->ld_in[GROUP_XN1]);
         ALLOC(a->rstd1, N);
         ALLOC(a->q, N * QD);
@@ -554,26 +578,41 @@ static size_t weights_bytes(const Model *m)
     return n * 2;
 }
 
-// AUTO -> NONE when the no-recompute plan fits the free device memory with a margin, else LAYER.
+// Bytes that alloc_buffers would take with recompute mode r, plus the base weights'.
+static int planned_bytes(CudaEngine *e, const Model *m, CudaRecompute r, size_t *bytes, Err *err)
+{
+    e->dry_run = true;
+    e->recompute = r;
+    e->device_bytes = 0;
+    int rc = alloc_buffers(e, err);
+    *bytes = e->device_bytes + weights_bytes(m);
+    e->dry_run = false;
+    e->device_bytes = 0;
+    return rc;
+}
+
+// AUTO -> the least recomputation (NONE, then MLP, then LAYER) whose plan fits the free device
+// memory with a margin.
 static int choose_recompute(CudaEngine *e, const Model *m, CudaRecompute asked, Err *err)
 {
-    if (asked == CUDA_RECOMPUTE_NONE || asked == CUDA_RECOMPUTE_LAYER) {
+    if (asked != CUDA_RECOMPUTE_AUTO) {
         e->recompute = asked;
         return 0;
     }
-    e->dry_run = true;
-    e->recompute = CUDA_RECOMPUTE_NONE;
-    e->device_bytes = 0;
-    int rc = alloc_buffers(e, err);
-    size_t planned_none = e->device_bytes + weights_bytes(m);
-    e->dry_run = false;
-    e->device_bytes = 0;
-    if (rc < 0)
-        return -1;
     size_t free_bytes = 0, total_bytes = 0;
     CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes), err);
     size_t margin = ((size_t)2 << 30) + e->n_params * 8;
-    e->recompute = planned_none + margin <= free_bytes ? CUDA_RECOMPUTE_NONE : CUDA_RECOMPUTE_LAYER;
+    const CudaRecompute order[2] = {CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_MLP};
+    for (CudaRecompute r : order) {
+        size_t bytes;
+        if (planned_bytes(e, m, r, &bytes, err) < 0)
+            return -1;
+        if (bytes + margin <= free_bytes) {
+            e->recompute = r;
+            return 0;
+        }
+    }
+    e->recompute = CUDA_RECOMPUTE_LAYER;
     return 0;
 }
 
@@ -586,7 +625,8 @@ CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_bat
                                const CudaEngineOptions *opt, Err *err)
 {
     CudaRecompute asked = opt ? opt->recompute : CUDA_RECOMPUTE_AUTO;
-    if (asked != CUDA_RECOMPUTE_AUTO && asked != CUDA_RECOMPUTE_NONE && asked != CUDA_RECOMPUTE_LAYER)
+    if (asked != CUDA_RECOMPUTE_AUTO && asked != CUDA_RECOMPUTE_NONE && asked != CUDA_RECOMPUTE_MLP &&
+        asked != CUDA_RECOMPUTE_LAYER)
         return err_set(err, "cuda engine: unknown recompute mode %d", (int)asked), (CudaEngine *)NULL;
     const ModelConfig *c = &m->config;
     if (max_batch < 1 || max_seq < 1)
@@ -885,43 +925,56 @@ static int prepare_batch(CudaEngine *e, const EngineBatch *b, long *n_trained, E
     return n_seqs;
 }
 
-// Layer l's forward from acts[l].x_in. Normally it writes the layer's output (the next layer's
-// x_in, or x_final); when recomputing (before the layer's backward) it stops at what the backward
-// reads: the down projection's LoRA u (in act's spare columns), not its product.
+// xn1 = the attention norm of acts[l].x_in (copy: x_in's copy for the residual, or NULL) and the
+// q, k, v LoRA u in its spare columns.
+static int attention_norm(CudaEngine *e, int l, int N, bf16_t *copy, Err *err)
+{
+    const ModelConfig *c = &e->c;
+    LayerActs *a = &e->acts[l];
+    if (cuda_rmsnorm_forward(a->xn1, e->ld_in[GROUP_XN1], copy, a->rstd1, a->x_in, e->layers[l].attn_norm, N, c->dim,
+                             c->norm_eps, e->stream, err) < 0 ||
+        tick(e, "other norm fwd") < 0)
+        return -1;
+    return group_u(e, l, PROJ_Q, a->xn1, N, err);
+}
+
+// The MLP half of layer l from acts[l].x_mid: xn2 and the gate, up LoRA u, gate, up, act and the
+// down LoRA u; then, unless recomputing (before the layer's backward, which reads no more), the
+// layer's output x_mid + down(act) into the next layer's x_in or x_final.
+static int mlp_half(CudaEngine *e, int l, int N, bool recomputing, Err *err)
+{
+    const ModelConfig *c = &e->c;
+    LayerActs *a = &e->acts[l];
+    bf16_t *x_out = recomputing ? NULL : l + 1 < c->n_layers ? e->acts[l + 1].x_in : e->x_final;
+    if (cuda_rmsnorm_forward(a->xn2, e->ld_in[GROUP_XN2], x_out, a->rstd2, a->x_mid, e->layers[l].ffn_norm, N, c->dim,
+                             c->norm_eps, e->stream, err) < 0 ||
+        tick(e, "other norm fwd") < 0 || group_u(e, l, PROJ_GATE, a->xn2, N, err) < 0 ||
+        proj_forward(e, l, PROJ_GATE, a->gate, a->xn2, N, 0, err) < 0 ||
+        proj_forward(e, l, PROJ_UP, a->up, a->xn2, N, 0, err) < 0 ||
+        cuda_swiglu_forward(a->act, e->ld_in[GROUP_ACT], a->gate, a->up, N, c->hidden_dim, e->stream, err) < 0 ||
+        tick(e, "other swiglu fwd") < 0 || group_u(e, l, PROJ_DOWN, a->act, N, err) < 0)
+        return -1;
+    return recomputing ? 0 : proj_forward(e, l, PROJ_DOWN, x_out, a->act, N, 1, err);
+}
+
+// Layer l's forward from acts[l].x_in. The residual adds ride on the products' beta = 1, into
+// copies of the stream that the norms make as they read it. Recomputing (LAYER, before the
+// layer's backward) it stops at what the backward reads (mlp_half).
 static int layer_forward(CudaEngine *e, int l, int N, int n_seqs, bool recomputing, Err *err)
 {
     const ModelConfig *c = &e->c;
-    int D = c->dim, F = c->hidden_dim;
     LayerActs *a = &e->acts[l];
-    const LayerDev *w = &e->layers[l];
     e->recomputing = recomputing;
-    // The residual adds ride on the products' beta = 1, into copies of the stream that the norms
-    // make as they read it.
-    bf16_t *x_out = recomputing ? NULL : l + 1 < c->n_layers ? e->acts[l + 1].x_in : e->x_final;
-    if (cuda_rmsnorm_forward(a->xn1, e->ld_in[GROUP_XN1], a->x_mid, a->rstd1, a->x_in, w->attn_norm, N, D,
-                             c->norm_eps, e->stream, err) < 0 ||
-        tick(e, "other norm fwd") < 0 || group_u(e, l, PROJ_Q, a->xn1, N, err) < 0 ||
-        proj_forward(e, l, PROJ_Q, a->q, a->xn1, N, 0, err) < 0 ||
+    if (attention_norm(e, l, N, a->x_mid, err) < 0 || proj_forward(e, l, PROJ_Q, a->q, a->xn1, N, 0, err) < 0 ||
         proj_forward(e, l, PROJ_K, a->k, a->xn1, N, 0, err) < 0 ||
         proj_forward(e, l, PROJ_V, a->v, a->xn1, N, 0, err) < 0 ||
         cuda_rope_forward(a->q, e->positions, e->inv_freq, N, c->n_heads, c->head_dim, e->stream, err) < 0 ||
         cuda_rope_forward(a->k, e->positions, e->inv_freq, N, c->n_kv_heads, c->head_dim, e->stream, err) < 0 ||
-        tick(e, "other rope fwd") < 0 || attention_forward(e, a, N, n_seqs, err) < 0 || tick(e, "attn fwd") < 0)
+        tick(e, "other rope fwd") < 0 || attention_forward(e, a, N, n_seqs, err) < 0 || tick(e, "attn fwd") < 0 ||
+        proj_forward(e, l, PROJ_O, a->x_mid, a->attn, N, 1, err) < 0 || mlp_half(e, l, N, recomputing, err) < 0)
         return -1;
-    if (proj_forward(e, l, PROJ_O, a->x_mid, a->attn, N, 1, err) < 0 ||
-        cuda_rmsnorm_forward(a->xn2, e->ld_in[GROUP_XN2], x_out, a->rstd2, a->x_mid, w->ffn_norm, N, D, c->norm_eps,
-                             e->stream, err) < 0 ||
-        tick(e, "other norm fwd") < 0 || group_u(e, l, PROJ_GATE, a->xn2, N, err) < 0 ||
-        proj_forward(e, l, PROJ_GATE, a->gate, a->xn2, N, 0, err) < 0 ||
-        proj_forward(e, l, PROJ_UP, a->up, a->xn2, N, 0, err) < 0 ||
-        cuda_swiglu_forward(a->act, e->ld_in[GROUP_ACT], a->gate, a->up, N, F, e->stream, err) < 0 ||
-        tick(e, "other swiglu fwd") < 0 || group_u(e, l, PROJ_DOWN, a->act, N, err) < 0)
-        return -1;
-    if (recomputing) {
-        e->recomputing = false;
-        return 0;
-    }
-    return proj_forward(e, l, PROJ_DOWN, x_out, a->act, N, 1, err);
+    e->recomputing = false;
+    return 0;
 }
 
 static int forward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
@@ -954,10 +1007,17 @@ static int backward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
         const LayerDev *w = &e->layers[l];
         int need_input_grad = l > 0;   // every layer holds LoRA parameters (lora_create)
         // The shared set still holds the last layer's activations from the forward (the loss
-        // touches none of them); every other layer's are made again here.
-        if (e->recompute == CUDA_RECOMPUTE_LAYER && l + 1 < c->n_layers &&
-            layer_forward(e, l, N, n_seqs, true, err) < 0)
+        // touches none of them); every other layer's shared ones are made again here.
+        bool again = l + 1 < c->n_layers;
+        if (again && e->recompute == CUDA_RECOMPUTE_LAYER && layer_forward(e, l, N, n_seqs, true, err) < 0)
             return -1;
+        if (again && e->recompute == CUDA_RECOMPUTE_MLP) {
+            e->recomputing = true;
+            int rc = mlp_half(e, l, N, true, err);
+            e->recomputing = false;
+            if (rc < 0)
+                return -1;
+        }
         if (proj_backward(e, l, PROJ_DOWN, e->d_act, e->d_x, ld_dx, a->act, N, 0, err) < 0 ||
             cuda_swiglu_backward(e->d_gate, e->d_up, ld_dgu, e->d_act, a->gate, a->up, N, F, e->stream, err) < 0 ||
             tick(e, "other swiglu bwd") < 0 ||
@@ -972,6 +1032,13 @@ static int backward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
             cuda_rope_backward(e->d_k, e->positions, e->inv_freq, N, c->n_kv_heads, c->head_dim, e->stream, err) < 0 ||
             tick(e, "other rope bwd") < 0)
             return -1;
+        if (again && e->recompute == CUDA_RECOMPUTE_MLP) {   // xn1 and its u, for q, k, v's backward
+            e->recomputing = true;
+            int rc = attention_norm(e, l, N, NULL, err);
+            e->recomputing = false;
+            if (rc < 0)
+                return -1;
+        }
         bf16_t *d_xn1 = need_input_grad ? e->d_xn : NULL;
         int QD = c->n_heads * c->head_dim, KD = c->n_kv_heads * c->head_dim;
         if (proj_backward(e, l, PROJ_Q, d_xn1, e->d_q, QD, a->xn1, N, 0, err) < 0 ||

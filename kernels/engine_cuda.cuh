@@ -22,8 +22,12 @@
 // Memory: with recomputation off every layer keeps its activations for the backward; per layer
 // (CUDA_RECOMPUTE_LAYER) only each layer's input x_in (N, D) is kept, plus ONE layer's set of
 // activations that the backward refills by rerunning that layer's forward (products, LoRA u,
-// RoPE, attention with its lse, SwiGLU) just before its backward. The forward is deterministic,
-// so the recomputed activations are bit for bit the ones the forward made.
+// RoPE, attention with its lse, SwiGLU) just before its backward. In between
+// (CUDA_RECOMPUTE_MLP) each layer also keeps what its attention half made (q, k, v, the attention
+// output and lse, x_mid: 28 KB a position at Llama-3-8B), and the backward reruns only the norms,
+// the gate and up products and SwiGLU: the attention products and attention itself are not
+// rerun. The forward is deterministic, so the recomputed activations are bit for bit the ones
+// the forward made.
 //
 // Not yet: LoRA dropout (refused: the CPU draws its masks from the trainer's Rng), Mistral's
 // sliding window (refused), the optimizer step on the device.
@@ -37,10 +41,10 @@ KERNELS_EXTERN_C_BEGIN
 
 typedef struct CudaEngine CudaEngine;
 
-// AUTO: NONE when the no-recompute plan plus a margin (2 GiB and the AdamW moments, 8 bytes a
+// AUTO: the first of NONE, MLP whose plan plus a margin (2 GiB and the AdamW moments, 8 bytes a
 // LoRA parameter) fits in the device's free memory at create time, else LAYER.
-typedef enum { CUDA_RECOMPUTE_AUTO = 0, CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_LAYER } CudaRecompute;
-const char *cuda_recompute_name(CudaRecompute r);   // "auto", "none", "layer"
+typedef enum { CUDA_RECOMPUTE_AUTO = 0, CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_LAYER, CUDA_RECOMPUTE_MLP } CudaRecompute;
+const char *cuda_recompute_name(CudaRecompute r);   // "auto", "none", "mlp", "layer"
 
 typedef struct {
     CudaRecompute recompute;
@@ -52,13 +56,14 @@ typedef struct {
 // a message on a bad shape, no device or out of device memory.
 CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
                                const CudaEngineOptions *opt, Err *err);
-// The mode in use (NONE or LAYER: AUTO resolved at create).
+// The mode in use (NONE, MLP or LAYER: AUTO resolved at create).
 CudaRecompute cuda_engine_recompute(const CudaEngine *e);
 // Base weights uploaded at create: bytes on the device (bf16) and wall seconds it took.
 void cuda_engine_load_stats(const CudaEngine *e, size_t *weight_bytes, double *seconds);
 // For tests: a 64-bit FNV-1a digest of layer l's kept activations (all but x_in) over the last
-// micro-batch's positions, as the buffers hold them now. With LAYER the buffers are shared: after
-// a training step they hold layer 0's activations as the backward recomputed them.
+// micro-batch's positions, as the buffers hold them now. With LAYER (MLP: all but the attention
+// half's) the buffers are shared: after a training step they hold layer 0's activations as the
+// backward recomputed them.
 int cuda_engine_activation_digest(CudaEngine *e, int layer, uint64_t *digest, Err *err);
 void cuda_engine_free(CudaEngine *e);
 // For benchmarks: on != 0 records a CUDA event after every operation of the following steps

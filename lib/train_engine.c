@@ -25,10 +25,12 @@ int train_recompute_parse(const char *name, TrainRecompute *r, Err *err)
         *r = TRAIN_RECOMPUTE_AUTO;
     else if (!strcmp(name, "none"))
         *r = TRAIN_RECOMPUTE_NONE;
+    else if (!strcmp(name, "mlp"))
+        *r = TRAIN_RECOMPUTE_MLP;
     else if (!strcmp(name, "layer"))
         *r = TRAIN_RECOMPUTE_LAYER;
     else
-        return err_set(err, "'%s' is not none, layer or auto", name);
+        return err_set(err, "'%s' is not none, mlp, layer or auto", name);
     return 0;
 }
 
@@ -67,6 +69,7 @@ TrainEngine *train_engine_create(Device d, const Model *m, const LoraConfig *lc,
         return NULL;
     }
     CudaEngineOptions opt = {.recompute = rc == TRAIN_RECOMPUTE_NONE    ? CUDA_RECOMPUTE_NONE
+                                          : rc == TRAIN_RECOMPUTE_MLP   ? CUDA_RECOMPUTE_MLP
                                           : rc == TRAIN_RECOMPUTE_LAYER ? CUDA_RECOMPUTE_LAYER
                                                                         : CUDA_RECOMPUTE_AUTO};
     e->cuda = cuda_trainer_create(m, lc, max_batch, max_seq, &opt, err);

@@ -23,9 +23,11 @@
 
 // Activation recomputation on CUDA (kernels/engine_cuda.cuh): NONE keeps every layer's
 // activations, LAYER keeps each layer's input and recomputes its forward before its backward,
-// AUTO picks NONE when that fits the device's free memory with a margin. No effect on the CPU.
-typedef enum { TRAIN_RECOMPUTE_AUTO = 0, TRAIN_RECOMPUTE_NONE, TRAIN_RECOMPUTE_LAYER } TrainRecompute;
-// "auto", "none", "layer"; -1 naming the bad value.
+// MLP keeps the attention half's activations too and recomputes only the MLP half (and the
+// norms), AUTO picks the first of NONE, MLP that fits the device's free memory with a margin,
+// else LAYER. No effect on the CPU.
+typedef enum { TRAIN_RECOMPUTE_AUTO = 0, TRAIN_RECOMPUTE_NONE, TRAIN_RECOMPUTE_LAYER, TRAIN_RECOMPUTE_MLP } TrainRecompute;
+// "auto", "none", "mlp", "layer"; -1 naming the bad value.
 int train_recompute_parse(const char *name, TrainRecompute *r, Err *err);
 
 typedef struct TrainEngine TrainEngine;

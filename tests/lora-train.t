@@ -58,9 +58,9 @@ run_case "steps and epochs" 2 "--max-steps or --epochs, not both" -- train -o "$
 run_case "two warmups" 2 "--warmup-steps or --warmup-ratio, not both" -- train -o "$O" --warmup-steps 1 --warmup-ratio 0.1
 run_case "eval-every without eval" 2 "--eval-every needs --eval" -- train -o "$O" --eval-every 2
 run_case "unknown device" 2 "^lora-train: --device: 'gpu'" -- train -o "$O" --device gpu
-run_case "unknown recompute mode" 2 "^lora-train: --recompute: 'all' is not none, layer or auto" -- \
+run_case "unknown recompute mode" 2 "^lora-train: --recompute: 'all' is not none, mlp, layer or auto" -- \
     train -o "$O" --recompute all
-run_case "empty recompute mode" 2 "^lora-train: --recompute: '' is not none, layer or auto" -- \
+run_case "empty recompute mode" 2 "^lora-train: --recompute: '' is not none, mlp, layer or auto" -- \
     train -o "$O" --recompute ''
 run_case "recompute without a value" 2 "option '--recompute' requires an argument" -- train -o "$O" --recompute
 run_case "dropout on the GPU" 2 "^lora-train: --dropout 0.1 is not supported on the GPU" -- \
@@ -178,9 +178,11 @@ is "$(grep -o '"lr":[0-9.e-]*' "$T/c.jsonl" | tr '\n' ' ')" '"lr":0 "lr":0.0005 
    "cosine schedule with warmup ratio"
 train -o "$T/d" -n 1 -r 2 --device cpu
 is "$?" 0 "--device cpu"
-train -o "$T/d-layer" -n 1 -r 2 --device cpu --recompute layer
-ok "--recompute layer on the CPU: accepted, the same adapter bytes" \
-    cmp -s "$T/d/adapter_model.safetensors" "$T/d-layer/adapter_model.safetensors"
+for mode in mlp layer; do
+    train -o "$T/d-$mode" -n 1 -r 2 --device cpu --recompute $mode
+    ok "--recompute $mode on the CPU: accepted, the same adapter bytes" \
+        cmp -s "$T/d/adapter_model.safetensors" "$T/d-$mode/adapter_model.safetensors"
+done
 if command -v script >/dev/null 2>&1; then
     script -qec "'$LT' -m '$TINY' -i '$T/train' -o '$T/tty' -n 3 -r 2" /dev/null 2>&1 | tr '\r\033' 'RE' >"$T/tty.out"
     ok "progress on a terminal: one line refreshed in place" grep -q 'RE\[Kstep 3/3  loss [0-9.]*  lr .* tok/s  eta' "$T/tty.out"

@@ -50,8 +50,9 @@ static const char usage[] =
     "      --resume[=DIR]      continue from checkpoint DIR (default: the latest in OUT_DIR)\n"
     "      --metrics FILE      write one JSON object per step and evaluation to FILE\n"
     "      --device NAME       cpu, cuda or auto: the GPU when there is one, else the CPU (auto)\n"
-    "      --recompute MODE    none, layer or auto: recompute each layer's activations in the\n"
-    "                          backward to save GPU memory; auto: only when needed (auto)\n"
+    "      --recompute MODE    none, mlp, layer or auto: recompute activations in the backward to\n"
+    "                          save GPU memory: each layer's MLP half, or whole layers; auto: the\n"
+    "                          least that fits (auto)\n"
     "  -q, --quiet             no progress and no summary, only errors\n"
     "  -h, --help              print this help and exit\n";
 

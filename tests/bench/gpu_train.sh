@@ -6,13 +6,13 @@
 #    weights written to $W/model (HF directory), then HF transformers + PEFT (LoRA r 16, alpha 16,
 #    all seven projections, SDPA, gradient checkpointing, fused AdamW) on each shape;
 # 3. lora-train --device cuda on the same model and shapes (-a 1, $STEPS steps; the first 2 are
-#    warm-up and not timed), once per recompute mode: --recompute layer (memory at or below the
-#    peer's) and --recompute none (faster, more memory), two rows a shape;
+#    warm-up and not timed), once per recompute mode: --recompute layer and mlp (memory at or
+#    below the peer's) and --recompute none (faster, more memory), three rows a shape;
 # 4. one table: tokens/s, ratio to the peer, peak GPU memory, achieved TFLOP/s of the FLOP model
 #    against the measured matmul rate.
 # Every stage runs under a time limit; a stage that fails or runs out of time is a row of the
 # table ("out of memory", "time limit"), and the others still run. Skips (exit 0) without a GPU.
-# Environment: GPU_TRAIN_SHAPES (2x2048,8x512,1x8192), GPU_TRAIN_RECOMPUTE (layer,none),
+# Environment: GPU_TRAIN_SHAPES (2x2048,8x512,1x8192), GPU_TRAIN_RECOMPUTE (layer,mlp,none),
 # GPU_TRAIN_STEPS (6), GPU_TRAIN_DIR
 # (/tmp/gpu_train), PEER_LIMIT (300 s), OURS_LIMIT (150 s a shape), PYTHON (python3), TOOL_LIBS
 # (folders of shared libraries put on LD_LIBRARY_PATH for our tools only, not for Python: the
@@ -33,7 +33,7 @@ PY=${PYTHON:-python3}
 TOOL_LD_PATH=${TOOL_LIBS:+$TOOL_LIBS:}${LD_LIBRARY_PATH:-}
 HELPER=$ROOT/tests/bench/gpu_train_peer.py
 SHAPES=${GPU_TRAIN_SHAPES:-2x2048,8x512,1x8192}
-MODES=$(echo "${GPU_TRAIN_RECOMPUTE:-layer,none}" | tr ',' ' ')
+MODES=$(echo "${GPU_TRAIN_RECOMPUTE:-layer,mlp,none}" | tr ',' ' ')
 STEPS=${GPU_TRAIN_STEPS:-6}
 PEER_LIMIT=${PEER_LIMIT:-300}
 OURS_LIMIT=${OURS_LIMIT:-150}

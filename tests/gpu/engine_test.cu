@@ -14,7 +14,7 @@
 // q_proj A; stories260K 1.0e-2 over all and 3.5e-2 on layer 0 q_proj A (with lora_B ~ 0.05/sqrt(r);
 // with lora_B ~ 0.5/sqrt(r) that trained model is ill-conditioned in bf16: 55% for the peer).
 //
-// Recomputation (CUDA_RECOMPUTE_LAYER) against none on the same models and batches: the loss
+// Recomputation (CUDA_RECOMPUTE_LAYER, then MLP) against none on the same models and batches: the loss
 // bit for bit, layer 0's activations as the backward recomputed them bit for bit the forward's
 // (a digest), the gradients within 5e-3 relative L2 (not bit for bit: the attention backward adds
 // dq (flash) or dk, dv (plain) with unordered fp32 atomics, so even two runs without
@@ -23,7 +23,7 @@
 // BF16, F32 and F16 tensors of awkward sizes, some larger than a 64 MiB staging buffer.
 //   engine_test            TAP tests (prove runs it through tests/gpu/engine.t)
 //   engine_test --bench    weight upload GB/s (batched and one tensor at a time); step times and
-//                          device bytes with recompute none and layer: the random model at
+//                          device bytes with recompute none, mlp and layer: the random model at
 //                          1 x 256, a dim-1024 4-layer model at 1 x 2048, 2 x 2048, 8 x 512, and a
 //                          Llama-3-8B-shaped model cut to 2 layers at 2 x 2048 and 1 x 8192
 #include <cublasLt.h>
@@ -146,17 +146,20 @@ static size_t count_identical(const std::vector<float> &a, const std::vector<flo
     return same;
 }
 
-// Recompute LAYER against NONE (none_* from the caller's first micro-batch on a NONE engine).
+// Recompute mode `mode` (LAYER or MLP) against NONE (none_* from the caller's first micro-batch
+// on a NONE engine).
 static const double TOL_RECOMPUTE = 5e-3;
 
-static void compare_recompute(const char *name, const Model *m, const Lora *lora, Batch *batch, double none_loss,
-                              const std::vector<float> &none_grads, uint64_t none_digest, size_t none_bytes)
+static void compare_recompute(const char *name, CudaRecompute mode, const Model *m, const Lora *lora, Batch *batch,
+                              double none_loss, const std::vector<float> &none_grads, uint64_t none_digest,
+                              size_t none_bytes, size_t *bytes)
 {
     int B = batch->b.B, T = batch->b.T, L = m->config.n_layers;
-    CudaEngine *rec = engine_or_die(m, &lora->config, B, T, CUDA_RECOMPUTE_LAYER);
+    const char *mn = cuda_recompute_name(mode);
+    CudaEngine *rec = engine_or_die(m, &lora->config, B, T, mode);
     CudaEngine *again = engine_or_die(m, &lora->config, B, T, CUDA_RECOMPUTE_NONE);
-    ok(cuda_engine_recompute(rec) == CUDA_RECOMPUTE_LAYER && cuda_engine_recompute(again) == CUDA_RECOMPUTE_NONE,
-       "%s: engines report the recompute mode asked for", name);
+    ok(cuda_engine_recompute(rec) == mode && cuda_engine_recompute(again) == CUDA_RECOMPUTE_NONE,
+       "%s: engines report the recompute mode asked for (%s, none)", name, mn);
     std::vector<float> rec_grads, again_grads;
     uint64_t rec_digest = 0, again_digest = 0;
     double rec_loss = run_once(rec, lora, batch, &rec_grads, &rec_digest);
@@ -165,21 +168,21 @@ static void compare_recompute(const char *name, const Model *m, const Lora *lora
        "%s: the forward is deterministic: a second engine without recompute gives loss %.17g (first %.17g) and "
        "layer 0 digest %016llx (first %016llx)", name, again_loss, none_loss, (unsigned long long)again_digest,
        (unsigned long long)none_digest);
-    ok(!memcmp(&rec_loss, &none_loss, sizeof(double)), "%s: recompute layer: loss sum %.17g bit-identical to none's %.17g",
-       name, rec_loss, none_loss);
+    ok(!memcmp(&rec_loss, &none_loss, sizeof(double)), "%s: recompute %s: loss sum %.17g bit-identical to none's %.17g",
+       name, mn, rec_loss, none_loss);
     ok(rec_digest == none_digest,
-       "%s: recompute layer: layer 0's activations recomputed in the backward are the forward's bit for bit "
-       "(digest %016llx, none %016llx)", name, (unsigned long long)rec_digest, (unsigned long long)none_digest);
+       "%s: recompute %s: layer 0's activations recomputed in the backward are the forward's bit for bit "
+       "(digest %016llx, none %016llx)", name, mn, (unsigned long long)rec_digest, (unsigned long long)none_digest);
     double rec_err = rel_l2(rec_grads.data(), none_grads.data(), none_grads.size());
     double again_err = rel_l2(again_grads.data(), none_grads.data(), none_grads.size());
     size_t rec_same = count_identical(rec_grads, none_grads), again_same = count_identical(again_grads, none_grads);
     ok(rec_err <= TOL_RECOMPUTE,
-       "%s: recompute layer gradients against none: relative L2 %.2e <= %.0e, %zu of %zu bit-identical (none run "
-       "twice: %.2e, %zu bit-identical: unordered atomics in the attention backward)", name, rec_err, TOL_RECOMPUTE,
-       rec_same, none_grads.size(), again_err, again_same);
+       "%s: recompute %s gradients against none: relative L2 %.2e <= %.0e, %zu of %zu bit-identical (none run "
+       "twice: %.2e, %zu bit-identical: unordered atomics in the attention backward)", name, mn, rec_err,
+       TOL_RECOMPUTE, rec_same, none_grads.size(), again_err, again_same);
     // Per layer (the backward runs from the last layer down; only layers below the last are
     // recomputed): where the differences start.
-    printf("# %s: recompute layer vs none, gradients' relative L2 per layer:", name);
+    printf("# %s: recompute %s vs none, gradients' relative L2 per layer:", name, mn);
     auto layer_start = [&](int l) {   // the layer's first targeted projection's dA
         for (int p = 0; p < PROJ_COUNT; p++)
             if (lora_proj(lora, l, (Proj)p)->dA)
@@ -191,16 +194,16 @@ static void compare_recompute(const char *name, const Model *m, const Lora *lora
         printf(" %.1e", rel_l2(rec_grads.data() + off, none_grads.data() + off, end - off));
     }
     printf("\n");
-    size_t rec_bytes = cuda_engine_device_bytes(rec);
+    *bytes = cuda_engine_device_bytes(rec);
     if (L > 1)
-        ok(rec_bytes < none_bytes, "%s: recompute layer plans %zu device bytes, fewer than none's %zu", name,
-           rec_bytes, none_bytes);
+        ok(*bytes < none_bytes, "%s: recompute %s plans %zu device bytes, fewer than none's %zu", name, mn, *bytes,
+           none_bytes);
     else
-        ok(rec_bytes == none_bytes, "%s: one layer: recompute plans the same %zu device bytes", name, rec_bytes);
-    printf("# TABLE recompute %-14s %2dx%-5d loss identical %s, layer-0 acts identical %s | grads vs none: layer %.1e "
-           "(%zu/%zu same), none again %.1e (%zu same) | device none %zu, layer %zu bytes\n",
-           name, B, T, rec_loss == none_loss ? "yes" : "NO", rec_digest == none_digest ? "yes" : "NO", rec_err,
-           rec_same, none_grads.size(), again_err, again_same, none_bytes, rec_bytes);
+        ok(*bytes == none_bytes, "%s: one layer: recompute %s plans the same %zu device bytes", name, mn, *bytes);
+    printf("# TABLE recompute %-14s %-5s %2dx%-5d loss identical %s, layer-0 acts identical %s | grads vs none: %.1e "
+           "(%zu/%zu same), none again %.1e (%zu same) | device none %zu, %s %zu bytes\n",
+           name, mn, B, T, rec_loss == none_loss ? "yes" : "NO", rec_digest == none_digest ? "yes" : "NO", rec_err,
+           rec_same, none_grads.size(), again_err, again_same, none_bytes, mn, *bytes);
     cuda_engine_free(rec);
     cuda_engine_free(again);
 }
@@ -243,7 +246,14 @@ static void compare_engines(const char *name, const Model *m, int B, int T, int 
     LAUNCHED(cuda_engine_download_grads(gpu, gpu_grads.data(), gpu_grads.size(), E));
     uint64_t none_digest = 0;
     LAUNCHED(cuda_engine_activation_digest(gpu, 0, &none_digest, E));
-    compare_recompute(name, m, lora, &batch, gpu_loss, gpu_grads, none_digest, cuda_engine_device_bytes(gpu));
+    size_t none_bytes = cuda_engine_device_bytes(gpu), layer_bytes, mlp_bytes;
+    compare_recompute(name, CUDA_RECOMPUTE_LAYER, m, lora, &batch, gpu_loss, gpu_grads, none_digest, none_bytes,
+                      &layer_bytes);
+    compare_recompute(name, CUDA_RECOMPUTE_MLP, m, lora, &batch, gpu_loss, gpu_grads, none_digest, none_bytes,
+                      &mlp_bytes);
+    if (c->n_layers > 1)
+        ok(layer_bytes < mlp_bytes, "%s: recompute layer plans fewer device bytes (%zu) than mlp (%zu)", name,
+           layer_bytes, mlp_bytes);
 
     printf("# %s: %d x %d, %d documents, %ld trained targets; CPU step %.3f s\n", name, B, T, batch.b.n_seqs,
            cpu_trained, cpu_s);
@@ -815,6 +825,7 @@ static int bench(void)
         snprintf(name, sizeof name, "llama3-8b dims L%d", layers);
         profile_case(name, &l3.m, 2, 2048, 16, CUDA_RECOMPUTE_NONE);
         profile_case(name, &l3.m, 1, 8192, 16, CUDA_RECOMPUTE_NONE);
+        profile_case(name, &l3.m, 2, 2048, 16, CUDA_RECOMPUTE_MLP);
         profile_case(name, &l3.m, 2, 2048, 16, CUDA_RECOMPUTE_LAYER);
         if (layers <= 2) {
             tuning_table();
@@ -823,7 +834,7 @@ static int bench(void)
         return 0;
     }
     bench_upload();
-    const CudaRecompute modes[2] = {CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_LAYER};
+    const CudaRecompute modes[3] = {CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_MLP, CUDA_RECOMPUTE_LAYER};
     {
         RandomModel small(256, 688, 2, 4, 2, 0, 512, 8192);
         for (CudaRecompute mode : modes)

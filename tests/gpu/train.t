@@ -3,7 +3,7 @@
 # pipelines/demo.mk, 20 steps with the same seed and dropout 0 on each device; every step's loss
 # (--metrics) and the evaluation losses agree within bf16 tolerance (relative 2e-2), the CUDA
 # adapter loads back (lora-gen -a), a CPU checkpoint resumes on the GPU with the CPU's curve, and
-# --recompute layer gives step 1's loss bit for bit and the curve within tolerance, in less memory.
+# --recompute mlp and layer give step 1's loss bit for bit and the curve within tolerance, in less memory.
 # Skips on a machine without an NVIDIA GPU or without $TESTDATA. Prints the loss agreement and
 # the step times of both devices as TAP diagnostics.
 cd "$(dirname "$0")/../.." || exit 1
@@ -74,19 +74,22 @@ ok "lora-gen wrote text" test -s "$T/gen"
 # without it; later steps within rounding (the attention backward's fp32 atomics are unordered).
 ok "--recompute auto (the default) keeps every activation when it fits, and says so" \
     grep -q "; recompute none (auto), [0-9.]* GiB of buffers; weights [0-9.]* GiB loaded in [0-9.]* s" "$T/cuda.err"
-train cuda layer -n 5 --recompute layer --metrics "$T/layer.jsonl"
-is "$?" 0 "--recompute layer trains"
 train cuda none -n 5 --recompute none --metrics "$T/none.jsonl"
 is "$?" 0 "--recompute none trains"
-ok "--recompute layer is reported" grep -q "; recompute layer, " "$T/layer.err"
-grep '"loss"' "$T/layer.jsonl" | metric /dev/stdin loss >"$T/a"
 grep '"loss"' "$T/none.jsonl" | metric /dev/stdin loss >"$T/b"
-is "$(head -n 1 "$T/a")" "$(head -n 1 "$T/b")" "step 1's loss is the same with and without recomputation"
-ok "5 steps with and without recomputation agree within $TOL" compare "loss per step (layer vs none)" "$T/a" "$T/b"
 peak() { sed -n 's/.*peak device memory \([0-9.]*\) GiB.*/\1/p' "$1"; }
-diag "peak device memory: recompute none $(peak "$T/none.err") GiB, layer $(peak "$T/layer.err") GiB"
-ok "recompute layer needs less device memory" awk -v a="$(peak "$T/layer.err")" -v b="$(peak "$T/none.err")" \
-    'BEGIN { exit !(a > 0 && a < b) }'
+for mode in mlp layer; do
+    train cuda $mode -n 5 --recompute $mode --metrics "$T/$mode.jsonl"
+    is "$?" 0 "--recompute $mode trains"
+    ok "--recompute $mode is reported" grep -q "; recompute $mode, " "$T/$mode.err"
+    grep '"loss"' "$T/$mode.jsonl" | metric /dev/stdin loss >"$T/a"
+    is "$(head -n 1 "$T/a")" "$(head -n 1 "$T/b")" "step 1's loss is the same with recompute $mode and none"
+    ok "5 steps with recompute $mode and none agree within $TOL" compare "loss per step ($mode vs none)" "$T/a" "$T/b"
+done
+diag "peak device memory: recompute none $(peak "$T/none.err") GiB, mlp $(peak "$T/mlp.err") GiB, layer $(peak "$T/layer.err") GiB"
+ok "recompute layer needs less device memory than mlp, mlp less than none" \
+    awk -v a="$(peak "$T/layer.err")" -v m="$(peak "$T/mlp.err")" -v b="$(peak "$T/none.err")" \
+    'BEGIN { exit !(a > 0 && a < m && m < b) }'
 
 train auto auto -n 2
 is "$?" 0 "--device auto trains"
