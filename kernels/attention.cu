@@ -661,6 +661,15 @@ __device__ inline void bulk_load(uint32_t dst, const void *src, uint32_t n, uint
                  "l"(src), "r"(n), "r"(bar)
                  : "memory");
 }
+// the box of map (tensor_map: 64 rows x 32 fp32 columns, 128-byte swizzled) at src added into
+// rows row.., column col of head h of its (T, H, 128) tensor; a bulk group (commit, wait)
+__device__ inline void tma_reduce_add(uint32_t src, const CUtensorMap *map, int col, int h, int row)
+{
+    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(
+                     reinterpret_cast<uint64_t>(map)),
+                 "r"(col), "r"(h), "r"(row), "r"(src)
+                 : "memory");
+}
 __device__ inline void sts32(uint32_t addr, uint32_t v)
 {
     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
@@ -821,28 +830,36 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
 // dS^T = P^T (dP^T - delta) in registers, then dV += P^T dO and dK += dS^T Q with P^T and dS^T as
 // register A fragments; dS^T also goes to shared memory (rows = keys, 128 bytes of queries each,
 // swizzled: the M-major A operand of the next product) and, once both warpgroups' halves are
-// there, each warpgroup computes 64 of dQ's 128 columns, dS K over all 128 keys, and adds them
-// into the fp32 dq accumulator. dK, dV (fp32, in registers over every query tile) are added into
-// their accumulators at the end (the query heads of a kv head add into the same rows).
+// there, each warpgroup computes 64 of dQ's 128 columns, dS K over all 128 keys, writes them to
+// shared memory (fp32, 128-byte swizzled) and one of its threads adds them into the fp32 dq
+// accumulator with two TMA reductions (cp.reduce.async.bulk.tensor), which read that buffer
+// while the next tile is computed (with per-thread atomics there the backward took 7-24% longer:
+// NOTES, issue 6 part 6).
+// dK, dV (fp32, in registers over every query tile) are added into their accumulators with
+// atomics at the end (the query heads of a kv head add into the same rows).
 constexpr int B_BQ = 64, B_STAGES = 2;
 constexpr uint32_t B_QHALF = 64 * 128, B_QTILE = 2 * B_QHALF;  // a 64 x 128 bf16 tile and its halves
 constexpr uint32_t B_STAGE = 2 * B_QTILE + 3 * 256 + 1280;     // Q, dO, lse, delta, starts; 1024-aligned
 constexpr uint32_t B_DS = 128 * 128;                           // dS^T: 128 keys x 64 queries bf16
-constexpr size_t backward_sm90_smem_bytes() { return 1024 + 2 * H_TILE + B_STAGES * B_STAGE + 2 * B_DS + 5 * 8; }
+constexpr uint32_t B_DQ = 64 * 64 * 4;                         // a warpgroup's dQ: 64 queries x 64 columns fp32
+constexpr size_t backward_sm90_smem_bytes()
+{
+    return 1024 + 2 * H_TILE + B_STAGES * B_STAGE + 2 * B_DS + 2 * B_DQ + 5 * 8;
+}
 // positions of version 5's transposed statistics: T rounded up to whole query tiles
 constexpr size_t stats_positions(size_t T) { return (T + B_BQ - 1) / B_BQ * B_BQ; }
 
 __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_do,
-    const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v, float *dq_acc,
-    float *dkv_acc, const float *lse_t, const float *delta_t, const int32_t *starts, const int32_t *cu, int n_seqs,
+    const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
+    const __grid_constant__ CUtensorMap map_dq, float *dkv_acc, const float *lse_t, const float *delta_t, const int32_t *starts, const int32_t *cu, int n_seqs,
     int T, int Tpad, int Hq, int Hkv, float scale_log2, float scale)
 {
 #ifdef ATTENTION_SM90_BUILT
     extern __shared__ __align__(16) unsigned char smem[];
     uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem), pad = ((raw + 1023) & ~1023u) - raw;
     uint32_t base = raw + pad, sK = base, sV = base + H_TILE, stages = base + 2 * H_TILE;
-    uint32_t sdS0 = stages + B_STAGES * B_STAGE, bars = sdS0 + 2 * B_DS;
+    uint32_t sdS0 = stages + B_STAGES * B_STAGE, sdq0 = sdS0 + 2 * B_DS, bars = sdq0 + 2 * B_DQ;
     uint32_t bar_kv = bars, bar_full = bars + 8, bar_empty = bars + 8 + 8 * B_STAGES;
     auto generic = [&](uint32_t a) { return smem + pad + (a - base); };
 
@@ -960,7 +977,9 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
                 sts32(sdS + (row + 8) * 128 + ((i ^ g) * 16) + 4 * c, dsA[kc][2 * half + 1]);
             }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the tensor cores read them next
-        named_sync(1);  // both warpgroups' dS^T are in place
+        if (threadIdx.x % 128 == 0)  // the last tile's dQ reductions have read this warpgroup's sdq
+            asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        named_sync(1);  // both warpgroups' dS^T are in place, and sdq free
         float dq[8][4];
         wgmma_fence();
 #pragma unroll
@@ -978,18 +997,30 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
             mbar_wait(bar_empty + 8 * st, (j / B_STAGES) & 1);
             issue(j + B_STAGES);
         }
-        int qa = qs + warp * 16 + g, qb = qa + 8;
+        // dQ into shared memory (two 32-column halves of 64 rows x 128 bytes, 128-byte swizzled),
+        // then one thread adds them into dq_acc with two TMA reductions (rows past T are dropped)
+        uint32_t sdq = sdq0 + wg * B_DQ;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            int col = wg * 64 + 8 * i + 2 * c;
-            if (qa < T)
-                atomicAdd(reinterpret_cast<float2 *>(dq_acc + ((size_t)qa * Hq + h) * H_D + col),
-                          make_float2(dq[i][0] * scale, dq[i][1] * scale));
-            if (qb < T)
-                atomicAdd(reinterpret_cast<float2 *>(dq_acc + ((size_t)qb * Hq + h) * H_D + col),
-                          make_float2(dq[i][2] * scale, dq[i][3] * scale));
+            int r = warp * 16 + g;
+            uint32_t at = sdq + (i / 4) * (B_DQ / 2) + (((2 * (i % 4) + c / 2) ^ g) * 16) + 8 * (c % 2);
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at + r * 128), "f"(dq[i][0] * scale),
+                         "f"(dq[i][1] * scale)
+                         : "memory");
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at + (r + 8) * 128), "f"(dq[i][2] * scale),
+                         "f"(dq[i][3] * scale)
+                         : "memory");
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+        if (threadIdx.x % 128 == 0) {
+            tma_reduce_add(sdq, &map_dq, wg * 64, h, qs);
+            tma_reduce_add(sdq + B_DQ / 2, &map_dq, wg * 64 + 32, h, qs);
+            asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
         }
     }
+    if (threadIdx.x % 128 == 0)  // the reductions done before the block ends
+        asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
     size_t n_kv = (size_t)T * Hkv * H_D;
 #pragma unroll
     for (int i = 0; i < 16; i++) {
@@ -1334,9 +1365,9 @@ typedef CUresult (*EncodeTiledFn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t
                                   const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
-// A TMA map of x (T, H, 128) bf16 whose box is `rows` rows (positions) x 64 columns of one head,
-// 128-byte swizzled: the layout the kernel's products read
-int head_map(CUtensorMap *map, const bf16_t *x, int T, int H, int rows, Err *err)
+// A TMA map of x (T, H, 128), bf16 (f32: fp32), whose box is `rows` rows (positions) x 128 bytes
+// of columns of one head (64 bf16, 32 fp32), 128-byte swizzled: the layout the products read
+int head_map(CUtensorMap *map, const void *x, int T, int H, int rows, Err *err, bool f32 = false)
 {
     static EncodeTiledFn encode = nullptr;
     if (!encode) {
@@ -1347,9 +1378,11 @@ int head_map(CUtensorMap *map, const bf16_t *x, int T, int H, int rows, Err *err
         SHAPE_CHECK(found == cudaDriverEntryPointSuccess && fn, err, "attention: the driver has no cuTensorMapEncodeTiled");
         encode = (EncodeTiledFn)fn;
     }
-    cuuint64_t dims[3] = {(cuuint64_t)H_D, (cuuint64_t)H, (cuuint64_t)T}, strides[2] = {H_D * 2, (cuuint64_t)H * H_D * 2};
-    cuuint32_t box[3] = {64, 1, (cuuint32_t)rows}, step[3] = {1, 1, 1};
-    CUresult rc = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void *)x, dims, strides, box, step,
+    cuuint64_t esize = f32 ? 4 : 2;
+    cuuint64_t dims[3] = {(cuuint64_t)H_D, (cuuint64_t)H, (cuuint64_t)T}, strides[2] = {H_D * esize, H * H_D * esize};
+    cuuint32_t box[3] = {(cuuint32_t)(128 / esize), 1, (cuuint32_t)rows}, step[3] = {1, 1, 1};
+    CUresult rc = encode(map, f32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void *)x,
+                         dims, strides, box, step,
                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     SHAPE_CHECK(rc == CUDA_SUCCESS, err, "attention: cuTensorMapEncodeTiled failed (%d)", (int)rc);
@@ -1418,16 +1451,17 @@ int backward_sm90_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout,
     attention_backward_stats_kernel<<<ceil_div((size_t)Hq * Tpad, 256), 256, 0, stream>>>(lse_t, delta_t, starts_pad,
                                                                                         lse, delta, seq_start, T, Tpad, Hq);
     LAUNCH_CHECK(err);
-    CUtensorMap map_q, map_do, map_k, map_v;
+    CUtensorMap map_q, map_do, map_k, map_v, map_dq;
     if (head_map(&map_q, q, T, Hq, B_BQ, err) || head_map(&map_do, dout, T, Hq, B_BQ, err) ||
-        head_map(&map_k, k, T, Hkv, 128, err) || head_map(&map_v, v, T, Hkv, 128, err))
+        head_map(&map_k, k, T, Hkv, 128, err) || head_map(&map_v, v, T, Hkv, 128, err) ||
+        head_map(&map_dq, dq_acc, T, Hq, B_BQ, err, true))
         return -1;
     size_t smem = backward_sm90_smem_bytes();
     CUDA_CHECK(
         cudaFuncSetAttribute(attention_backward_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
         err);
     attention_backward_tma_kernel<<<dim3(Hq, ceil_div(T, 128)), H_THREADS, smem, stream>>>(
-        map_q, map_do, map_k, map_v, dq_acc, dkv_acc, lse_t, delta_t, starts_pad, cu, n_seqs, T, Tpad, Hq, Hkv,
+        map_q, map_do, map_k, map_v, map_dq, dkv_acc, lse_t, delta_t, starts_pad, cu, n_seqs, T, Tpad, Hq, Hkv,
         LOG2E / sqrtf((float)H_D), 1.0f / sqrtf((float)H_D));
     LAUNCH_CHECK(err);
     return backward_convert(dq, dk, dv, dq_acc, dkv_acc, T, Hq, Hkv, H_D, stream, err);
