@@ -833,7 +833,7 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
 // there, each warpgroup computes 64 of dQ's 128 columns, dS K over all 128 keys, writes them to
 // shared memory (fp32, 128-byte swizzled) and one of its threads adds them into the fp32 dq
 // accumulator with two TMA reductions (cp.reduce.async.bulk.tensor), which read that buffer
-// while the next tile is computed (with per-thread atomics there the backward took 7-24% longer:
+// while the next tile is computed (with per-thread atomics there the backward took 8-32% longer:
 // NOTES, issue 6 part 6).
 // dK, dV (fp32, in registers over every query tile) are added into their accumulators with
 // atomics at the end (the query heads of a kv head add into the same rows).
