@@ -479,46 +479,33 @@ static int alloc_buffers(CudaEngine *e, Err *err)
                 ALLOC_ZERO(e->layers[l].a_stack[g], spare * in);
         }
     for (int l = 0; l < L; l++) {
+        // Layer 0 owns a whole set. With recomputation the others own x_in, with MLP also what
+        // their attention half made, and share the rest with layer 0: the backward makes it again.
         LayerActs *a = &e->acts[l];
+        bool own_all = l == 0 || e->recompute == CUDA_RECOMPUTE_NONE;
+        bool own_attention = own_all || e->recompute == CUDA_RECOMPUTE_MLP;
+        if (!own_all)
+            *a = e->acts[0];
         ALLOC(a->x_in, N * D);
-        if (l > 0 && e->recompute == CUDA_RECOMPUTE_LAYER) {
-            bf16_t *own_x_in = a->x_in;
-            *a = e->acts[0];
-            a->x_in = own_x_in;
-            continue;
-        }
-        if (l > 0 && e->recompute == CUDA_RECOMPUTE_MLP) {
-            // Own: what attention made (q, k, v, its output and lse, o's LoRA u, x_mid). Shared:
-            // the normed inputs and the MLP's activations, which the backward makes again.
-            bf16_t *own_x_in = a->x_in;
-            *a = e->acts[0];
-            a->x_in = own_x_in;
+        if (own_attention) {
             ALLOC(a->q, N * QD);
             ALLOC(a->k, N * KD);
             ALLOC(a->v, N * KD);
             ALLOC(a->attn, N * QD);
             ALLOC(a->lse, N * c->n_heads);
             ALLOC(a->x_mid, N * D);
-            for (int p = PROJ_Q; p <= PROJ_O; p++)
-                if ((e->lc.targets & (1u << p)) && e->fold[p].u_col < 0)
-                    ALLOC(a->lora_u[p], N * r);
-            continue;
         }
-        ALLOC(a->xn1, N * e->ld_in[GROUP_XN1]);
-        ALLOC(a->rstd1, N);
-        ALLOC(a->q, N * QD);
-        ALLOC(a->k, N * KD);
-        ALLOC(a->v, N * KD);
-        ALLOC(a->attn, N * QD);
-        ALLOC(a->lse, N * c->n_heads);
-        ALLOC(a->x_mid, N * D);
-        ALLOC(a->xn2, N * e->ld_in[GROUP_XN2]);
-        ALLOC(a->rstd2, N);
-        ALLOC(a->gate, N * F);
-        ALLOC(a->up, N * F);
-        ALLOC(a->act, N * e->ld_in[GROUP_ACT]);
+        if (own_all) {
+            ALLOC(a->xn1, N * e->ld_in[GROUP_XN1]);
+            ALLOC(a->rstd1, N);
+            ALLOC(a->xn2, N * e->ld_in[GROUP_XN2]);
+            ALLOC(a->rstd2, N);
+            ALLOC(a->gate, N * F);
+            ALLOC(a->up, N * F);
+            ALLOC(a->act, N * e->ld_in[GROUP_ACT]);
+        }
         for (int p = 0; p < PROJ_COUNT; p++)
-            if ((e->lc.targets & (1u << p)) && e->fold[p].u_col < 0)
+            if ((p <= PROJ_O ? own_attention : own_all) && (e->lc.targets & (1u << p)) && e->fold[p].u_col < 0)
                 ALLOC(a->lora_u[p], N * r);
     }
     ALLOC(e->x_final, N * D);
