@@ -4,11 +4,10 @@
 // head_dim 128, the default (version 5) runs forward and backward through wgmma and TMA instead
 // (their sections below).
 //
-// Tiles: a block of 4 warps owns TILE = 64 rows (queries in the forward, keys in the backward;
-// 128 queries in version 3's forward, 128 keys and 8 warps in versions 2 and 3's backward); each
-// warp owns 16 rows of them at a time, the rows of its mma fragments; query tiles visited by the
-// backward are 64 rows. Tiles start at any position (not
-// aligned to a sequence), and a tile may straddle sequences: every score is masked by
+// Tiles (version 3): a forward block of 4 warps owns 2 x 64 queries, a backward block of 8 warps
+// 128 keys; each warp owns 16 rows at a time, the rows of its mma fragments; K, V tiles visited
+// by the forward and query tiles visited by the backward are TILE = 64 rows. Tiles start at any
+// position (not aligned to a sequence), and a tile may straddle sequences: every score is masked by
 // "same sequence and causal", using the first position of each query's sequence, found by a
 // binary search in cu_seqlens. A tile visits only the keys (forward) or queries (backward) its
 // rows can reach, so work is about sum(len^2)/2 per head plus tile edges.
@@ -19,8 +18,8 @@
 //   C (16 x 8, fp32):       c0, c1 (g, 2c..2c+1), c2, c3 (g+8, 2c..2c+1)
 // Two C tiles side by side are, rounded to bf16, the A fragment of the next product (P V, dS Q):
 // the probabilities never leave registers. B operands whose k runs along a row of shared
-// memory load as 32-bit words (versions 1, 2) or by ldmatrix (3); those whose k runs down a
-// column (V and dO as k = keys/queries) load with ldmatrix.trans.
+// memory load by ldmatrix; those whose k runs down a column (V and dO as k = keys/queries) with
+// ldmatrix.trans.
 #include <cuda.h>  // CUtensorMap; the encoder comes from the runtime (cudaGetDriverEntryPointByVersion)
 
 #include "attention.cuh"
@@ -47,7 +46,6 @@ __device__ inline void a_from_c(uint32_t a[4], const float (&lo)[4], const float
     a[2] = pack_bf16(hi[0], hi[1]);
     a[3] = pack_bf16(hi[2], hi[3]);
 }
-__device__ inline uint32_t lds32(const __nv_bfloat16 *p) { return *reinterpret_cast<const uint32_t *>(p); }
 
 // c (16 x 8) += a (16 x 16) b (16 x 8)
 __device__ inline void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
@@ -70,17 +68,6 @@ __device__ inline void load_b_trans(uint32_t r[4], const __nv_bfloat16 *m, int l
                  : "r"(addr));
 }
 
-// A fragment of rows [r0, r0+16), columns [k0, k0+16) of a row-major smem matrix.
-__device__ inline void load_a(uint32_t a[4], const __nv_bfloat16 *m, int ld, int r0, int k0)
-{
-    int g = (threadIdx.x % 32) / 4, c = threadIdx.x % 4;
-    const __nv_bfloat16 *p = m + (size_t)(r0 + g) * ld + k0 + 2 * c;
-    a[0] = lds32(p);
-    a[1] = lds32(p + 8 * ld);
-    a[2] = lds32(p + 8);
-    a[3] = lds32(p + 8 * ld + 8);
-}
-
 // Index of the sequence holding position t: the largest s with cu[s] <= t.
 __device__ inline int sequence_of(const int32_t *cu, int n_seqs, int t)
 {
@@ -95,23 +82,10 @@ __device__ inline int sequence_of(const int32_t *cu, int n_seqs, int t)
     return lo;
 }
 
-// Rows [row0, row0 + TILE) of head h of x (T, H, D) into smem (TILE, D + PAD); rows outside
-// [0, T) become zeros (a masked probability of 0 times garbage could still make a NaN).
-template <int D>
-__device__ inline void load_tile(__nv_bfloat16 *s, const __nv_bfloat16 *x, int row0, int T, int H, int h)
-{
-    constexpr int CHUNKS = D / 8;  // 16-byte pieces per row
-    for (int i = threadIdx.x; i < TILE * CHUNKS; i += THREADS) {
-        int r = i / CHUNKS, c = i % CHUNKS, t = row0 + r;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (t < T)
-            v = *reinterpret_cast<const uint4 *>(x + ((size_t)t * H + h) * D + c * 8);
-        *reinterpret_cast<uint4 *>(s + r * (D + PAD) + c * 8) = v;
-    }
-}
-
-// The same, issued as cp.async copies (16 bytes each; rows outside [0, T) zero-filled by the
-// copy itself) so that the next tile loads while this one is computed on. The caller commits.
+// Rows [row0, row0 + ROWS) of head h of x (T, H, D) into smem (ROWS, D + PAD) as cp.async copies
+// (16 bytes each; rows outside [0, T) zero-filled by the copy itself, as a masked probability of
+// 0 times garbage could still make a NaN), so that the next tile loads while this one is computed
+// on. The caller commits.
 template <int D, int ROWS = TILE, int NTHREADS = THREADS>
 __device__ inline void load_tile_async(__nv_bfloat16 *s, const __nv_bfloat16 *x, int row0, int T, int H, int h)
 {
@@ -162,128 +136,10 @@ __device__ inline void store_rows(__nv_bfloat16 *out, float *lse, const float (&
         lse[(size_t)tb * Hq + h] = (max_b + log2f(sum_b)) / LOG2E;
 }
 
-template <int D> constexpr size_t forward_smem_bytes() { return 3 * TILE * (D + PAD) * 2; }
-
-// grid (query tiles, n_heads), THREADS threads. Later tiles of a sequence have more keys to
-// visit: blocks run in reverse so the longest start first.
-template <int D>
-__global__ void __launch_bounds__(THREADS) attention_forward_kernel(
-    __nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,
-    const int32_t *cu, int n_seqs, int T, int Hq, int Hkv, float scale_log2)
-{
-    constexpr int LD = D + PAD;
-    extern __shared__ __align__(16) unsigned char smem[];
-    // sQ, then the K and V tiles
-    __nv_bfloat16 *sQ = reinterpret_cast<__nv_bfloat16 *>(smem), *sKV = sQ + TILE * LD;
-    __shared__ int seq_first[TILE];  // first position of each query row's sequence
-
-    int q0 = (gridDim.x - 1 - blockIdx.x) * TILE, h = blockIdx.y, kvh = h / (Hq / Hkv);
-    if (threadIdx.x < TILE)
-        seq_first[threadIdx.x] = cu[sequence_of(cu, n_seqs, min(q0 + (int)threadIdx.x, T - 1))];
-    load_tile<D>(sQ, q, q0, T, Hq, h);
-    __syncthreads();
-
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-    int row_a = warp * 16 + g, row_b = row_a + 8;  // this thread's two rows of the tile
-    int ta = q0 + row_a, tb = q0 + row_b, first_a = seq_first[row_a], first_b = seq_first[row_b];
-    uint32_t qf[D / 16][4];
-#pragma unroll
-    for (int kc = 0; kc < D / 16; kc++)
-        load_a(qf[kc], sQ, LD, warp * 16, kc * 16);
-
-    float o[D / 8][4];
-#pragma unroll
-    for (int i = 0; i < D / 8; i++)
-        o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    float max_a = -INFINITY, max_b = -INFINITY, sum_a = 0.0f, sum_b = 0.0f;  // log2 units
-
-    int key_first = seq_first[0], key_last = min(q0 + TILE, T) - 1;
-    int n_tiles = (key_last - key_first) / TILE + 1;
-    auto issue = [&](int it) {
-        load_tile_async<D>(sKV, k, key_first + it * TILE, T, Hkv, kvh);
-        load_tile_async<D>(sKV + TILE * LD, v, key_first + it * TILE, T, Hkv, kvh);
-        cp_async_commit();
-    };
-    issue(0);
-    for (int it = 0; it < n_tiles; it++) {
-        int k0 = key_first + it * TILE;
-        cp_async_wait<0>();
-        __syncthreads();  // tile it has landed for every thread
-        const __nv_bfloat16 *sK = sKV, *sV = sK + TILE * LD;
-
-        float s[TILE / 8][4];  // scores of 16 rows x 64 keys
-#pragma unroll
-        for (int nt = 0; nt < TILE / 8; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-#pragma unroll
-            for (int kc = 0; kc < D / 16; kc++) {
-                const __nv_bfloat16 *kp = sK + (nt * 8 + g) * LD + kc * 16 + 2 * c;
-                mma_bf16(s[nt], qf[kc], lds32(kp), lds32(kp + 8));
-            }
-        }
-        float tile_max_a = max_a, tile_max_b = max_b;
-#pragma unroll
-        for (int nt = 0; nt < TILE / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int j = k0 + nt * 8 + 2 * c + e;
-                s[nt][e] = (j <= ta && j >= first_a) ? s[nt][e] * scale_log2 : -INFINITY;
-                s[nt][2 + e] = (j <= tb && j >= first_b) ? s[nt][2 + e] * scale_log2 : -INFINITY;
-                tile_max_a = fmaxf(tile_max_a, s[nt][e]);
-                tile_max_b = fmaxf(tile_max_b, s[nt][2 + e]);
-            }
-        // a row's 64 scores are spread over the 4 threads of a quad
-        tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 1));
-        tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, 2));
-        tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 1));
-        tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, 2));
-        // a row with no key yet keeps max -inf: subtract 0 instead so exp2 gives 0, not NaN
-        float base_a = tile_max_a == -INFINITY ? 0.0f : tile_max_a;
-        float base_b = tile_max_b == -INFINITY ? 0.0f : tile_max_b;
-        float rescale_a = exp2f(max_a - base_a), rescale_b = exp2f(max_b - base_b);
-        max_a = tile_max_a;
-        max_b = tile_max_b;
-        float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < TILE / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                s[nt][e] = exp2f(s[nt][e] - base_a);
-                s[nt][2 + e] = exp2f(s[nt][2 + e] - base_b);
-                tile_sum_a += s[nt][e];
-                tile_sum_b += s[nt][2 + e];
-            }
-        sum_a = sum_a * rescale_a + tile_sum_a;  // per-thread partial; the quad sums at the end
-        sum_b = sum_b * rescale_b + tile_sum_b;
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) {
-            o[i][0] *= rescale_a, o[i][1] *= rescale_a;
-            o[i][2] *= rescale_b, o[i][3] *= rescale_b;
-        }
-        // o += P V: P's C fragments, two key n-tiles at a time, are the A fragment
-#pragma unroll
-        for (int kc = 0; kc < TILE / 16; kc++) {
-            uint32_t p[4];
-            a_from_c(p, s[2 * kc], s[2 * kc + 1]);
-#pragma unroll
-            for (int np = 0; np < D / 16; np++) {
-                uint32_t b[4];
-                load_b_trans(b, sV, LD, kc * 16, np * 16);
-                mma_bf16(o[2 * np], p, b[0], b[1]);
-                mma_bf16(o[2 * np + 1], p, b[2], b[3]);
-            }
-        }
-        __syncthreads();  // every warp is done with this buffer before it is refilled
-        if (it + 1 < n_tiles)
-            issue(it + 1);
-    }
-    store_rows<D>(out, lse, o, max_a, max_b, sum_a, sum_b, ta, tb, T, Hq, h);
-}
-
-// ---- version 3: fewer instructions, fuller grids -------------------------------------------------
-// ldmatrix.x4 gives a thread 4 registers of fragments in one instruction where the 32-bit loads
-// above take 4 (A) or 2 (B of one n-tile); with 8-12 warps a multiprocessor and little else to
-// hide latency behind, the instruction count is what versions 1 and 2 were bound by.
+// ---- version 3 ------------------------------------------------------------------------------------
+// ldmatrix.x4 gives a thread 4 registers of fragments in one instruction where 32-bit shared
+// loads take 4 (A) or 2 (B of one n-tile); with 8-12 warps a multiprocessor and little else to
+// hide latency behind, the instruction count is what the first kernels (versions 1, 2) were bound by.
 
 // 4 8x8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of matrix l / 8
 __device__ inline void ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p)
@@ -293,7 +149,7 @@ __device__ inline void ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p)
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
 }
-// A fragment of rows [r0, r0+16), columns [k0, k0+16) of a row-major smem matrix (load_a's)
+// A fragment of rows [r0, r0+16), columns [k0, k0+16) of a row-major smem matrix
 __device__ inline void load_a_ldsm(uint32_t a[4], const __nv_bfloat16 *m, int ld, int r0, int k0)
 {
     int lane = threadIdx.x % 32;
@@ -1076,9 +932,9 @@ __global__ void attention_backward_prepare_kernel(float *delta, float *dq_acc, f
     }
     long t = row / Hq;
     int h = (int)(row % Hq);
-    if (seq_start && h == 0 && lane == 0)
+    if (h == 0 && lane == 0)
         seq_start[t] = cu[sequence_of(cu, n_seqs, (int)t)];
-    if (dkv_acc && h < Hkv) {
+    if (h < Hkv) {
         size_t n_kv = (size_t)(rows / Hq) * Hkv * D, at = ((size_t)t * Hkv + h) * D;
         for (int d = lane * 2; d < D; d += 64) {
             *reinterpret_cast<float2 *>(dkv_acc + at + d) = make_float2(0.0f, 0.0f);
@@ -1091,31 +947,30 @@ __global__ void attention_backward_prepare_kernel(float *delta, float *dq_acc, f
         delta[row] = sum;
 }
 
-// K, V tiles of 16 * KW keys, then STAGES sets of (Q, dO) tiles, then dS (queries, keys)
-template <int D, int STAGES, int KW> constexpr size_t backward_smem_bytes()
+// Version 3's backward: K, V tiles of KT = 128 keys, then two sets of (Q, dO) tiles, then dS
+// (queries, keys)
+constexpr int BWD_KW = 8, BWD_STAGES = 2;  // warps (of 16 keys each) a block; query tiles in flight
+template <int D> constexpr size_t backward_smem_bytes()
 {
-    return (2 * 16 * KW + 2 * STAGES * TILE) * (D + PAD) * 2 + TILE * (16 * KW + PAD) * 2;
+    return (2 * 16 * BWD_KW + 2 * BWD_STAGES * TILE) * (D + PAD) * 2 + TILE * (16 * BWD_KW + PAD) * 2;
 }
 
-// grid (key tiles of 16 * KW keys, n_kv_heads), 32 * KW threads: KW warps of 16 keys each.
-// Each block holds its keys' dK, dV in registers over all queries of all query heads of its
-// group (no atomics for them), and adds its share of dQ = dS K into the fp32 accumulator with
-// atomics: one per element of a (64 queries, head_dim) tile per block and step, so 128-key
-// blocks (KW 8) issue half the atomics of 64-key ones (and load each Q, dO tile half as often).
-// It walks (query head, query tile) pairs; with STAGES 2 the next pair's Q and dO copies are in
-// flight during this one.
-// FAST (version 3): every fragment through ldmatrix, dS stored by stmatrix, masks only on tiles
-// that need them, the exponent as one fma into ex2.approx; one query head a block (grid (Hq, key
-// tiles): 4x the blocks at 4:1 GQA, so far less of the machine idles at the end of the grid), dK
-// and dV added into fp32 accumulators; each query tile's lse, delta and sequence starts (from the
-// prepare kernel) come by cp.async with its Q and dO, so no warp waits on a global load before the
-// step's barrier. Otherwise grid (key tiles, Hkv), all query heads of the group, dK and dV written.
-template <int D, int STAGES, int KW, bool FAST>
-__global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
-    __nv_bfloat16 *dk, __nv_bfloat16 *dv, float *dq_acc, float *dkv_acc, const int32_t *seq_start, const __nv_bfloat16 *q, const __nv_bfloat16 *k,
+// grid (Hq, key tiles of 128 keys), 256 threads: 8 warps of 16 keys each. Each block holds its
+// keys' dK, dV for one query head in registers over all query tiles and adds them into fp32
+// accumulators at the end (one block per query head: 4x the blocks at 4:1 GQA, so far less of
+// the machine idles at the end of the grid), and adds its share of dQ = dS K into the fp32
+// accumulator with atomics: one per element of a (64 queries, head_dim) tile per block and step.
+// The next query tile's Q and dO copies are in flight during this one, with its lse, delta and
+// sequence starts (from the prepare kernel), so no warp waits on a global load before the step's
+// barrier. Every fragment through ldmatrix, dS stored by stmatrix, masks only on tiles that need
+// them, the exponent as one fma into ex2.approx.
+template <int D>
+__global__ void __launch_bounds__(32 * BWD_KW) attention_backward_kernel(
+    float *dq_acc, float *dkv_acc, const int32_t *seq_start, const __nv_bfloat16 *q, const __nv_bfloat16 *k,
     const __nv_bfloat16 *v, const __nv_bfloat16 *dout, const float *lse, const float *delta, const int32_t *cu,
     int n_seqs, int T, int Hq, int Hkv, float scale)
 {
+    constexpr int KW = BWD_KW, STAGES = BWD_STAGES;
     constexpr int KT = 16 * KW, NTHREADS = 32 * KW, LD = D + PAD, LDS = KT + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
     __nv_bfloat16 *sK = reinterpret_cast<__nv_bfloat16 *>(smem), *sV = sK + KT * LD, *sQdO = sV + KT * LD,
@@ -1123,19 +978,18 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
     __shared__ float lse_buf[STAGES][TILE], delta_buf[STAGES][TILE];  // lse in log2 units
     __shared__ int first_buf[STAGES][TILE];  // first position of each query's sequence
 
-    int group = Hq / Hkv, k0 = (FAST ? blockIdx.y : blockIdx.x) * KT;
-    int kvh = FAST ? blockIdx.x / group : blockIdx.y, h_first = FAST ? blockIdx.x : kvh * group;
+    int h = blockIdx.x, k0 = blockIdx.y * KT, kvh = h / (Hq / Hkv);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     int key_a = k0 + warp * 16 + g, key_b = key_a + 8;
     int key_last = min(k0 + KT, T) - 1, query_end = cu[sequence_of(cu, n_seqs, key_last) + 1];
-    int q_tiles = (query_end - k0 + TILE - 1) / TILE, n_steps = (FAST ? 1 : group) * q_tiles;
+    int n_steps = (query_end - k0 + TILE - 1) / TILE;  // query tiles
     load_tile_async<D, KT, NTHREADS>(sK, k, k0, T, Hkv, kvh);
     load_tile_async<D, KT, NTHREADS>(sV, v, k0, T, Hkv, kvh);
-    auto issue = [&](int step) {  // step -> (query head, query tile)
-        int h = h_first + step / q_tiles, q0 = k0 + (step % q_tiles) * TILE, buf = step % STAGES;
+    auto issue = [&](int step) {  // query tile `step`
+        int q0 = k0 + step * TILE, buf = step % STAGES;
         load_tile_async<D, TILE, NTHREADS>(sQdO + buf * 2 * TILE * LD, q, q0, T, Hq, h);
         load_tile_async<D, TILE, NTHREADS>(sQdO + (buf * 2 + 1) * TILE * LD, dout, q0, T, Hq, h);
-        if (FAST && threadIdx.x < TILE) {  // raw copies: lse in natural-log units
+        if (threadIdx.x < TILE) {  // raw copies: lse in natural-log units
             int t = q0 + threadIdx.x;
             bool in = t < T;
             size_t at = in ? (size_t)t * Hq + h : 0;
@@ -1144,13 +998,6 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
             cp_async4(&first_buf[buf][threadIdx.x], seq_start + (in ? t : 0), in);
         }
         cp_async_commit();
-        if (!FAST && threadIdx.x < TILE) {
-            int t = q0 + threadIdx.x;
-            bool in = t < T;
-            lse_buf[buf][threadIdx.x] = in ? lse[(size_t)t * Hq + h] * LOG2E : 0.0f;
-            delta_buf[buf][threadIdx.x] = in ? delta[(size_t)t * Hq + h] : 0.0f;
-            first_buf[buf][threadIdx.x] = in ? cu[sequence_of(cu, n_seqs, t)] : T;  // T: masks all
-        }
     };
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
@@ -1162,8 +1009,8 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
 
     issue(0);  // one group with K and V
     for (int step = 0; step < n_steps; step++) {
-        int h = h_first + step / q_tiles, q0 = k0 + (step % q_tiles) * TILE, buf = step % STAGES;
-        if (STAGES == 2 && step + 1 < n_steps) {
+        int q0 = k0 + step * TILE, buf = step % STAGES;
+        if (step + 1 < n_steps) {
             issue(step + 1);  // its buffers were last read in step - 1, before its closing barrier
             cp_async_wait<1>();
         } else {
@@ -1184,84 +1031,53 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
 #pragma unroll
         for (int kc = 0; kc < D / 16; kc++) {
             uint32_t ka[4], va[4];
-            if constexpr (FAST) {
-                load_a_ldsm(ka, sK, LD, warp * 16, kc * 16);
-                load_a_ldsm(va, sV, LD, warp * 16, kc * 16);
+            load_a_ldsm(ka, sK, LD, warp * 16, kc * 16);
+            load_a_ldsm(va, sV, LD, warp * 16, kc * 16);
 #pragma unroll
-                for (int np = 0; np < TILE / 16; np++) {
-                    uint32_t bq[4], bo[4];
-                    load_b_ldsm(bq, sQ, LD, np * 16, kc * 16);
-                    load_b_ldsm(bo, sdO, LD, np * 16, kc * 16);
-                    mma_bf16(p[2 * np], ka, bq[0], bq[1]);
-                    mma_bf16(p[2 * np + 1], ka, bq[2], bq[3]);
-                    mma_bf16(dp[2 * np], va, bo[0], bo[1]);
-                    mma_bf16(dp[2 * np + 1], va, bo[2], bo[3]);
-                }
-            } else {
-                load_a(ka, sK, LD, warp * 16, kc * 16);
-                load_a(va, sV, LD, warp * 16, kc * 16);
-#pragma unroll
-                for (int nt = 0; nt < TILE / 8; nt++) {
-                    const __nv_bfloat16 *qp = sQ + (nt * 8 + g) * LD + kc * 16 + 2 * c;
-                    const __nv_bfloat16 *op = sdO + (nt * 8 + g) * LD + kc * 16 + 2 * c;
-                    mma_bf16(p[nt], ka, lds32(qp), lds32(qp + 8));
-                    mma_bf16(dp[nt], va, lds32(op), lds32(op + 8));
-                }
+            for (int np = 0; np < TILE / 16; np++) {
+                uint32_t bq[4], bo[4];
+                load_b_ldsm(bq, sQ, LD, np * 16, kc * 16);
+                load_b_ldsm(bo, sdO, LD, np * 16, kc * 16);
+                mma_bf16(p[2 * np], ka, bq[0], bq[1]);
+                mma_bf16(p[2 * np + 1], ka, bq[2], bq[3]);
+                mma_bf16(dp[2 * np], va, bo[0], bo[1]);
+                mma_bf16(dp[2 * np + 1], va, bo[2], bo[3]);
             }
         }
-        // P^T from the saved lse; dS^T = P^T (dP^T - delta), both 16 keys x 64 queries
-        if constexpr (FAST) {
-            // masks only where this warp's 16 keys and the 64 queries are not all "same sequence,
-            // causal" (warp-uniform test); the exponent as one fma into ex2.approx; lse copied raw
-            // (natural-log units), rows past T zero-filled and masked by t < T
-            bool full = q0 >= k0 + warp * 16 + 15 && q0 + TILE <= T && q_first[TILE - 1] <= k0 + warp * 16;
-            float scale_log2 = scale * LOG2E;
+        // P^T from the saved lse; dS^T = P^T (dP^T - delta), both 16 keys x 64 queries. Masks
+        // only where this warp's 16 keys and the 64 queries are not all "same sequence, causal"
+        // (warp-uniform test); the exponent as one fma into ex2.approx; lse copied raw
+        // (natural-log units), rows past T zero-filled and masked by t < T
+        bool full = q0 >= k0 + warp * 16 + 15 && q0 + TILE <= T && q_first[TILE - 1] <= k0 + warp * 16;
+        float scale_log2 = scale * LOG2E;
 #pragma unroll
-            for (int nt = 0; nt < TILE / 8; nt++)
+        for (int nt = 0; nt < TILE / 8; nt++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int col = nt * 8 + 2 * c + e;
-                    float l = q_lse[col] * LOG2E, dl = q_delta[col];
-                    float pa = fast_exp2(fmaf(p[nt][e], scale_log2, -l));
-                    float pb = fast_exp2(fmaf(p[nt][2 + e], scale_log2, -l));
-                    if (!full) {
-                        int t = q0 + col, first = q_first[col];
-                        pa = (t < T && t >= key_a && first <= key_a) ? pa : 0.0f;
-                        pb = (t < T && t >= key_b && first <= key_b) ? pb : 0.0f;
-                    }
-                    p[nt][e] = pa;
-                    p[nt][2 + e] = pb;
-                    dp[nt][e] = pa * (dp[nt][e] - dl);
-                    dp[nt][2 + e] = pb * (dp[nt][2 + e] - dl);
+            for (int e = 0; e < 2; e++) {
+                int col = nt * 8 + 2 * c + e;
+                float l = q_lse[col] * LOG2E, dl = q_delta[col];
+                float pa = fast_exp2(fmaf(p[nt][e], scale_log2, -l));
+                float pb = fast_exp2(fmaf(p[nt][2 + e], scale_log2, -l));
+                if (!full) {
+                    int t = q0 + col, first = q_first[col];
+                    pa = (t < T && t >= key_a && first <= key_a) ? pa : 0.0f;
+                    pb = (t < T && t >= key_b && first <= key_b) ? pb : 0.0f;
                 }
-        } else {
-#pragma unroll
-            for (int nt = 0; nt < TILE / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int col = nt * 8 + 2 * c + e, t = q0 + col, first = q_first[col];
-                    float pa = (t >= key_a && first <= key_a) ? exp2f(p[nt][e] * scale * LOG2E - q_lse[col]) : 0.0f;
-                    float pb = (t >= key_b && first <= key_b) ? exp2f(p[nt][2 + e] * scale * LOG2E - q_lse[col]) : 0.0f;
-                    p[nt][e] = pa;
-                    p[nt][2 + e] = pb;
-                    dp[nt][e] = pa * (dp[nt][e] - q_delta[col]);
-                    dp[nt][2 + e] = pb * (dp[nt][2 + e] - q_delta[col]);
-                    sdS[col * LDS + warp * 16 + g] = __float2bfloat16(dp[nt][e]);
-                    sdS[col * LDS + warp * 16 + g + 8] = __float2bfloat16(dp[nt][2 + e]);
-                }
-        }
+                p[nt][e] = pa;
+                p[nt][2 + e] = pb;
+                dp[nt][e] = pa * (dp[nt][e] - dl);
+                dp[nt][2 + e] = pb * (dp[nt][2 + e] - dl);
+            }
         // dV += P^T dO and dK += dS^T Q (scale applied at the end), k = the 64 queries
 #pragma unroll
         for (int kc = 0; kc < TILE / 16; kc++) {
             uint32_t pa[4], sa[4];
             a_from_c(pa, p[2 * kc], p[2 * kc + 1]);
             a_from_c(sa, dp[2 * kc], dp[2 * kc + 1]);
-            // FAST: dS^T into sdS transposed by stmatrix, 4 8x8 blocks at a time; lane l gives row
+            // dS^T into sdS transposed by stmatrix, 4 8x8 blocks at a time; lane l gives row
             // l % 8 of block l / 8 = (queries 16 kc + 8 (l / 16) + l % 8, keys warp * 16 + 8 ((l / 8) % 2) ...)
-            if constexpr (FAST)
-                stsm_x4_trans(sdS + (size_t)(kc * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + warp * 16 +
-                                  ((lane >> 3) & 1) * 8,
-                              sa);
+            stsm_x4_trans(sdS + (size_t)(kc * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + warp * 16 + ((lane >> 3) & 1) * 8,
+                          sa);
 #pragma unroll
             for (int np = 0; np < D / 16; np++) {
                 uint32_t b[4];
@@ -1284,10 +1100,7 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
 #pragma unroll
             for (int kc = 0; kc < KT / 16; kc++) {
                 uint32_t a[4], b[4];
-                if constexpr (FAST)
-                    load_a_ldsm(a, sdS, LDS, (warp % 4) * 16, kc * 16);
-                else
-                    load_a(a, sdS, LDS, (warp % 4) * 16, kc * 16);
+                load_a_ldsm(a, sdS, LDS, (warp % 4) * 16, kc * 16);
                 load_b_trans(b, sK, LD, kc * 16, np * 16);
                 mma_bf16(acc[0], a, b[0], b[1]);
                 mma_bf16(acc[1], a, b[2], b[3]);
@@ -1304,8 +1117,6 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
             }
         }
         __syncthreads();  // dS, Q and dO buffers are consumed before they are refilled
-        if (STAGES == 1 && step + 1 < n_steps)
-            issue(step + 1);
     }
     size_t n_kv = (size_t)T * Hkv * D;
 #pragma unroll
@@ -1313,23 +1124,13 @@ __global__ void __launch_bounds__(32 * KW) attention_backward_kernel(
         int d = i * 8 + 2 * c;
         if (key_a < T) {
             size_t at = ((size_t)key_a * Hkv + kvh) * D + d;
-            if constexpr (FAST) {
-                atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk_acc[i][0] * scale, dk_acc[i][1] * scale));
-                atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv_acc[i][0], dv_acc[i][1]));
-            } else {
-                *reinterpret_cast<uint32_t *>(dk + at) = pack_bf16(dk_acc[i][0] * scale, dk_acc[i][1] * scale);
-                *reinterpret_cast<uint32_t *>(dv + at) = pack_bf16(dv_acc[i][0], dv_acc[i][1]);
-            }
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk_acc[i][0] * scale, dk_acc[i][1] * scale));
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv_acc[i][0], dv_acc[i][1]));
         }
         if (key_b < T) {
             size_t at = ((size_t)key_b * Hkv + kvh) * D + d;
-            if constexpr (FAST) {
-                atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk_acc[i][2] * scale, dk_acc[i][3] * scale));
-                atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv_acc[i][2], dv_acc[i][3]));
-            } else {
-                *reinterpret_cast<uint32_t *>(dk + at) = pack_bf16(dk_acc[i][2] * scale, dk_acc[i][3] * scale);
-                *reinterpret_cast<uint32_t *>(dv + at) = pack_bf16(dv_acc[i][2], dv_acc[i][3]);
-            }
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk_acc[i][2] * scale, dk_acc[i][3] * scale));
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv_acc[i][2], dv_acc[i][3]));
         }
     }
 }
@@ -1345,15 +1146,15 @@ __global__ void attention_dq_convert_kernel(__nv_bfloat16 *dq, const float *dq_a
     store_bf16x8(dq + i, vals);
 }
 
-// FAST: version 3's forward (128-query blocks), else versions 1 and 2's (64-query blocks)
-template <int D, bool FAST>
+// Version 3's forward (128-query blocks)
+template <int D>
 int forward_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, const bf16_t *v, const int32_t *cu,
                    int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream, Err *err)
 {
-    auto kernel = FAST ? attention_forward_fast_kernel<D> : attention_forward_kernel<D>;
-    size_t smem = FAST ? forward_fast_smem_bytes<D>() : forward_smem_bytes<D>();
+    auto kernel = attention_forward_fast_kernel<D>;
+    size_t smem = forward_fast_smem_bytes<D>();
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), err);
-    dim3 grid(ceil_div(T, TILE * (FAST ? FAST_MT : 1)), Hq);
+    dim3 grid(ceil_div(T, TILE * FAST_MT), Hq);
     CUDA_CHECK(launch_kernel(kernel, grid, dim3(THREADS), smem, stream, false, out, lse, q, k, v, cu, n_seqs, T, Hq,
                              Hkv, LOG2E / sqrtf((float)D)),
                err);
@@ -1409,8 +1210,7 @@ int forward_sm90_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *
     return 0;
 }
 
-// Before every backward: delta, the dq accumulator zeroed, and (dkv_acc, seq_start given) the dk,
-// dv accumulators zeroed and each position's sequence start
+// Before every backward: delta, the dq, dk and dv accumulators zeroed, each position's sequence start
 template <int D>
 int backward_prepare(float *delta, float *dq_acc, float *dkv_acc, int32_t *seq_start, const bf16_t *dout,
                      const bf16_t *out, const int32_t *cu, int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream,
@@ -1423,19 +1223,17 @@ int backward_prepare(float *delta, float *dq_acc, float *dkv_acc, int32_t *seq_s
     return 0;
 }
 
-// After it: dq (and, dkv_acc given, dk and dv) rounded to bf16 from the fp32 accumulators
+// After it: dq, dk and dv rounded to bf16 from the fp32 accumulators
 int backward_convert(bf16_t *dq, bf16_t *dk, bf16_t *dv, const float *dq_acc, const float *dkv_acc, int T, int Hq,
                      int Hkv, int D, cudaStream_t stream, Err *err)
 {
     size_t n = (size_t)T * Hq * D, n_kv = (size_t)T * Hkv * D;
     attention_dq_convert_kernel<<<ceil_div(n / 8, 256), 256, 0, stream>>>(dq, dq_acc, n);
     LAUNCH_CHECK(err);
-    if (dkv_acc) {
-        attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dk, dkv_acc, n_kv);
-        LAUNCH_CHECK(err);
-        attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dv, dkv_acc + n_kv, n_kv);
-        LAUNCH_CHECK(err);
-    }
+    attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dk, dkv_acc, n_kv);
+    LAUNCH_CHECK(err);
+    attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dv, dkv_acc + n_kv, n_kv);
+    LAUNCH_CHECK(err);
     return 0;
 }
 
@@ -1486,31 +1284,30 @@ bool attention_sm90_ok(void)
     return known[dev] == 1;
 }
 
-template <int D, int STAGES, int KW, bool FAST>
+// Version 3's backward
+template <int D>
 int backward_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q, const bf16_t *k,
                     const bf16_t *v, const bf16_t *out, const float *lse, const int32_t *cu, int n_seqs, int T,
                     int Hq, int Hkv, float *dq_acc, float *dkv_acc, float *delta, int32_t *seq_start,
                     cudaStream_t stream, Err *err)
 {
-    if (backward_prepare<D>(delta, dq_acc, FAST ? dkv_acc : nullptr, FAST ? seq_start : nullptr, dout, out, cu,
-                            n_seqs, T, Hq, Hkv, stream, err))
+    if (backward_prepare<D>(delta, dq_acc, dkv_acc, seq_start, dout, out, cu, n_seqs, T, Hq, Hkv, stream, err))
         return -1;
-    size_t smem = backward_smem_bytes<D, STAGES, KW>();
-    auto kernel = attention_backward_kernel<D, STAGES, KW, FAST>;
+    size_t smem = backward_smem_bytes<D>();
+    auto kernel = attention_backward_kernel<D>;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), err);
-    dim3 grid = FAST ? dim3(Hq, ceil_div(T, 16 * KW)) : dim3(ceil_div(T, 16 * KW), Hkv);
-    kernel<<<grid, 32 * KW, smem, stream>>>(dk, dv, dq_acc, dkv_acc, seq_start, q, k, v, dout, lse, delta, cu, n_seqs, T, Hq,
-                                             Hkv, 1.0f / sqrtf((float)D));
+    kernel<<<dim3(Hq, ceil_div(T, 16 * BWD_KW)), 32 * BWD_KW, smem, stream>>>(
+        dq_acc, dkv_acc, seq_start, q, k, v, dout, lse, delta, cu, n_seqs, T, Hq, Hkv, 1.0f / sqrtf((float)D));
     LAUNCH_CHECK(err);
-    return backward_convert(dq, dk, dv, dq_acc, FAST ? dkv_acc : nullptr, T, Hq, Hkv, D, stream, err);
+    return backward_convert(dq, dk, dv, dq_acc, dkv_acc, T, Hq, Hkv, D, stream, err);
 }
 
 // Which kernel version the launchers run (cuda_attention_set_version; kernels/NOTES.md has
-// each one's timings): 1 loads then computes, 64-row blocks of 4 warps; 2, version 1's forward
-// and a backward on 128-key blocks of 8 warps that copies the next query tile while computing on
-// this one; 3, the FAST kernels; 4, version 3's backward and, for head_dim 128 on an sm_90
-// device, the wgmma/TMA forward; 5, the fastest measured: there, the wgmma/TMA backward too
-// (elsewhere, and for head_dim 64, versions 4 and 5 run version 3's kernels).
+// each one's timings): 3, the mma.sync kernels (ldmatrix fragments, 128-query forward blocks,
+// one backward block per (128-key tile, query head)); 4, version 3's backward and, for head_dim
+// 128 on an sm_90 device, the wgmma/TMA forward; 5, the fastest measured: there, the wgmma/TMA
+// backward too (elsewhere, and for head_dim 64, versions 4 and 5 run version 3's kernels).
+// Versions 1 and 2, the first kernels, are gone (NOTES: rerun them from commit c0520f5).
 int attention_version = 5;
 
 }  // namespace
@@ -1531,9 +1328,7 @@ extern "C" int cuda_attention_forward(bf16_t *out, float *lse, const bf16_t *q, 
     if (attention_version >= 4 && head_dim == 128 && attention_sm90_ok())
         return forward_sm90_launch(out, lse, q, k, v, cu_seqlens, n_seqs, T, n_heads,
                                    n_kv_heads, s, err);
-    bool fast = attention_version >= 3;
-    auto launch = head_dim == 64 ? (fast ? forward_launch<64, true> : forward_launch<64, false>)
-                                 : (fast ? forward_launch<128, true> : forward_launch<128, false>);
+    auto launch = head_dim == 64 ? forward_launch<64> : forward_launch<128>;
     return launch(out, lse, q, k, v, cu_seqlens, n_seqs, T, n_heads, n_kv_heads, s, err);
 }
 
@@ -1579,19 +1374,14 @@ extern "C" int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const
         return backward_sm90_launch(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, n_seqs, T, n_heads, n_kv_heads,
                                     dq_acc, dkv_acc, delta, seq_start, lse_t, delta_t, starts_pad, s, err);
     }
-    auto launch = head_dim == 64 ? (attention_version == 1   ? backward_launch<64, 1, 4, false>
-                                    : attention_version == 2 ? backward_launch<64, 2, 8, false>
-                                                             : backward_launch<64, 2, 8, true>)
-                                 : (attention_version == 1   ? backward_launch<128, 1, 4, false>
-                                    : attention_version == 2 ? backward_launch<128, 2, 8, false>
-                                                             : backward_launch<128, 2, 8, true>);
+    auto launch = head_dim == 64 ? backward_launch<64> : backward_launch<128>;
     return launch(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, n_seqs, T, n_heads, n_kv_heads, dq_acc, dkv_acc,
                   delta, seq_start, s, err);
 }
 
 extern "C" int cuda_attention_set_version(int version)
 {
-    if (version < 1 || version > ATTENTION_VERSIONS)
+    if (version < ATTENTION_FIRST_VERSION || version > ATTENTION_VERSIONS)
         return -1;
     int previous = attention_version;
     attention_version = version;

@@ -36,17 +36,15 @@ int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *do
                             int head_dim, void *workspace, size_t workspace_bytes, GpuStream stream,
                             Err *err);
 
-// The kernel lab's switch, for tests and benchmarks (not thread-safe; process-wide): version 1
-// loads each tile, then computes on it; version 2 runs version 1's forward and a backward on
-// 128-key blocks of 8 warps that copies the next query tile while computing on this one; version
-// 3 loads fragments with ldmatrix, runs 128-query forward blocks, one backward block per (key
-// tile, query head), and the exponent through ex2.approx; version 4 is version 3 with, for
+// The kernel lab's switch, for tests and benchmarks (not thread-safe; process-wide): version 3
+// runs mma.sync kernels (fragments by ldmatrix, 128-query forward blocks, one backward block per
+// (key tile, query head), the exponent through ex2.approx); version 4 is version 3 with, for
 // head_dim 128 on a compute capability 9.0 device, a forward of Hopper's own instructions (wgmma
 // products, TMA copies); version 5 (the default, fastest on an H200) has the backward of those
 // instructions too. Elsewhere versions 4 and 5 run version 3's kernels. kernels/NOTES.md has each
-// one's timings. Versions 1 and 2 give the same forward output bit for bit, 3 to 5 the same to
-// bf16 rounding. Returns the previous version, or -1 (and changes
-// nothing) for an unknown one.
+// one's timings (versions 1 and 2, the first kernels, were removed). Outputs agree to bf16
+// rounding. Returns the previous version, or -1 (and changes nothing) for an unknown one.
+#define ATTENTION_FIRST_VERSION 3
 #define ATTENTION_VERSIONS 5
 int cuda_attention_set_version(int version);
 

@@ -26,7 +26,7 @@ static const double TOL_OUT = 8e-3, TOL_LSE = 1e-5, TOL_GRAD = 2e-2;
 
 static void test_attention(std::vector<int> doc_lengths, int Hq, int Hkv, int hd)
 {
-    int version = cuda_attention_set_version(1);  // read the current one back
+    int version = cuda_attention_set_version(ATTENTION_FIRST_VERSION);  // read the current one back
     cuda_attention_set_version(version);
     std::vector<int32_t> cu(1, 0);
     for (int len : doc_lengths)
@@ -132,7 +132,7 @@ static int bench(void)
         void *ws = dev_alloc<char>(ws_bytes);
         double flops = 4.0 * hd * Hq * s.n_docs * (double)s.doc_len * s.doc_len / 2;
         std::vector<float> first_out, first_dq;
-        for (int version = 1; version <= ATTENTION_VERSIONS; version++) {
+        for (int version = ATTENTION_FIRST_VERSION; version <= ATTENTION_VERSIONS; version++) {
             cuda_attention_set_version(version);
             double fwd = median_us(
                 [&] { LAUNCHED(cuda_attention_forward(out, lse, q.dev, k.dev, v.dev, d_cu, s.n_docs, T, Hq, Hkv, hd, NULL, E)); },
@@ -143,22 +143,21 @@ static int bench(void)
                                                      Hq, Hkv, hd, ws, ws_bytes, NULL, E));
                 },
                 reps);
-            // at these sizes there is no CPU twin to compare with: versions 1 to 6 give the same
-            // output bit for bit (same arithmetic in the same order), 7 to bf16 rounding; dq agrees
-            // only to fp32 rounding (its atomics add in any order); nothing may be NaN
+            // at these sizes there is no CPU twin to compare with: the versions agree to bf16
+            // rounding (out) and fp32 rounding (dq, added in any order); nothing may be NaN
             std::vector<float> got_out = download_bf16(out, nq), got_dq = download_bf16(dq, nq);
             size_t bad = 0;
             for (size_t i = 0; i < nq; i++)
                 bad += !isfinite(got_out[i]) || !isfinite(got_dq[i]);
             char same[96] = "";
-            if (version == 1) {
+            if (version == ATTENTION_FIRST_VERSION) {
                 first_out = got_out, first_dq = got_dq;
             } else {
                 char out_diff[32] = "identical to";
                 if (got_out != first_out)
                     snprintf(out_diff, sizeof out_diff, "%.1e from", rel_l2(got_out.data(), first_out.data(), nq));
-                snprintf(same, sizeof same, "  out %s v1's, dq %.1e from v1's", out_diff,
-                         rel_l2(got_dq.data(), first_dq.data(), first_dq.size()));
+                snprintf(same, sizeof same, "  out %s v%d's, dq %.1e from v%d's", out_diff, ATTENTION_FIRST_VERSION,
+                         rel_l2(got_dq.data(), first_dq.data(), first_dq.size()), ATTENTION_FIRST_VERSION);
             }
             printf("%-10s v%d %12.1f %9.0f %12.1f %9.0f%s%s\n", s.name, version, fwd, flops / fwd / 1e6, bwd,
                    2.5 * flops / bwd / 1e6, bad ? "  NaN in out or dq" : "", same);
@@ -173,7 +172,7 @@ int main(int argc, char **argv)
     HarnessMode mode = harness_start(argc, argv);
     if (mode != HARNESS_TESTS)
         return mode == HARNESS_BENCH ? bench() : 0;
-    for (int version = 1; version <= ATTENTION_VERSIONS; version++) {
+    for (int version = ATTENTION_FIRST_VERSION; version <= ATTENTION_VERSIONS; version++) {
         cuda_attention_set_version(version);
         test_attention({1, 37, 200, 1, 65, 129, 3, 90}, 6, 2, 64);  // GQA 3:1, tiles straddle documents
         test_attention({1100}, 4, 1, 128);                          // one document over 18 tiles, MQA
@@ -184,6 +183,7 @@ int main(int argc, char **argv)
         test_attention({130, 257, 640}, 8, 2, 128);  // whole tiles inside documents, and tiles across them
     }
     ok(cuda_attention_set_version(ATTENTION_VERSIONS + 1) == -1 &&
+           cuda_attention_set_version(ATTENTION_FIRST_VERSION - 1) == -1 &&
            cuda_attention_set_version(ATTENTION_VERSIONS) == ATTENTION_VERSIONS,
        "attention: an unknown kernel version is refused and changes nothing");
     test_shape_errors();

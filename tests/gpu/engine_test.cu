@@ -853,8 +853,8 @@ static int bench(void)
     for (auto &sh : shapes8b)
         for (CudaRecompute mode : modes)
             bench_case("llama3-8b dims L2", &l3.m, sh[0], sh[1], 16, mode);
-    int version = cuda_attention_set_version(1);
-    for (int v = 1; v <= ATTENTION_VERSIONS; v++) {
+    int version = cuda_attention_set_version(ATTENTION_FIRST_VERSION);
+    for (int v = ATTENTION_FIRST_VERSION; v <= ATTENTION_VERSIONS; v++) {
         cuda_attention_set_version(v);
         char name[64];
         snprintf(name, sizeof name, "llama3-8b L2 attn v%d", v);

@@ -623,7 +623,9 @@ static void test_attention_launcher_arguments(void)
             "attention", "workspace", "a short attention workspace");
     rejects(cuda_attention_backward(p, p, p, p, p, p, p, p, NULL, p, 1, 8, 4, 4, 64, p, ws, NULL, &err), &err,
             "attention", "NULL", "attention backward without lse");
-    ok(cuda_attention_set_version(ATTENTION_VERSIONS + 1) == -1, "attention: an unknown kernel version is refused");
+    ok(cuda_attention_set_version(ATTENTION_VERSIONS + 1) == -1 &&
+           cuda_attention_set_version(ATTENTION_FIRST_VERSION - 1) == -1,
+       "attention: an unknown kernel version is refused");
 }
 static void test_decode_launcher_arguments(void)
 {
