@@ -492,6 +492,9 @@ static int train_loop(Run *r, TrainResult *res, Err *err)
             put_num(r->metrics, "grad_norm", grad_norm);
             fprintf(r->metrics, ",\"tokens\":%ld", n_trained);
             put_num(r->metrics, "epoch", p.epoch);
+            size_t device_bytes = train_engine_device_bytes(r->engine);   // planned at start: the peak
+            if (device_bytes)
+                fprintf(r->metrics, ",\"peak_device_bytes\":%zu", device_bytes);
             put_num(r->metrics, "elapsed_s", elapsed);   // time-dependent fields last
             put_num(r->metrics, "tokens_per_s", p.tokens_per_s);
             fputs("}\n", r->metrics);

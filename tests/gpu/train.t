@@ -1,6 +1,6 @@
 #!/bin/sh
 # lora-train --device cuda against --device cpu on stories260K: Alpaca rows packed as in
-# pipelines/demo.mk, 20 steps with the same seed and dropout 0 on each device; every step's loss
+# pipelines/demo.mk, 50 steps with the same seed and dropout 0 on each device; every step's loss
 # (--metrics) and the evaluation losses agree within bf16 tolerance (relative 2e-2), the CUDA
 # adapter loads back (lora-gen -a), a CPU checkpoint resumes on the GPU with the CPU's curve, and
 # --recompute mlp and layer give step 1's loss bit for bit and the curve within tolerance, in less memory.
@@ -17,7 +17,7 @@ DATA=$TESTDATA/alpaca/alpaca_tiny.json
 [ -f "$M/config.json" ] && [ -f "$DATA" ] ||
     skip_all "TESTDATA does not hold stories260K/hf and alpaca/alpaca_tiny.json"
 for t in alp-fmt tok pack lora-train lora-gen; do [ -x "$BIN/$t" ] || skip_all "$BIN/$t not built"; done
-STEPS=20
+STEPS=50
 TOL=2e-2
 
 "$BIN/alp-fmt" "$DATA" | "$BIN/tok" -m "$M" | "$BIN/pack" -q -m "$M" -s 256 -C 4 -O "$T/val" -o "$T/shards"
@@ -30,6 +30,8 @@ train() {
 }
 # metric FILE KEY: one line per object holding KEY, its value.
 metric() { sed -n "s/.*\"$2\":\([^,}]*\).*/\1/p" "$1"; }
+# peak FILE: the summary's peak device memory (GiB) in a run's standard error
+peak() { sed -n 's/.*peak device memory \([0-9.]*\) GiB.*/\1/p' "$1"; }
 # compare NAME A B: the largest relative difference of two columns of numbers, within TOL.
 compare() {
     paste "$2" "$3" | awk -v tol="$TOL" -v name="$1" '
@@ -49,6 +51,10 @@ ok "the summary gives the peak device memory" grep -q "peak device memory [0-9.]
 grep '"loss"' "$T/cpu.jsonl" >"$T/cpu.steps"
 grep '"loss"' "$T/cuda.jsonl" >"$T/cuda.steps"
 is "$(wc -l <"$T/cuda.steps" | tr -d ' ')" "$STEPS" "one metrics line per CUDA step"
+metric "$T/cuda.steps" peak_device_bytes | sort -u >"$T/peak"
+ok "every CUDA step's metrics give the peak device bytes, the summary's figure" \
+    awk -v g="$(peak "$T/cuda.err")" '{ n++; b = $1 } END { d = b / 2^30 - g; exit !(n == 1 && b > 0 && d * d < 1e-6) }' "$T/peak"
+ok "CPU metrics give no device bytes" sh -c '! grep -q peak_device_bytes "$1"' sh "$T/cpu.jsonl"
 metric "$T/cpu.steps" loss >"$T/a"
 metric "$T/cuda.steps" loss >"$T/b"
 ok "step losses agree within $TOL" compare "loss per step (cpu vs cuda)" "$T/a" "$T/b"
@@ -77,7 +83,6 @@ ok "--recompute auto (the default) keeps every activation when it fits, and says
 train cuda none -n 5 --recompute none --metrics "$T/none.jsonl"
 is "$?" 0 "--recompute none trains"
 grep '"loss"' "$T/none.jsonl" | metric /dev/stdin loss >"$T/b"
-peak() { sed -n 's/.*peak device memory \([0-9.]*\) GiB.*/\1/p' "$1"; }
 for mode in mlp layer; do
     train cuda $mode -n 5 --recompute $mode --metrics "$T/$mode.jsonl"
     is "$?" 0 "--recompute $mode trains"

@@ -14,14 +14,17 @@ embeddings; stories260K when its directory is given):
      c. the adapter changes the logits (B is not zero);
      d. PEFT's mean loss over the validation documents (each document alone: packing restricts
         attention to a document and restarts positions, so it must not matter) equals the
-        eval_loss lora-train computed with our CPU engine on the packed shards;
+        eval_loss lora-train computed on the packed shards (relative 1e-4 with --device cpu, our
+        fp32 engine; 2e-2 with --device cuda, the bf16 GPU engine, which then trains too);
      e. (stories260K, when lora-gen is built) lora-gen's greedy output with the adapter, merged
         and unmerged, equals PEFT's greedy generate: the same logits' argmax at every step;
   f. (stories260K, lora-gen) the other direction: an adapter saved by PEFT itself (bf16,
      rsLoRA, random non-zero B) read by our loader generates in lora-gen what it does in PEFT.
+lora-gen runs on the CPU (--device cpu): greedy equality is a property of the fp32 engine; the GPU's
+generation is compared with PEFT in tests/gpu/gen.t.
 Prints one line per check; exit 0 when all pass. --record FILE appends a summary.
 
-usage: check_adapter.py --bin BIN_DIR --work DIR [--stories DIR] [--record FILE]
+usage: check_adapter.py --bin BIN_DIR --work DIR [--stories DIR] [--device cpu|cuda] [--record FILE]
 """
 import argparse
 import json
@@ -123,7 +126,8 @@ def peft_loss(model, docs):
     return total / count, count
 
 
-def check_model(label, model_dir, docs_train, docs_val, seq_len, vocab, bin_dir, work, extra, gen_prompt=None):
+def check_model(label, model_dir, docs_train, docs_val, seq_len, vocab, bin_dir, work, extra, device,
+                gen_prompt=None):
     os.makedirs(work, exist_ok=True)
     tr, va = os.path.join(work, "train.jsonl"), os.path.join(work, "val.jsonl")
     write_records(tr, docs_train)
@@ -133,7 +137,8 @@ def check_model(label, model_dir, docs_train, docs_val, seq_len, vocab, bin_dir,
     out, metrics = os.path.join(work, "adapter"), os.path.join(work, "metrics.jsonl")
     t0 = time.time()
     run(f"'{bin_dir}/lora-train' -q -m '{model_dir}' -i '{work}/train' -o '{out}' --eval '{work}/val' "
-        f"--metrics '{metrics}' -n 4 -b 2 -a 2 --lr 0.02 --warmup-steps 1 -r 4 --alpha 8 {extra}")
+        f"--metrics '{metrics}' -n 4 -b 2 -a 2 --lr 0.02 --warmup-steps 1 -r 4 --alpha 8 "
+        f"--device {device} {extra}")
     train_s = time.time() - t0
     eval_loss = [json.loads(l) for l in open(metrics) if "eval_loss" in l][-1]["eval_loss"]
 
@@ -178,15 +183,17 @@ def check_model(label, model_dir, docs_train, docs_val, seq_len, vocab, bin_dir,
             gen = peft_model.generate(input_ids=prompt_ids, max_new_tokens=40, do_sample=False)
         want = tok.decode(gen[0], skip_special_tokens=True)
         for mode in ("", "--unmerged"):
-            r = run(f"'{bin_dir}/lora-gen' -m '{model_dir}' -a '{out}' -n 40 -j {mode} -p '{gen_prompt}'")
+            r = run(f"'{bin_dir}/lora-gen' --device cpu -m '{model_dir}' -a '{out}' -n 40 -j {mode} "
+                    f"-p '{gen_prompt}'")
             got = json.loads(r.stdout)
             text = got["prompt"] + got["output"]
             check(f"{label}: lora-gen {mode or '(merged)'} greedy = PEFT generate greedy", text == want,
                   f"{got['tokens']} tokens: {got['output'][:60]!r}" + ("" if text == want else f" vs {want!r}"))
     loss, count = peft_loss(peft_model, docs_val)
     rel_loss = abs(loss - eval_loss) / abs(loss)
-    check(f"{label}: PEFT loss on the validation documents = lora-train eval_loss", rel_loss < 1e-4,
-          f"peft {loss:.7f} ours {eval_loss:.7f} over {count} targets, rel err {rel_loss:.1e} "
+    tol = 1e-4 if device == "cpu" else 2e-2
+    check(f"{label}: PEFT loss on the validation documents = lora-train --device {device} eval_loss", rel_loss < tol,
+          f"peft {loss:.7f} ours {eval_loss:.7f} over {count} targets, rel err {rel_loss:.1e} < {tol:.0e} "
           f"(4 training steps took {train_s:.1f}s)")
 
 
@@ -218,7 +225,7 @@ def check_peft_written(model_dir, bin_dir, work, prompt):
     with torch.no_grad():
         want = tok.decode(model.generate(input_ids=ids, max_new_tokens=40, do_sample=False)[0],
                           skip_special_tokens=True)
-    r = run(f"'{bin_dir}/lora-gen' -m '{model_dir}' -a '{out}' -n 40 -j -p '{prompt}'")
+    r = run(f"'{bin_dir}/lora-gen' --device cpu -m '{model_dir}' -a '{out}' -n 40 -j -p '{prompt}'")
     got = json.loads(r.stdout)
     check("stories260K: an adapter saved by PEFT (bf16, rsLoRA, k,o,up) in lora-gen = PEFT generate",
           got["prompt"] + got["output"] == want, f"{got['output'][:60]!r}")
@@ -229,6 +236,7 @@ def main():
     ap.add_argument("--bin", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--stories")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where lora-train trains")
     ap.add_argument("--record")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -236,11 +244,11 @@ def main():
     make_tiny(tiny)
     check_model("tiny random Llama (GQA, llama3 rope, untied, rsLoRA, all targets)", tiny,
                 tiny_docs(24, 1), tiny_docs(6, 2), 32, 96, args.bin, os.path.join(args.work, "tiny"),
-                "--rslora --targets all")
+                "--rslora --targets all", args.device)
     if args.stories:
         check_model("stories260K (q,v,gate,down)", args.stories, stories_docs(args.stories, 24, 1, 48),
                     stories_docs(args.stories, 6, 2, 48), 48, 512, args.bin,
-                    os.path.join(args.work, "stories"), "--targets q,v,gate,down", "Once upon a time")
+                    os.path.join(args.work, "stories"), "--targets q,v,gate,down", args.device, "Once upon a time")
         check_peft_written(args.stories, args.bin, args.work, "Once upon a time")
     if args.record:
         import peft
