@@ -107,6 +107,31 @@ __device__ inline void cp_async4(void *dst, const void *src, bool valid)
 // wait until at most `pending` committed groups are still in flight
 template <int pending> __device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending)); }
 
+// The end of a backward block: this thread's dK (times scale) and dV, C fragments of its two
+// keys ka, kb (rows, 8-column n-tiles over head_dim D), added into the fp32 accumulators
+// (T, Hkv, D), dV's after dK's; the query heads of a kv head add into the same rows.
+template <int D>
+__device__ inline void add_dkv(float *dkv_acc, const float (&dk)[D / 8][4], const float (&dv)[D / 8][4], int ka,
+                               int kb, int T, int Hkv, int kvh, float scale)
+{
+    int c = threadIdx.x % 4;
+    size_t n_kv = (size_t)T * Hkv * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        int col = 8 * i + 2 * c;
+        if (ka < T) {
+            size_t at = ((size_t)ka * Hkv + kvh) * D + col;
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk[i][0] * scale, dk[i][1] * scale));
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv[i][0], dv[i][1]));
+        }
+        if (kb < T) {
+            size_t at = ((size_t)kb * Hkv + kvh) * D + col;
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk[i][2] * scale, dk[i][3] * scale));
+            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv[i][2], dv[i][3]));
+        }
+    }
+}
+
 // The forward's end for a warp's 16 rows (this thread's rows ta, tb): the quad sums the
 // denominators, the rows of out (T, Hq, D) are O / sum rounded to bf16, lse the natural-log
 // log-sum-exp (max and sum in log2 units). Rows at or past T are not written.
@@ -877,21 +902,7 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     }
     if (threadIdx.x % 128 == 0)  // the reductions done before the block ends
         asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-    size_t n_kv = (size_t)T * Hkv * H_D;
-#pragma unroll
-    for (int i = 0; i < 16; i++) {
-        int col = 8 * i + 2 * c;
-        if (ka < T) {
-            size_t at = ((size_t)ka * Hkv + kvh) * H_D + col;
-            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk[i][0] * scale, dk[i][1] * scale));
-            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv[i][0], dv[i][1]));
-        }
-        if (kb < T) {
-            size_t at = ((size_t)kb * Hkv + kvh) * H_D + col;
-            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk[i][2] * scale, dk[i][3] * scale));
-            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv[i][2], dv[i][3]));
-        }
-    }
+    add_dkv<H_D>(dkv_acc, dk, dv, ka, kb, T, Hkv, kvh, scale);
 #endif
 }
 
@@ -1118,21 +1129,7 @@ __global__ void __launch_bounds__(32 * BWD_KW) attention_backward_kernel(
         }
         __syncthreads();  // dS, Q and dO buffers are consumed before they are refilled
     }
-    size_t n_kv = (size_t)T * Hkv * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; i++) {
-        int d = i * 8 + 2 * c;
-        if (key_a < T) {
-            size_t at = ((size_t)key_a * Hkv + kvh) * D + d;
-            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk_acc[i][0] * scale, dk_acc[i][1] * scale));
-            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv_acc[i][0], dv_acc[i][1]));
-        }
-        if (key_b < T) {
-            size_t at = ((size_t)key_b * Hkv + kvh) * D + d;
-            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + at), make_float2(dk_acc[i][2] * scale, dk_acc[i][3] * scale));
-            atomicAdd(reinterpret_cast<float2 *>(dkv_acc + n_kv + at), make_float2(dv_acc[i][2], dv_acc[i][3]));
-        }
-    }
+    add_dkv<D>(dkv_acc, dk_acc, dv_acc, key_a, key_b, T, Hkv, kvh, scale);
 }
 
 // dq = dq_acc rounded to bf16, 8 values a thread (n a multiple of 8: head_dim is)
