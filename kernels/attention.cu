@@ -425,10 +425,10 @@ template <int pending> __device__ inline void wgmma_wait()
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(pending) : "memory");
 }
 // keeps the compiler from moving accesses of an accumulator across a wgmma fence or wait
-__device__ inline void pin(float (&d)[16][4])
+template <int N> __device__ inline void pin(float (&d)[N][4])
 {
 #pragma unroll
-    for (int i = 0; i < 16; i++)
+    for (int i = 0; i < N; i++)
 #pragma unroll
         for (int j = 0; j < 4; j++)
             asm volatile("" : "+f"(d[i][j])::"memory");
@@ -526,14 +526,6 @@ __device__ inline void wgmma64_ss(float (&d)[8][4], uint64_t a, uint64_t b, int 
                  "%32, %33, p, 1, 1, %35, %36;\n}\n"
                  : WG_ACC32(d)
                  : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));
-}
-__device__ inline void pin(float (&d)[8][4])
-{
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            asm volatile("" : "+f"(d[i][j])::"memory");
 }
 // n bytes (a multiple of 16, both addresses 16-aligned) from global src to shared dst, completing on bar
 __device__ inline void bulk_load(uint32_t dst, const void *src, uint32_t n, uint32_t bar)
