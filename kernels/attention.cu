@@ -486,6 +486,18 @@ __device__ inline void mbar_arrive(uint32_t bar)
 {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// (thread 0, before the block's first barrier) `once` for a one-off copy, and per stage a full
+// barrier (the issuing thread's arrival and its copies' bytes) and an empty one (one arrival a
+// warp), 8 bytes apart
+__device__ inline void init_barriers(uint32_t once, uint32_t full, uint32_t empty, int stages)
+{
+    mbar_init(once, 1);
+    for (int i = 0; i < stages; i++) {
+        mbar_init(full + 8 * i, 1);
+        mbar_init(empty + 8 * i, 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+}
 // wait until the phase with this parity (0 or 1) has completed
 __device__ inline void mbar_wait(uint32_t bar, uint32_t parity)
 {
@@ -574,14 +586,8 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
 
     int q0 = (gridDim.x - 1 - blockIdx.x) * H_BM, h = blockIdx.y, kvh = h / (Hq / Hkv);
     bool producer = threadIdx.x == 128;
-    if (threadIdx.x == 0) {
-        mbar_init(bar_q, 1);
-        for (int i = 0; i < H_STAGES; i++) {
-            mbar_init(bar_full + 8 * i, 1);
-            mbar_init(bar_empty + 8 * i, 8);  // one arrival a warp
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
-    }
+    if (threadIdx.x == 0)
+        init_barriers(bar_q, bar_full, bar_empty, H_STAGES);
     for (int i = threadIdx.x; i < H_BM; i += H_THREADS)
         seq_first[i] = cu[sequence_of(cu, n_seqs, min(q0 + i, T - 1))];
     __syncthreads();  // barriers initialised, seq_first
@@ -740,14 +746,8 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     // the queries that see a key of the tile: [k0, the end of its last key's sequence)
     int q_end = cu[sequence_of(cu, n_seqs, min(k0 + 127, T - 1)) + 1];
     int n_q = (q_end - k0 + B_BQ - 1) / B_BQ;
-    if (threadIdx.x == 0) {
-        mbar_init(bar_kv, 1);
-        for (int i = 0; i < B_STAGES; i++) {
-            mbar_init(bar_full + 8 * i, 1);
-            mbar_init(bar_empty + 8 * i, 8);  // one arrival a warp
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
-    }
+    if (threadIdx.x == 0)
+        init_barriers(bar_kv, bar_full, bar_empty, B_STAGES);
     __syncthreads();
     auto issue = [&](int j) {  // query tile j into stage j % B_STAGES (thread 0 only)
         uint32_t s = stages + (j % B_STAGES) * B_STAGE, full = bar_full + 8 * (j % B_STAGES);
