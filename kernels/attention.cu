@@ -250,7 +250,7 @@ __device__ inline void softmax_step(float (&s)[NT][4], float tile_max_a, float t
 // blocks a multiprocessor holds: 2). Scores stay raw; the scale goes into the exponent's fma,
 // computed by ex2.approx; the output's rescaling is skipped where it would multiply by exactly 1
 // (no row of the warp found a larger score); whole tiles inside every row's sequence and causal
-// window skip the masks.
+// window skip the masks. Grid (heads, query tiles), last tile first, as version 4's.
 constexpr int FAST_MT = 2, FAST_STAGES = 2;
 template <int D> constexpr size_t forward_fast_smem_bytes() { return (FAST_MT + 2 * FAST_STAGES) * TILE * (D + PAD) * 2; }
 
@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(THREADS, 1) attention_forward_fast_kernel(
     __nv_bfloat16 *sQ = reinterpret_cast<__nv_bfloat16 *>(smem), *sKV = sQ + QT * LD;
     __shared__ int seq_first[QT];
 
-    int q0 = (gridDim.x - 1 - blockIdx.x) * QT, h = blockIdx.y, kvh = h / (Hq / Hkv);
+    int q0 = (gridDim.y - 1 - blockIdx.y) * QT, h = blockIdx.x, kvh = h / (Hq / Hkv);
     for (int i = threadIdx.x; i < QT; i += THREADS)
         seq_first[i] = cu[sequence_of(cu, n_seqs, min(q0 + i, T - 1))];
     load_tile_async<D, QT>(sQ, q, q0, T, Hq, h);
@@ -570,7 +570,10 @@ __device__ inline void sts32(uint32_t addr, uint32_t v)
 // 1, the one behind) issues every copy: Q, the first three tiles, and tile j + 2 once stage
 // (j - 1) % 3 is free. Each warpgroup also issues S_j before waiting for P_{j-1} V_{j-1}, and
 // masks S_j while that runs (ptxas places the rest of the softmax after the second wait: it
-// reuses P's registers).
+// reuses P's registers). Grid (heads, query tiles): blocks start in x-fastest order, so the
+// query tiles go last to first across all heads, longest (most keys) first, and the short ones
+// fill the end (heads outer, as before, left every head's long tiles of the last heads for the
+// end: NOTES, issue 6 part 7).
 __global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
     const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
     const __grid_constant__ CUtensorMap map_v, __nv_bfloat16 *out, float *lse, const int32_t *cu, int n_seqs, int T,
@@ -584,7 +587,7 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
     uint32_t bars = sKV + 2 * H_STAGES * H_TILE + H_BM * 4;  // q, full[3], empty[3]: 8 bytes each
     uint32_t bar_q = bars, bar_full = bars + 8, bar_empty = bars + 32;
 
-    int q0 = (gridDim.x - 1 - blockIdx.x) * H_BM, h = blockIdx.y, kvh = h / (Hq / Hkv);
+    int q0 = (gridDim.y - 1 - blockIdx.y) * H_BM, h = blockIdx.x, kvh = h / (Hq / Hkv);
     bool producer = threadIdx.x == 128;
     if (threadIdx.x == 0)
         init_barriers(bar_q, bar_full, bar_empty, H_STAGES);
@@ -700,11 +703,16 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
 }
 
 // ---- version 5's backward: wgmma products and TMA copies, sm_90a only ----------------------
-// One block of 2 warpgroups per (128-key tile, query head), head_dim 128; warpgroup w owns keys
-// [64 w, 64 w + 64) of the tile. K and V stay in shared memory (TMA, 128-byte swizzled as in the
-// forward); the query tiles (64 queries: Q, dO, their log-sum-exps in log2 units, deltas and
-// sequence starts, the last three from the transposed, padded copies attention_backward_stats_kernel
-// makes) stream through two stages. Per query tile, each warpgroup computes with its own 64 keys
+// One block of 2 warpgroups per (128-key tile, hpb query heads of one kv head), head_dim 128;
+// warpgroup w owns keys [64 w, 64 w + 64) of the tile. The block walks the query tiles of its
+// heads one head after another. With every head of the kv head (hpb = Hq / Hkv), it writes dK
+// and dV whole; with fewer, it adds them into fp32 accumulators with atomics. Blocks of one
+// query head each load K and V four times as often (at 4:1 GQA) and pay their start and end on
+// a few query tiles, but keep fewer key tiles in flight: at 1 x 8192 the walk over all four
+// heads thrashes L2 (NOTES, issue 6 part 7; cuda_attention_set_heads_per_block). K and V stay
+// in shared memory (TMA, 128-byte swizzled as in the forward); the query tiles (64 queries: Q,
+// dO, their log-sum-exps in log2 units, deltas and sequence starts, the last three from the
+// transposed, padded copies attention_backward_stats_kernel makes) stream through two stages. Per query tile, each warpgroup computes with its own 64 keys
 // S^T = K Q^T and dP^T = V dO^T (64 x 64, both operands from shared memory), P^T and
 // dS^T = P^T (dP^T - delta) in registers, then dV += P^T dO and dK += dS^T Q with P^T and dS^T as
 // register A fragments; dS^T also goes to shared memory (rows = keys, 128 bytes of queries each,
@@ -714,8 +722,7 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_forward_tma_kernel(
 // accumulator with two TMA reductions (cp.reduce.async.bulk.tensor), which read that buffer
 // while the next tile is computed (with per-thread atomics there the backward took 8-32% longer:
 // NOTES, issue 6 part 6).
-// dK, dV (fp32, in registers over every query tile) are added into their accumulators with
-// atomics at the end (the query heads of a kv head add into the same rows).
+// dK, dV stay in registers (fp32) over every query tile of the block's heads.
 constexpr int B_BQ = 64, B_STAGES = 2;
 constexpr uint32_t B_QHALF = 64 * 128, B_QTILE = 2 * B_QHALF;  // a 64 x 128 bf16 tile and its halves
 constexpr uint32_t B_STAGE = 2 * B_QTILE + 3 * 256 + 1280;     // Q, dO, lse, delta, starts; 1024-aligned
@@ -731,8 +738,9 @@ constexpr size_t stats_positions(size_t T) { return (T + B_BQ - 1) / B_BQ * B_BQ
 __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_do,
     const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
-    const __grid_constant__ CUtensorMap map_dq, float *dkv_acc, const float *lse_t, const float *delta_t, const int32_t *starts, const int32_t *cu, int n_seqs,
-    int T, int Tpad, int Hq, int Hkv, float scale_log2, float scale)
+    const __grid_constant__ CUtensorMap map_dq, __nv_bfloat16 *dk_out, __nv_bfloat16 *dv_out, float *dkv_acc,
+    const float *lse_t, const float *delta_t, const int32_t *starts, const int32_t *cu, int n_seqs, int T, int Tpad,
+    int Hq, int Hkv, int hpb, float scale_log2, float scale)
 {
 #ifdef ATTENTION_SM90_BUILT
     extern __shared__ __align__(16) unsigned char smem[];
@@ -742,16 +750,17 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     uint32_t bar_kv = bars, bar_full = bars + 8, bar_empty = bars + 8 + 8 * B_STAGES;
     auto generic = [&](uint32_t a) { return smem + pad + (a - base); };
 
-    int h = blockIdx.x, kvh = h / (Hq / Hkv), k0 = blockIdx.y * 128;
-    // the queries that see a key of the tile: [k0, the end of its last key's sequence)
+    int h0 = blockIdx.x * hpb, kvh = h0 / (Hq / Hkv), k0 = blockIdx.y * 128;
+    // the queries that see a key of the tile: [k0, the end of its last key's sequence); step j
+    // is query tile j % n_q of head h0 + j / n_q
     int q_end = cu[sequence_of(cu, n_seqs, min(k0 + 127, T - 1)) + 1];
-    int n_q = (q_end - k0 + B_BQ - 1) / B_BQ;
+    int n_q = (q_end - k0 + B_BQ - 1) / B_BQ, n_steps = n_q * hpb;
     if (threadIdx.x == 0)
         init_barriers(bar_kv, bar_full, bar_empty, B_STAGES);
     __syncthreads();
-    auto issue = [&](int j) {  // query tile j into stage j % B_STAGES (thread 0 only)
+    auto issue = [&](int j) {  // step j's query tile into stage j % B_STAGES (thread 0 only)
         uint32_t s = stages + (j % B_STAGES) * B_STAGE, full = bar_full + 8 * (j % B_STAGES);
-        int qs = k0 + j * B_BQ;
+        int h = h0 + j / n_q, qs = k0 + j % n_q * B_BQ;
         mbar_expect(full, 2 * B_QTILE + 3 * 256);
         tma_load(s, &map_q, 0, h, qs, full);
         tma_load(s + B_QHALF, &map_q, 64, h, qs, full);
@@ -765,7 +774,7 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
         mbar_expect(bar_kv, 2 * H_TILE);
         tma_tile(sK, &map_k, kvh, k0, bar_kv);
         tma_tile(sV, &map_v, kvh, k0, bar_kv);
-        for (int j = 0; j < B_STAGES && j < n_q; j++)
+        for (int j = 0; j < B_STAGES && j < n_steps; j++)
             issue(j);
     }
 
@@ -788,8 +797,8 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     auto query_mn_desc = [&](uint32_t sX, int kc) { return sw128_desc(sX + kc * 16 * 128, B_QHALF, 1024); };
     mbar_wait(bar_kv, 0);
 
-    for (int j = 0; j < n_q; j++) {
-        int st = j % B_STAGES, qs = k0 + j * B_BQ;
+    for (int j = 0; j < n_steps; j++) {
+        int st = j % B_STAGES, h = h0 + j / n_q, qs = k0 + j % n_q * B_BQ;
         uint32_t s = stages + st * B_STAGE, sdS = sdS0 + (j & 1) * B_DS;
         const float *s_lse = reinterpret_cast<const float *>(generic(s + 2 * B_QTILE)), *s_delta = s_lse + 64;
         const int32_t *s_start = reinterpret_cast<const int32_t *>(s_lse + 128);
@@ -866,7 +875,7 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
         pin(dk);
         if (lane == 0)  // this warp is done with the stage
             mbar_arrive(bar_empty + 8 * st);
-        if (threadIdx.x == 0 && j + B_STAGES < n_q) {
+        if (threadIdx.x == 0 && j + B_STAGES < n_steps) {
             mbar_wait(bar_empty + 8 * st, (j / B_STAGES) & 1);
             issue(j + B_STAGES);
         }
@@ -894,7 +903,24 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     }
     if (threadIdx.x % 128 == 0)  // the reductions done before the block ends
         asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-    add_dkv<H_D>(dkv_acc, dk, dv, ka, kb, T, Hkv, kvh, scale);
+    if (hpb < Hq / Hkv) {  // other blocks add into the same rows
+        add_dkv<H_D>(dkv_acc, dk, dv, ka, kb, T, Hkv, kvh, scale);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < H_D / 8; i++) {
+        int col = 8 * i + 2 * c;
+        if (ka < T) {
+            size_t at = ((size_t)ka * Hkv + kvh) * H_D + col;
+            *reinterpret_cast<uint32_t *>(dk_out + at) = pack_bf16(dk[i][0] * scale, dk[i][1] * scale);
+            *reinterpret_cast<uint32_t *>(dv_out + at) = pack_bf16(dv[i][0], dv[i][1]);
+        }
+        if (kb < T) {
+            size_t at = ((size_t)kb * Hkv + kvh) * H_D + col;
+            *reinterpret_cast<uint32_t *>(dk_out + at) = pack_bf16(dk[i][2] * scale, dk[i][3] * scale);
+            *reinterpret_cast<uint32_t *>(dv_out + at) = pack_bf16(dv[i][2], dv[i][3]);
+        }
+    }
 #endif
 }
 
@@ -937,7 +963,7 @@ __global__ void attention_backward_prepare_kernel(float *delta, float *dq_acc, f
     int h = (int)(row % Hq);
     if (h == 0 && lane == 0)
         seq_start[t] = cu[sequence_of(cu, n_seqs, (int)t)];
-    if (h < Hkv) {
+    if (dkv_acc && h < Hkv) {
         size_t n_kv = (size_t)(rows / Hq) * Hkv * D, at = ((size_t)t * Hkv + h) * D;
         for (int d = lane * 2; d < D; d += 64) {
             *reinterpret_cast<float2 *>(dkv_acc + at + d) = make_float2(0.0f, 0.0f);
@@ -1143,7 +1169,7 @@ int forward_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *k, co
     auto kernel = attention_forward_fast_kernel<D>;
     size_t smem = forward_fast_smem_bytes<D>();
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), err);
-    dim3 grid(ceil_div(T, TILE * FAST_MT), Hq);
+    dim3 grid(Hq, ceil_div(T, TILE * FAST_MT));
     CUDA_CHECK(launch_kernel(kernel, grid, dim3(THREADS), smem, stream, false, out, lse, q, k, v, cu, n_seqs, T, Hq,
                              Hkv, LOG2E / sqrtf((float)D)),
                err);
@@ -1184,7 +1210,7 @@ int forward_sm90_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *
                         const int32_t *cu, int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream, Err *err)
 {
     size_t smem = forward_sm90_smem_bytes();
-    dim3 grid(ceil_div(T, H_BM), Hq);
+    dim3 grid(Hq, ceil_div(T, H_BM));
     float scale_log2 = LOG2E / sqrtf((float)H_D);
     CUtensorMap map_q, map_k, map_v;
     if (head_map(&map_q, q, T, Hq, 128, err) || head_map(&map_k, k, T, Hkv, 128, err) ||
@@ -1199,7 +1225,7 @@ int forward_sm90_launch(bf16_t *out, float *lse, const bf16_t *q, const bf16_t *
     return 0;
 }
 
-// Before every backward: delta, the dq, dk and dv accumulators zeroed, each position's sequence start
+// Before every backward: delta, the dq accumulator (and dk, dv's when given) zeroed, each position's sequence start
 template <int D>
 int backward_prepare(float *delta, float *dq_acc, float *dkv_acc, int32_t *seq_start, const bf16_t *dout,
                      const bf16_t *out, const int32_t *cu, int n_seqs, int T, int Hq, int Hkv, cudaStream_t stream,
@@ -1212,13 +1238,15 @@ int backward_prepare(float *delta, float *dq_acc, float *dkv_acc, int32_t *seq_s
     return 0;
 }
 
-// After it: dq, dk and dv rounded to bf16 from the fp32 accumulators
+// After it: dq, and (dkv_acc given) dk and dv, rounded to bf16 from the fp32 accumulators
 int backward_convert(bf16_t *dq, bf16_t *dk, bf16_t *dv, const float *dq_acc, const float *dkv_acc, int T, int Hq,
                      int Hkv, int D, cudaStream_t stream, Err *err)
 {
     size_t n = (size_t)T * Hq * D, n_kv = (size_t)T * Hkv * D;
     attention_dq_convert_kernel<<<ceil_div(n / 8, 256), 256, 0, stream>>>(dq, dq_acc, n);
     LAUNCH_CHECK(err);
+    if (!dkv_acc)
+        return 0;
     attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dk, dkv_acc, n_kv);
     LAUNCH_CHECK(err);
     attention_dq_convert_kernel<<<ceil_div(n_kv / 8, 256), 256, 0, stream>>>(dv, dkv_acc + n_kv, n_kv);
@@ -1226,13 +1254,18 @@ int backward_convert(bf16_t *dq, bf16_t *dk, bf16_t *dv, const float *dq_acc, co
     return 0;
 }
 
+int heads_per_block = 0;  // cuda_attention_set_heads_per_block: 0 chooses
+
 // Version 5's backward (head_dim 128 on an sm_90 device)
 int backward_sm90_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q, const bf16_t *k,
                          const bf16_t *v, const bf16_t *out, const float *lse, const int32_t *cu, int n_seqs, int T,
                          int Hq, int Hkv, float *dq_acc, float *dkv_acc, float *delta, int32_t *seq_start,
                          float *lse_t, float *delta_t, int32_t *starts_pad, cudaStream_t stream, Err *err)
 {
-    int Tpad = (int)stats_positions(T);
+    int Tpad = (int)stats_positions(T), group = Hq / Hkv;
+    int hpb = heads_per_block > 0 && group % heads_per_block == 0 ? heads_per_block : T / n_seqs <= 4096 ? group : 1;
+    if (hpb == group)  // dk, dv are written whole by the one block of their kv head and key tile
+        dkv_acc = nullptr;
     if (backward_prepare<H_D>(delta, dq_acc, dkv_acc, seq_start, dout, out, cu, n_seqs, T, Hq, Hkv, stream, err))
         return -1;
     attention_backward_stats_kernel<<<ceil_div((size_t)Hq * Tpad, 256), 256, 0, stream>>>(lse_t, delta_t, starts_pad,
@@ -1247,9 +1280,9 @@ int backward_sm90_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout,
     CUDA_CHECK(
         cudaFuncSetAttribute(attention_backward_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
         err);
-    attention_backward_tma_kernel<<<dim3(Hq, ceil_div(T, 128)), H_THREADS, smem, stream>>>(
-        map_q, map_do, map_k, map_v, map_dq, dkv_acc, lse_t, delta_t, starts_pad, cu, n_seqs, T, Tpad, Hq, Hkv,
-        LOG2E / sqrtf((float)H_D), 1.0f / sqrtf((float)H_D));
+    attention_backward_tma_kernel<<<dim3(Hq / hpb, ceil_div(T, 128)), H_THREADS, smem, stream>>>(
+        map_q, map_do, map_k, map_v, map_dq, dk, dv, dkv_acc, lse_t, delta_t, starts_pad, cu, n_seqs, T, Tpad, Hq,
+        Hkv, hpb, LOG2E / sqrtf((float)H_D), 1.0f / sqrtf((float)H_D));
     LAUNCH_CHECK(err);
     return backward_convert(dq, dk, dv, dq_acc, dkv_acc, T, Hq, Hkv, H_D, stream, err);
 }
@@ -1366,6 +1399,13 @@ extern "C" int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const
     auto launch = head_dim == 64 ? backward_launch<64> : backward_launch<128>;
     return launch(dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens, n_seqs, T, n_heads, n_kv_heads, dq_acc, dkv_acc,
                   delta, seq_start, s, err);
+}
+
+extern "C" int cuda_attention_set_heads_per_block(int n)
+{
+    int previous = heads_per_block;
+    heads_per_block = n > 0 ? n : 0;
+    return previous;
 }
 
 extern "C" int cuda_attention_set_version(int version)

@@ -47,6 +47,11 @@ int cuda_attention_backward(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *do
 #define ATTENTION_FIRST_VERSION 3
 #define ATTENTION_VERSIONS 5
 int cuda_attention_set_version(int version);
+// Version 5's backward: how many of a kv head's query heads one block walks (a divisor of
+// n_heads / n_kv_heads; all of them: dk, dv written whole, without fp32 accumulators). 0, the
+// default: all of them when the documents average at most 4096 positions, else 1 (NOTES, issue 6
+// part 7: the longer walk thrashes L2 at 1 x 8192). For benchmarks; returns the previous value.
+int cuda_attention_set_heads_per_block(int n);
 
 // Plain kernels for any head_dim up to ATTENTION_PLAIN_MAX_HEAD_DIM (kernels/attention_plain.cu;
 // one thread per (query, head), fp32: for the tiny test models, not for speed). Same layouts and

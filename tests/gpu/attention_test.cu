@@ -26,8 +26,10 @@ static const double TOL_OUT = 8e-3, TOL_LSE = 1e-5, TOL_GRAD = 2e-2;
 
 static void test_attention(std::vector<int> doc_lengths, int Hq, int Hkv, int hd)
 {
-    int version = cuda_attention_set_version(ATTENTION_FIRST_VERSION);  // read the current one back
+    int version = cuda_attention_set_version(ATTENTION_FIRST_VERSION);  // read the current ones back
     cuda_attention_set_version(version);
+    int hpb = cuda_attention_set_heads_per_block(0);
+    cuda_attention_set_heads_per_block(hpb);
     std::vector<int32_t> cu(1, 0);
     for (int len : doc_lengths)
         cu.push_back(cu.back() + len);
@@ -44,8 +46,11 @@ static void test_attention(std::vector<int> doc_lengths, int Hq, int Hkv, int hd
     size_t ws_bytes = cuda_attention_backward_workspace_bytes(T, Hq, Hkv, hd);
     void *d_ws = dev_alloc<char>(ws_bytes);
 
-    char what[96];
-    snprintf(what, sizeof what, "attention v%d T=%d docs=%d heads %d/%d hd=%d", version, T, n_seqs, Hq, Hkv, hd);
+    char what[128], blocks[48] = "";
+    if (hpb)
+        snprintf(blocks, sizeof blocks, " (backward: %d query heads a block)", hpb);
+    snprintf(what, sizeof what, "attention v%d%s T=%d docs=%d heads %d/%d hd=%d", version, blocks, T, n_seqs, Hq, Hkv,
+             hd);
     LAUNCHED(cuda_attention_forward(d_out, d_lse, q.dev, k.dev, v.dev, d_cu, n_seqs, T, Hq, Hkv, hd, NULL, E));
     LAUNCHED(cuda_attention_backward(d_dq, d_dk, d_dv, dout.dev, q.dev, k.dev, v.dev, d_out, d_lse, d_cu, n_seqs, T,
                                      Hq, Hkv, hd, d_ws, ws_bytes, NULL, E));
@@ -162,6 +167,19 @@ static int bench(void)
             printf("%-10s v%d %12.1f %9.0f %12.1f %9.0f%s%s\n", s.name, version, fwd, flops / fwd / 1e6, bwd,
                    2.5 * flops / bwd / 1e6, bad ? "  NaN in out or dq" : "", same);
         }
+        // version 5's backward with each number of query heads a block (cuda_attention_set_heads_per_block)
+        for (int hpb : {1, 2, 4}) {
+            int was = cuda_attention_set_heads_per_block(hpb);
+            double bwd = median_us(
+                [&] {
+                    LAUNCHED(cuda_attention_backward(dq, dk, dv, dout.dev, q.dev, k.dev, v.dev, out, lse, d_cu, s.n_docs, T,
+                                                     Hq, Hkv, hd, ws, ws_bytes, NULL, E));
+                },
+                reps);
+            cuda_attention_set_heads_per_block(was);
+            printf("%-10s v%d %12s %9s %12.1f %9.0f  %d query heads a backward block\n", s.name, ATTENTION_VERSIONS, "",
+                   "", bwd, 2.5 * flops / bwd / 1e6, hpb);
+        }
         cudaFree(d_cu), cudaFree(out), cudaFree(dq), cudaFree(dk), cudaFree(dv), cudaFree(lse), cudaFree(ws);
     }
     return 0;
@@ -182,6 +200,15 @@ int main(int argc, char **argv)
         test_attention({5, 700, 11}, 4, 2, 64);
         test_attention({130, 257, 640}, 8, 2, 128);  // whole tiles inside documents, and tiles across them
     }
+    // version 5's backward with fewer query heads a block than the kv head has (dk, dv through
+    // the fp32 accumulators; the default for documents of over 4096 positions on average)
+    for (int hpb : {1, 2}) {
+        cuda_attention_set_heads_per_block(hpb);
+        test_attention({1100}, 4, 1, 128);
+        test_attention({130, 257, 640}, 8, 2, 128);
+    }
+    cuda_attention_set_heads_per_block(0);
+    test_attention({4200}, 4, 2, 128);  // one document of over 4096 positions: one query head a block
     ok(cuda_attention_set_version(ATTENTION_VERSIONS + 1) == -1 &&
            cuda_attention_set_version(ATTENTION_FIRST_VERSION - 1) == -1 &&
            cuda_attention_set_version(ATTENTION_VERSIONS) == ATTENTION_VERSIONS,
