@@ -71,9 +71,10 @@ typedef struct {
     bf16_t *a_stack[IN_GROUPS];      // (in_spare, in): the group's A one after another, for u = x A^T
 } LayerDev;
 
-// Per layer activations kept for the backward pass (bf16 unless said). With CUDA_RECOMPUTE_LAYER
-// each layer owns only x_in; every other pointer is the same one set, shared by all layers. With
-// CUDA_RECOMPUTE_MLP each also owns q, k, v, attn, lse, x_mid and o's lora_u.
+// Per layer activations kept for the backward pass (bf16 unless said). A layer that recomputes
+// (its mode CUDA_RECOMPUTE_LAYER) owns only x_in; every other pointer is into one shared set
+// (CudaEngine.shared). With CUDA_RECOMPUTE_MLP it also owns q, k, v, attn, lse, x_mid and o's
+// lora_u; with CUDA_RECOMPUTE_NONE everything.
 typedef struct {
     bf16_t *x_in;                    // (N, D)  residual stream entering the layer
     bf16_t *xn1;                     // (N, D + spare): normed input, then the q, k, v LoRA u
@@ -95,19 +96,28 @@ struct CudaEngine {
     LoraConfig lc;
     float scale;                     // LoRA scale
     int max_B, max_T;
-    CudaRecompute recompute;         // NONE, MLP or LAYER
+    CudaRecompute recompute;         // layer 0's mode: NONE, MLP or LAYER (the plan: layer_mode)
+    CudaRecompute *layer_mode;       // (n_layers): LAYER below MLP below NONE (plan_layers)
+    int last_shared;                 // the highest layer that uses the shared set; -1: none does
     bool dry_run;                    // planning: dev_alloc only counts bytes
     int last_N;                      // positions of the last micro-batch
     size_t weight_bytes;             // base weights on the device
     double load_seconds;             // their upload
     cudaStream_t stream;             // a blocking stream: the synchronous copies (weights, LoRA) order with it
     cublasHandle_t blas;
+    // The LoRA weight-gradient products (dB, dA), which nothing in the step reads, run on a second
+    // stream of lower priority, beside the products of the main one; side_done[p]: projection p's
+    // last ones. NULL side: all on the main stream (CudaEngineOptions.one_stream, and profiling).
+    cudaStream_t side;
+    cublasHandle_t blas_side;
+    cudaEvent_t fork, side_done[PROJ_COUNT];
     std::vector<void *> *allocs;     // every cudaMalloc, freed together
     size_t device_bytes;
 
     bf16_t *embed, *lm_head, *final_norm;   // (V, D), (V, D) (= embed when tied), (D)
     LayerDev *layers;                // (n_layers) host array of device pointers
     LayerActs *acts;                 // (n_layers)
+    LayerActs shared;                // what recomputing layers share (alloc_buffers)
     bf16_t *x_final, *xnf;           // (N, D)
     float *rstdf;                    // (N)
     float *inv_freq;                 // (hd/2)
@@ -279,10 +289,20 @@ void cuda_engine_free(CudaEngine *e)
     delete e->allocs;
     if (e->blas)
         cublasDestroy(e->blas);
+    if (e->blas_side)
+        cublasDestroy(e->blas_side);
+    if (e->fork)
+        cudaEventDestroy(e->fork);
+    for (cudaEvent_t ev : e->side_done)
+        if (ev)
+            cudaEventDestroy(ev);
+    if (e->side)
+        cudaStreamDestroy(e->side);
     if (e->stream)
         cudaStreamDestroy(e->stream);
     free(e->layers);
     free(e->acts);
+    free(e->layer_mode);
     free(e->off_A);
     free(e->off_B);
     free(e->host_cu);
@@ -294,6 +314,14 @@ void cuda_engine_free(CudaEngine *e)
 size_t cuda_engine_device_bytes(const CudaEngine *e) { return e->device_bytes; }
 
 CudaRecompute cuda_engine_recompute(const CudaEngine *e) { return e->recompute; }
+
+int cuda_engine_layers_in(const CudaEngine *e, CudaRecompute r)
+{
+    int n = 0;
+    for (int l = 0; l < e->c.n_layers; l++)
+        n += e->layer_mode[l] == r;
+    return n;
+}
 
 const char *cuda_recompute_name(CudaRecompute r)
 {
@@ -460,14 +488,46 @@ static int upload_weights(CudaEngine *e, const Model *m, Err *err)
     return 0;
 }
 
-// Every buffer but the base weights: RoPE table, LoRA, activations (per e->recompute), batch,
+// Activation buffers of a's attention half (q, k, v, attn, lse, x_mid, o's lora_u) and of the
+// rest (the norms' outputs and rstd, gate, up, act, the MLP's lora_u), as asked.
+static int alloc_acts(CudaEngine *e, LayerActs *a, bool attention_half, bool rest, Err *err)
+{
+    const ModelConfig *c = &e->c;
+    size_t N = (size_t)e->max_B * e->max_T, D = c->dim, F = c->hidden_dim;
+    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    if (attention_half) {
+        ALLOC(a->q, N * QD);
+        ALLOC(a->k, N * KD);
+        ALLOC(a->v, N * KD);
+        ALLOC(a->attn, N * QD);
+        ALLOC(a->lse, N * c->n_heads);
+        ALLOC(a->x_mid, N * D);
+    }
+    if (rest) {
+        ALLOC(a->xn1, N * e->ld_in[GROUP_XN1]);
+        ALLOC(a->rstd1, N);
+        ALLOC(a->xn2, N * e->ld_in[GROUP_XN2]);
+        ALLOC(a->rstd2, N);
+        ALLOC(a->gate, N * F);
+        ALLOC(a->up, N * F);
+        ALLOC(a->act, N * e->ld_in[GROUP_ACT]);
+    }
+    for (int p = 0; p < PROJ_COUNT; p++)
+        if ((p <= PROJ_O ? attention_half : rest) && (e->lc.targets & (1u << p)) && e->fold[p].u_col < 0)
+            ALLOC(a->lora_u[p], N * e->lc.rank);
+    return 0;
+fail:
+    return -1;
+}
+
+// Every buffer but the base weights: RoPE table, LoRA, activations (per e->layer_mode), batch,
 // scratch. Under dry_run only e->device_bytes moves.
 static int alloc_buffers(CudaEngine *e, Err *err)
 {
     const ModelConfig *c = &e->c;
     size_t N = (size_t)e->max_B * e->max_T, D = c->dim, F = c->hidden_dim, V = c->vocab_size;
     size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
-    int L = c->n_layers, r = e->lc.rank;
+    int L = c->n_layers;
     ALLOC(e->inv_freq, c->head_dim / 2);
     ALLOC(e->params, e->n_params);
     ALLOC(e->grads, e->n_params);
@@ -478,35 +538,28 @@ static int alloc_buffers(CudaEngine *e, Err *err)
             if (spare)
                 ALLOC_ZERO(e->layers[l].a_stack[g], spare * in);
         }
-    for (int l = 0; l < L; l++) {
-        // Layer 0 owns a whole set. With recomputation the others own x_in, with MLP also what
-        // their attention half made, and share the rest with layer 0: the backward makes it again.
-        LayerActs *a = &e->acts[l];
-        bool own_all = l == 0 || e->recompute == CUDA_RECOMPUTE_NONE;
-        bool own_attention = own_all || e->recompute == CUDA_RECOMPUTE_MLP;
-        if (!own_all)
-            *a = e->acts[0];
-        ALLOC(a->x_in, N * D);
-        if (own_attention) {
-            ALLOC(a->q, N * QD);
-            ALLOC(a->k, N * KD);
-            ALLOC(a->v, N * KD);
-            ALLOC(a->attn, N * QD);
-            ALLOC(a->lse, N * c->n_heads);
-            ALLOC(a->x_mid, N * D);
+    // The shared set: all a layer's activations when some layer recomputes whole (LAYER), else
+    // those of the MLP half and the attention norm (MLP); none when no layer recomputes.
+    {
+        bool any_layer = false, any_shared = false;
+        for (int l = 0; l < L; l++) {
+            any_layer = any_layer || e->layer_mode[l] == CUDA_RECOMPUTE_LAYER;
+            any_shared = any_shared || e->layer_mode[l] != CUDA_RECOMPUTE_NONE;
         }
-        if (own_all) {
-            ALLOC(a->xn1, N * e->ld_in[GROUP_XN1]);
-            ALLOC(a->rstd1, N);
-            ALLOC(a->xn2, N * e->ld_in[GROUP_XN2]);
-            ALLOC(a->rstd2, N);
-            ALLOC(a->gate, N * F);
-            ALLOC(a->up, N * F);
-            ALLOC(a->act, N * e->ld_in[GROUP_ACT]);
+        LayerActs *sh = &e->shared;
+        memset(sh, 0, sizeof *sh);
+        if (any_shared && alloc_acts(e, sh, any_layer, true, err) < 0)
+            goto fail;
+        for (int l = 0; l < L; l++) {
+            // Each layer owns x_in; with MLP also what its attention half made; with NONE all. The
+            // rest is the shared set's, which the backward makes again before the layer's turn.
+            LayerActs *a = &e->acts[l];
+            CudaRecompute mode = e->layer_mode[l];
+            *a = mode == CUDA_RECOMPUTE_NONE ? LayerActs{} : *sh;
+            ALLOC(a->x_in, N * D);
+            if (alloc_acts(e, a, mode != CUDA_RECOMPUTE_LAYER, mode == CUDA_RECOMPUTE_NONE, err) < 0)
+                goto fail;
         }
-        for (int p = 0; p < PROJ_COUNT; p++)
-            if ((p <= PROJ_O ? own_attention : own_all) && (e->lc.targets & (1u << p)) && e->fold[p].u_col < 0)
-                ALLOC(a->lora_u[p], N * r);
     }
     ALLOC(e->x_final, N * D);
     ALLOC(e->xnf, N * D);
@@ -565,11 +618,28 @@ static size_t weights_bytes(const Model *m)
     return n * 2;
 }
 
-// Bytes that alloc_buffers would take with recompute mode r, plus the base weights'.
-static int planned_bytes(CudaEngine *e, const Model *m, CudaRecompute r, size_t *bytes, Err *err)
+// The plan: the top n_none layers keep everything, the n_mlp below them recompute their MLP half,
+// the rest recompute whole. (The backward meets the layers top down; the highest that shares the
+// set still holds its own activations there and reruns nothing.)
+static void plan_layers(CudaEngine *e, int n_none, int n_mlp)
 {
+    int L = e->c.n_layers;
+    e->last_shared = -1;
+    for (int l = 0; l < L; l++) {
+        e->layer_mode[l] = l >= L - n_none           ? CUDA_RECOMPUTE_NONE
+                           : l >= L - n_none - n_mlp ? CUDA_RECOMPUTE_MLP
+                                                     : CUDA_RECOMPUTE_LAYER;
+        if (e->layer_mode[l] != CUDA_RECOMPUTE_NONE)
+            e->last_shared = l;
+    }
+    e->recompute = e->layer_mode[0];
+}
+
+// Bytes that alloc_buffers would take with that plan, plus the base weights'.
+static int planned_bytes(CudaEngine *e, const Model *m, int n_none, int n_mlp, size_t *bytes, Err *err)
+{
+    plan_layers(e, n_none, n_mlp);
     e->dry_run = true;
-    e->recompute = r;
     e->device_bytes = 0;
     int rc = alloc_buffers(e, err);
     *bytes = e->device_bytes + weights_bytes(m);
@@ -578,28 +648,47 @@ static int planned_bytes(CudaEngine *e, const Model *m, CudaRecompute r, size_t 
     return rc;
 }
 
-// AUTO -> the least recomputation (NONE, then MLP, then LAYER) whose plan fits the free device
-// memory with a margin.
-static int choose_recompute(CudaEngine *e, const Model *m, CudaRecompute asked, Err *err)
+// The plan for the mode asked. AUTO: the fastest whose bytes, with the optimizer's (the AdamW
+// moments: 8 a LoRA parameter), fit the memory limit when there is one, and the free device memory
+// less a margin of 2 GiB. Plans from the least memory up, each one layer more: all LAYER, then
+// one layer after another MLP (the attention half kept: ~6.5 us of rerun saved a MiB at
+// Llama-3-8B), then one after another NONE (the MLP half: ~4 us a MiB); past every fitting plan,
+// all LAYER (the allocation says what is missing). An explicit mode whose plan exceeds the limit
+// is an error.
+static int choose_recompute(CudaEngine *e, const Model *m, CudaRecompute asked, size_t limit, Err *err)
 {
+    int L = e->c.n_layers;
+    size_t optimizer = e->n_params * 8 + 8, bytes = 0;
     if (asked != CUDA_RECOMPUTE_AUTO) {
-        e->recompute = asked;
+        int n_none = asked == CUDA_RECOMPUTE_NONE ? L : 0, n_mlp = asked == CUDA_RECOMPUTE_MLP ? L : 0;
+        if (planned_bytes(e, m, n_none, n_mlp, &bytes, err) < 0)
+            return -1;
+        if (limit && bytes + optimizer > limit)
+            return err_set(err, "cuda engine: recompute %s needs %.2f GiB (%zu bytes), more than the memory limit of "
+                           "%.2f GiB (%zu bytes)", cuda_recompute_name(asked), (bytes + optimizer) / 1073741824.0,
+                           bytes + optimizer, limit / 1073741824.0, limit);
+        plan_layers(e, n_none, n_mlp);
         return 0;
     }
     size_t free_bytes = 0, total_bytes = 0;
     CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes), err);
-    size_t margin = ((size_t)2 << 30) + e->n_params * 8;
-    const CudaRecompute order[2] = {CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_MLP};
-    for (CudaRecompute r : order) {
-        size_t bytes;
-        if (planned_bytes(e, m, r, &bytes, err) < 0)
+    size_t budget = free_bytes > ((size_t)2 << 30) + optimizer ? free_bytes - ((size_t)2 << 30) - optimizer : 0;
+    if (limit)
+        budget = std::min(budget, limit > optimizer ? limit - optimizer : 0);
+    for (int k = 2 * L; k >= 0; k--) {
+        int n_none = std::max(0, k - L), n_mlp = std::min(k, L) - n_none;
+        if (planned_bytes(e, m, n_none, n_mlp, &bytes, err) < 0)
             return -1;
-        if (bytes + margin <= free_bytes) {
-            e->recompute = r;
+        if (bytes <= budget) {
+            plan_layers(e, n_none, n_mlp);
             return 0;
         }
     }
-    e->recompute = CUDA_RECOMPUTE_LAYER;
+    if (limit)
+        return err_set(err, "cuda engine: no plan fits the memory limit of %.2f GiB (%zu bytes): the smallest "
+                       "(recompute layer) needs %.2f GiB (%zu bytes)", limit / 1073741824.0, limit,
+                       (bytes + optimizer) / 1073741824.0, bytes + optimizer);
+    plan_layers(e, 0, 0);
     return 0;
 }
 
@@ -646,20 +735,35 @@ CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_bat
     e->max_T = max_seq;
     size_t N = (size_t)max_batch * max_seq;
     int L = c->n_layers, r = lc->rank;
-    if (cudaStreamCreate(&e->stream) != cudaSuccess ||
-        cublasCreate(&e->blas) != CUBLAS_STATUS_SUCCESS ||
-        cublasSetStream(e->blas, e->stream) != CUBLAS_STATUS_SUCCESS) {
-        err_set(err, "cuda engine: cannot create a stream and a cuBLAS handle");
-        goto fail;
+    {
+        int least = 0, greatest = 0;
+        bool ok = cudaDeviceGetStreamPriorityRange(&least, &greatest) == cudaSuccess &&
+                  cudaStreamCreateWithPriority(&e->stream, cudaStreamDefault, greatest) == cudaSuccess &&
+                  cublasCreate(&e->blas) == CUBLAS_STATUS_SUCCESS &&
+                  cublasSetStream(e->blas, e->stream) == CUBLAS_STATUS_SUCCESS;
+        if (ok && !(opt && opt->one_stream)) {
+            ok = cudaStreamCreateWithPriority(&e->side, cudaStreamDefault, least) == cudaSuccess &&
+                 cublasCreate(&e->blas_side) == CUBLAS_STATUS_SUCCESS &&
+                 cublasSetStream(e->blas_side, e->side) == CUBLAS_STATUS_SUCCESS &&
+                 cudaEventCreateWithFlags(&e->fork, cudaEventDisableTiming) == cudaSuccess;
+            for (cudaEvent_t &ev : e->side_done)
+                ok = ok && cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) == cudaSuccess;
+        }
+        if (!ok) {
+            err_set(err, "cuda engine: cannot create the streams and cuBLAS handles");
+            goto fail;
+        }
     }
     e->layers = (LayerDev *)calloc(L, sizeof *e->layers);
     e->acts = (LayerActs *)calloc(L, sizeof *e->acts);
+    e->layer_mode = (CudaRecompute *)calloc(L, sizeof *e->layer_mode);
     e->off_A = (long *)malloc((size_t)L * PROJ_COUNT * sizeof *e->off_A);
     e->off_B = (long *)malloc((size_t)L * PROJ_COUNT * sizeof *e->off_B);
     e->host_cu = (int32_t *)malloc((N + 1) * sizeof(int32_t));
     e->host_seq_start = (int32_t *)malloc(N * sizeof(int32_t));
     e->host_losses = (float *)malloc(N * sizeof(float));
-    if (!e->layers || !e->acts || !e->off_A || !e->off_B || !e->host_cu || !e->host_seq_start || !e->host_losses) {
+    if (!e->layers || !e->acts || !e->layer_mode || !e->off_A || !e->off_B || !e->host_cu || !e->host_seq_start ||
+        !e->host_losses) {
         err_set(err, "out of memory");
         goto fail;
     }
@@ -681,8 +785,8 @@ CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_bat
 
     // Plan, then base weights (bf16, frozen) and every other buffer.
     plan_fold(e);
-    if (choose_recompute(e, m, asked, err) < 0 || upload_weights(e, m, err) < 0 || alloc_buffers(e, err) < 0 ||
-        build_fold_copies(e, err) < 0)
+    if (choose_recompute(e, m, asked, opt ? opt->memory_limit : 0, err) < 0 || upload_weights(e, m, err) < 0 ||
+        alloc_buffers(e, err) < 0 || build_fold_copies(e, err) < 0)
         goto fail;
     {
         std::vector<float> inv_freq(c->head_dim / 2);
@@ -735,9 +839,10 @@ int cuda_engine_download_grads(CudaEngine *e, float *grads, size_t n_params, Err
 // (K, N), or stored (N, K) when tb; lda, ldb, ldc: the row strides of A, B, C as stored. cuBLAS is
 // column-major, so it computes C^T = op(B)^T op(A)^T.
 static int gemm(CudaEngine *e, bool ta, bool tb, int M, int N, int K, float alpha, const bf16_t *A, int lda,
-                const bf16_t *B, int ldb, float beta, void *C, int ldc, cudaDataType c_type, Err *err)
+                const bf16_t *B, int ldb, float beta, void *C, int ldc, cudaDataType c_type, Err *err,
+                cublasHandle_t h = NULL)
 {
-    CUBLAS_CHECK(cublasGemmEx(e->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
+    CUBLAS_CHECK(cublasGemmEx(h ? h : e->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
                               B, CUDA_R_16BF, ldb, A, CUDA_R_16BF, lda, &beta, C, c_type, ldc, CUBLAS_COMPUTE_32F,
                               CUBLAS_GEMM_DEFAULT),
                  err);
@@ -782,9 +887,26 @@ static int proj_forward(CudaEngine *e, int l, int p, bf16_t *y, const bf16_t *x,
     return tick(e, "lora fwd y+=uB", p);
 }
 
+// Whether the LoRA weight-gradient products go to the side stream (not while profiling: the
+// profile's events time the main stream).
+static bool side_stream(const CudaEngine *e) { return e->side && !e->prof; }
+static const unsigned ALL_PROJ = (1u << PROJ_COUNT) - 1;
+
+// The main stream waits for the side stream's work of the projections in mask (1 << p each):
+// before it writes what that work reads.
+static int join_side(CudaEngine *e, unsigned mask, Err *err)
+{
+    if (!side_stream(e))
+        return 0;
+    for (int p = 0; p < PROJ_COUNT; p++)
+        if (mask & (1u << p))
+            CUDA_CHECK(cudaStreamWaitEvent(e->stream, e->side_done[p], 0), err);
+    return 0;
+}
+
 // Backward of projection p from d_y (N, out; rows ld_dy apart, spare columns after out when
-// folded): dB += s d_y^T u, du = s d_y B (into d_y's spare columns when folded, else d_u),
-// dA += du^T x (dA, dB accumulate in fp32); then, when d_x is not NULL, d_x (N, in) (+)=
+// folded): du = s d_y B (into d_y's spare columns when folded, else d_u), dB += s d_y^T u,
+// dA += du^T x (dA, dB accumulate in fp32; on the side stream, see side_stream); then, when d_x is not NULL, d_x (N, in) (+)=
 // [d_y | du] W' (one product), or d_y W with du A left to group_dx (q, k, v).
 static int proj_backward(CudaEngine *e, int l, int p, bf16_t *d_x, bf16_t *d_y, int ld_dy, const bf16_t *x, int N,
                          int accumulate, Err *err)
@@ -801,13 +923,22 @@ static int proj_backward(CudaEngine *e, int l, int p, bf16_t *d_x, bf16_t *d_y, 
         int ld_du = f->du_col >= 0 ? ld_dy : f->in_spare;
         const bf16_t *u = f->u_col >= 0 ? x + in + f->u_col : e->acts[l].lora_u[p];
         int ld_u = f->u_col >= 0 ? f->ldw : r;
-        if (gemm(e, true, false, out, r, N, e->scale, d_y, ld_dy, u, ld_u, 1.0f, e->grads + ob, r, CUDA_R_32F,
-                 err) < 0 || tick(e, "lora bwd dB", p) < 0 ||
-            gemm(e, false, false, N, r, out, e->scale, d_y, ld_dy, e->params_bf16 + ob, r, 0.0f, du, ld_du,
-                 CUDA_R_16BF, err) < 0 || tick(e, "lora bwd du", p) < 0 ||
-            gemm(e, true, false, r, in, N, 1.0f, du, ld_du, x, f->ldw, 1.0f, e->grads + oa, in, CUDA_R_32F, err) < 0 ||
-            tick(e, "lora bwd dA", p) < 0)
+        // du on the main stream (the input-gradient product reads it); dB and dA on the side one
+        cublasHandle_t h = side_stream(e) ? e->blas_side : NULL;
+        if (gemm(e, false, false, N, r, out, e->scale, d_y, ld_dy, e->params_bf16 + ob, r, 0.0f, du, ld_du,
+                 CUDA_R_16BF, err) < 0 || tick(e, "lora bwd du", p) < 0)
             return -1;
+        if (h) {
+            CUDA_CHECK(cudaEventRecord(e->fork, e->stream), err);
+            CUDA_CHECK(cudaStreamWaitEvent(e->side, e->fork, 0), err);
+        }
+        if (gemm(e, true, false, out, r, N, e->scale, d_y, ld_dy, u, ld_u, 1.0f, e->grads + ob, r, CUDA_R_32F,
+                 err, h) < 0 || tick(e, "lora bwd dB", p) < 0 ||
+            gemm(e, true, false, r, in, N, 1.0f, du, ld_du, x, f->ldw, 1.0f, e->grads + oa, in, CUDA_R_32F, err,
+                 h) < 0 || tick(e, "lora bwd dA", p) < 0)
+            return -1;
+        if (h)
+            CUDA_CHECK(cudaEventRecord(e->side_done[p], e->side), err);
     }
     if (!d_x)
         return 0;
@@ -993,33 +1124,42 @@ static int backward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
         LayerActs *a = &e->acts[l];
         const LayerDev *w = &e->layers[l];
         int need_input_grad = l > 0;   // every layer holds LoRA parameters (lora_create)
-        // The shared set still holds the last layer's activations from the forward (the loss
-        // touches none of them); every other layer's shared ones are made again here.
-        bool again = l + 1 < c->n_layers;
-        if (again && e->recompute == CUDA_RECOMPUTE_LAYER && layer_forward(e, l, N, n_seqs, true, err) < 0)
+        // The shared set still holds the activations of the highest layer that uses it from the
+        // forward (the loss touches none of them); the others' are made again here, after the
+        // side stream's work of layer l + 1 has read what they overwrite.
+        CudaRecompute mode = e->layer_mode[l];
+        bool again = mode != CUDA_RECOMPUTE_NONE && l != e->last_shared;
+        if (again && join_side(e, ALL_PROJ, err) < 0)
             return -1;
-        if (again && e->recompute == CUDA_RECOMPUTE_MLP) {
+        if (again && mode == CUDA_RECOMPUTE_LAYER && layer_forward(e, l, N, n_seqs, true, err) < 0)
+            return -1;
+        if (again && mode == CUDA_RECOMPUTE_MLP) {
             e->recomputing = true;
             int rc = mlp_half(e, l, N, true, err);
             e->recomputing = false;
             if (rc < 0)
                 return -1;
         }
+        // Each join below: the side stream's reads (of layer l + 1's gradients, or of d_x) are
+        // done before the main stream writes over them.
         if (proj_backward(e, l, PROJ_DOWN, e->d_act, e->d_x, ld_dx, a->act, N, 0, err) < 0 ||
+            join_side(e, 1u << PROJ_GATE | 1u << PROJ_UP, err) < 0 ||
             cuda_swiglu_backward(e->d_gate, e->d_up, ld_dgu, e->d_act, a->gate, a->up, N, F, e->stream, err) < 0 ||
             tick(e, "other swiglu bwd") < 0 ||
             proj_backward(e, l, PROJ_GATE, e->d_xn, e->d_gate, ld_dgu, a->xn2, N, 0, err) < 0 ||
             proj_backward(e, l, PROJ_UP, e->d_xn, e->d_up, ld_dgu, a->xn2, N, 1, err) < 0 ||
+            join_side(e, 1u << PROJ_DOWN, err) < 0 ||
             cuda_rmsnorm_backward(e->d_x, ld_dx, NULL, e->d_xn, a->x_mid, w->ffn_norm, a->rstd2, N, D, 1, e->stream,
                                   err) < 0 ||
             tick(e, "other norm bwd") < 0 ||
             proj_backward(e, l, PROJ_O, e->d_attn, e->d_x, ld_dx, a->attn, N, 0, err) < 0 ||
+            join_side(e, 1u << PROJ_Q | 1u << PROJ_K | 1u << PROJ_V, err) < 0 ||
             attention_backward(e, a, N, n_seqs, err) < 0 || tick(e, "attn bwd") < 0 ||
             cuda_rope_backward(e->d_q, e->positions, e->inv_freq, N, c->n_heads, c->head_dim, e->stream, err) < 0 ||
             cuda_rope_backward(e->d_k, e->positions, e->inv_freq, N, c->n_kv_heads, c->head_dim, e->stream, err) < 0 ||
             tick(e, "other rope bwd") < 0)
             return -1;
-        if (again && e->recompute == CUDA_RECOMPUTE_MLP) {   // xn1 and its u, for q, k, v's backward
+        if (again && mode == CUDA_RECOMPUTE_MLP) {   // xn1 and its u, for q, k, v's backward
             e->recomputing = true;
             int rc = attention_norm(e, l, N, NULL, err);
             e->recomputing = false;
@@ -1034,12 +1174,13 @@ static int backward_layers(CudaEngine *e, int N, int n_seqs, Err *err)
             group_dx(e, l, PROJ_Q, d_xn1, N, err) < 0)
             return -1;
         if (need_input_grad &&
-            (cuda_rmsnorm_backward(e->d_x, ld_dx, NULL, e->d_xn, a->x_in, w->attn_norm, a->rstd1, N, D, 1, e->stream,
+            (join_side(e, 1u << PROJ_O, err) < 0 ||
+             cuda_rmsnorm_backward(e->d_x, ld_dx, NULL, e->d_xn, a->x_in, w->attn_norm, a->rstd1, N, D, 1, e->stream,
                                    err) < 0 ||
              tick(e, "other norm bwd") < 0))
             return -1;
     }
-    return 0;
+    return join_side(e, ALL_PROJ, err);   // the gradients are whole when the main stream is done
 }
 
 int cuda_engine_train_micro_batch(CudaEngine *e, const EngineBatch *b, double *loss_sum, long *n_trained, Err *err)

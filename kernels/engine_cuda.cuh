@@ -1,7 +1,7 @@
 // defines: CudaEngine, cuda_engine_create, cuda_engine_free, cuda_engine_upload_lora,
 //          cuda_engine_train_micro_batch, cuda_engine_zero_grad, cuda_engine_download_grads,
 //          cuda_engine_device_bytes, cuda_engine_lora_buffers, CudaRecompute, CudaEngineOptions,
-//          cuda_engine_recompute, cuda_recompute_name, cuda_engine_load_stats,
+//          cuda_engine_recompute, cuda_engine_layers_in, cuda_recompute_name, cuda_engine_load_stats,
 //          cuda_engine_activation_digest, cuda_engine_profile, cuda_engine_profile_report
 //          (kernels/engine_cuda.cu; CPU twin lib/engine_cpu.c)
 // The CUDA training step: forward and backward of a Llama model with LoRA on one GPU, with the
@@ -26,8 +26,12 @@
 // (CUDA_RECOMPUTE_MLP) each layer also keeps what its attention half made (q, k, v, the attention
 // output and lse, x_mid: 28 KB a position at Llama-3-8B), and the backward reruns only the norms,
 // the gate and up products and SwiGLU: the attention products and attention itself are not
-// rerun. The forward is deterministic, so the recomputed activations are bit for bit the ones
-// the forward made.
+// rerun. A plan may mix the modes layer by layer (AUTO within a memory limit: the top layers
+// NONE, the next MLP, the rest LAYER). The forward is deterministic, so the recomputed
+// activations are bit for bit the ones the forward made.
+//
+// Streams: the LoRA weight-gradient products (dB, dA) run on a second stream of lower priority
+// beside the main one's products; events order them against every later write of what they read.
 //
 // Not yet: LoRA dropout (refused: the CPU draws its masks from the trainer's Rng), Mistral's
 // sliding window (refused), the optimizer step on the device.
@@ -46,8 +50,15 @@ typedef struct CudaEngine CudaEngine;
 typedef enum { CUDA_RECOMPUTE_AUTO = 0, CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_LAYER, CUDA_RECOMPUTE_MLP } CudaRecompute;
 const char *cuda_recompute_name(CudaRecompute r);   // "auto", "none", "mlp", "layer"
 
+// memory_limit: bytes (0: none) that the engine's buffers and the optimizer's (8 bytes a LoRA
+// parameter) must fit: AUTO takes the fastest plan within it, mixing modes layer by layer (the
+// top layers NONE, then MLP, then LAYER); an explicit mode that exceeds it is an error.
+// one_stream: every product on one stream (tests, benchmarks); else the LoRA weight-gradient
+// products run on a second stream beside the others (same results bit for bit).
 typedef struct {
     CudaRecompute recompute;
+    int one_stream;
+    size_t memory_limit;
 } CudaEngineOptions;
 
 // An engine for model m (the map may be freed after this returns: weights are copied) and LoRA
@@ -56,8 +67,10 @@ typedef struct {
 // a message on a bad shape, no device or out of device memory.
 CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
                                const CudaEngineOptions *opt, Err *err);
-// The mode in use (NONE, MLP or LAYER: AUTO resolved at create).
+// The mode in use (NONE, MLP or LAYER: AUTO resolved at create), layer 0's when the plan mixes
+// them; how many layers use mode r.
 CudaRecompute cuda_engine_recompute(const CudaEngine *e);
+int cuda_engine_layers_in(const CudaEngine *e, CudaRecompute r);
 // Base weights uploaded at create: bytes on the device (bf16) and wall seconds it took.
 void cuda_engine_load_stats(const CudaEngine *e, size_t *weight_bytes, double *seconds);
 // For tests: a 64-bit FNV-1a digest of layer l's kept activations (all but x_in) over the last

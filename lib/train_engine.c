@@ -35,13 +35,13 @@ int train_recompute_parse(const char *name, TrainRecompute *r, Err *err)
 }
 
 TrainEngine *train_engine_create(Device d, const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
-                                 TrainRecompute rc, Err *err)
+                                 TrainRecompute rc, size_t memory_limit, Err *err)
 {
     d = device_resolve(d);
     if (device_check(d, "training", err) < 0)
         return NULL;
 #ifndef HAVE_CUDA
-    (void)lc, (void)rc;
+    (void)lc, (void)rc, (void)memory_limit;
 #endif
     TrainEngine *e = calloc(1, sizeof *e);
     if (!e) {
@@ -71,7 +71,8 @@ TrainEngine *train_engine_create(Device d, const Model *m, const LoraConfig *lc,
     CudaEngineOptions opt = {.recompute = rc == TRAIN_RECOMPUTE_NONE    ? CUDA_RECOMPUTE_NONE
                                           : rc == TRAIN_RECOMPUTE_MLP   ? CUDA_RECOMPUTE_MLP
                                           : rc == TRAIN_RECOMPUTE_LAYER ? CUDA_RECOMPUTE_LAYER
-                                                                        : CUDA_RECOMPUTE_AUTO};
+                                                                        : CUDA_RECOMPUTE_AUTO,
+                             .memory_limit = memory_limit};
     e->cuda = cuda_trainer_create(m, lc, max_batch, max_seq, &opt, err);
     if (!e->cuda) {
         free(e);
@@ -81,9 +82,20 @@ TrainEngine *train_engine_create(Device d, const Model *m, const LoraConfig *lc,
     size_t weight_bytes;
     double load_s;
     cuda_engine_load_stats(engine, &weight_bytes, &load_s);
+    // the plan: "mlp", or "mlp (none in 2 of 32 layers)" when it mixes modes
+    char plan[96];
+    CudaRecompute first = cuda_engine_recompute(engine);
+    int n_layers = m->config.n_layers, same = cuda_engine_layers_in(engine, first);
+    int n_mixed = n_layers - same;
+    CudaRecompute other = cuda_engine_layers_in(engine, CUDA_RECOMPUTE_NONE) ? CUDA_RECOMPUTE_NONE : CUDA_RECOMPUTE_MLP;
+    if (n_mixed)
+        snprintf(plan, sizeof plan, "%s (%s in %d of %d layers)", cuda_recompute_name(first),
+                 cuda_recompute_name(other), cuda_engine_layers_in(engine, other), n_layers);
+    else
+        snprintf(plan, sizeof plan, "%s", cuda_recompute_name(first));
     snprintf(e->description, sizeof e->description,
              "cuda: %s (%.0f GiB); recompute %s%s, %.3f GiB of buffers; weights %.2f GiB loaded in %.2f s (%.1f GB/s)",
-             name, total / 1073741824.0, cuda_recompute_name(cuda_engine_recompute(engine)),
+             name, total / 1073741824.0, plan,
              rc == TRAIN_RECOMPUTE_AUTO ? " (auto)" : "", cuda_trainer_device_bytes(e->cuda) / 1073741824.0,
              weight_bytes / 1073741824.0, load_s, load_s > 0 ? weight_bytes / load_s / 1e9 : 0.0);
 #endif

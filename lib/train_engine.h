@@ -24,8 +24,9 @@
 // Activation recomputation on CUDA (kernels/engine_cuda.cuh): NONE keeps every layer's
 // activations, LAYER keeps each layer's input and recomputes its forward before its backward,
 // MLP keeps the attention half's activations too and recomputes only the MLP half (and the
-// norms), AUTO picks the first of NONE, MLP that fits the device's free memory with a margin,
-// else LAYER. No effect on the CPU.
+// norms), AUTO picks the fastest plan that fits the device's free memory with a margin (and the
+// memory limit, when there is one): NONE, or the top layers NONE and the others MLP, or all MLP,
+// or some MLP and the others LAYER, or all LAYER. No effect on the CPU.
 typedef enum { TRAIN_RECOMPUTE_AUTO = 0, TRAIN_RECOMPUTE_NONE, TRAIN_RECOMPUTE_LAYER, TRAIN_RECOMPUTE_MLP } TrainRecompute;
 // "auto", "none", "mlp", "layer"; -1 naming the bad value.
 int train_recompute_parse(const char *name, TrainRecompute *r, Err *err);
@@ -33,10 +34,12 @@ int train_recompute_parse(const char *name, TrainRecompute *r, Err *err);
 typedef struct TrainEngine TrainEngine;
 
 // An engine on device d (CPU or CUDA, not AUTO) for model m, LoRA config lc and micro-batches of
-// up to max_batch rows of max_seq tokens, recomputing as rc says (CUDA only). CUDA: -1 with a
-// clear message in a build without CUDA, without a GPU, or with LoRA dropout > 0.
+// up to max_batch rows of max_seq tokens, recomputing as rc says (CUDA only) within memory_limit
+// bytes of device buffers (CUDA only; 0: none): AUTO then takes the fastest plan that fits,
+// mixing the modes layer by layer. CUDA: -1 with a clear message in a build without CUDA, without
+// a GPU, with LoRA dropout > 0, or when no plan fits the limit.
 TrainEngine *train_engine_create(Device d, const Model *m, const LoraConfig *lc, int max_batch, int max_seq,
-                                 TrainRecompute rc, Err *err);
+                                 TrainRecompute rc, size_t memory_limit, Err *err);
 void train_engine_free(TrainEngine *e);
 // Device <- lora->params and opt's moments.
 int train_engine_upload(TrainEngine *e, const Lora *lora, const AdamW *opt, Err *err);

@@ -407,7 +407,7 @@ static int setup(Run *r, Err *err)
     if (rc < 0)
         return -1;
     r->engine = train_engine_create(device_resolve(o->device), r->model, &o->lora, o->batch,
-                                    (int)ti->seq_len, o->recompute, err);
+                                    (int)ti->seq_len, o->recompute, o->memory_limit, err);
     if (!r->engine || train_engine_upload(r->engine, r->lora, &r->opt, err) < 0)
         return -1;
     if (dataset_batch_alloc(&r->mb, o->batch, (int)ti->seq_len, err) < 0)

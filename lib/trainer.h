@@ -49,6 +49,7 @@ typedef struct {
     long save_every;             // checkpoint every N steps and after the last; 0: only when stopped
     Device device;          // where the steps run (lib/train_engine.h); default CPU
     TrainRecompute recompute;    // activation recomputation on CUDA (lib/train_engine.h); default AUTO
+    size_t memory_limit;         // CUDA: device bytes the plan must fit (lib/train_engine.h); 0: none
     volatile sig_atomic_t *stop; // set (by a SIGINT handler): checkpoint at the next step boundary
 } TrainOptions;
 

@@ -63,6 +63,10 @@ run_case "unknown recompute mode" 2 "^lora-train: --recompute: 'all' is not none
 run_case "empty recompute mode" 2 "^lora-train: --recompute: '' is not none, mlp, layer or auto" -- \
     train -o "$O" --recompute ''
 run_case "recompute without a value" 2 "option '--recompute' requires an argument" -- train -o "$O" --recompute
+run_case "a bad memory limit" 2 "^lora-train: --memory-limit: want a positive size like 64M or 22.4G: '12Q'" -- \
+    train -o "$O" --memory-limit 12Q
+run_case "a zero memory limit" 2 "^lora-train: --memory-limit: want a positive size like 64M or 22.4G: '0'" -- \
+    train -o "$O" --memory-limit 0
 run_case "dropout on the GPU" 2 "^lora-train: --dropout 0.1 is not supported on the GPU" -- \
     train -o "$O" --device cuda --dropout 0.1
 # Without a GPU (or without CUDA in the build) --device cuda is refused and auto trains on the CPU;
@@ -179,8 +183,8 @@ is "$(grep -o '"lr":[0-9.e-]*' "$T/c.jsonl" | tr '\n' ' ')" '"lr":0 "lr":0.0005 
 train -o "$T/d" -n 1 -r 2 --device cpu
 is "$?" 0 "--device cpu"
 for mode in mlp layer; do
-    train -o "$T/d-$mode" -n 1 -r 2 --device cpu --recompute $mode
-    ok "--recompute $mode on the CPU: accepted, the same adapter bytes" \
+    train -o "$T/d-$mode" -n 1 -r 2 --device cpu --recompute $mode --memory-limit 1k
+    ok "--recompute $mode --memory-limit 1k on the CPU: accepted, the same adapter bytes" \
         cmp -s "$T/d/adapter_model.safetensors" "$T/d-$mode/adapter_model.safetensors"
 done
 if command -v script >/dev/null 2>&1; then

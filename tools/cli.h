@@ -27,6 +27,8 @@ static const char *prog = "?";
 //   cli_usage_error   "prog: msg" and the usage text on stderr, exit 2
 //   cli_parse_long/double  option values: a whole number in [lo, hi] or a finite number in
 //                     [lo, hi] (hi_open: below hi); anything else is a usage error naming the option
+//   cli_parse_size    a positive byte count: a number (a fraction too) with an optional suffix
+//                     k, M, G or T (powers of 1024): 64M, 22.4G; else a usage error naming the option
 //   cli_refuse_tty    binary output to a terminal is refused with a hint; 0 when stdout is fine
 //   cli_open_in       "-" or NULL is stdin; on failure prints the error and returns NULL
 //   cli_finish_stdout flush stdout, check for a write error; returns the exit status to use
@@ -111,6 +113,24 @@ CLI_FN double cli_parse_double(const char *usage, const char *opt, const char *s
     if (end == s || *end || errno || !isfinite(v) || v < lo || v > hi || (hi_open && v == hi))
         cli_usage_error(usage, "%s: '%s' is not a number in [%g, %g%s", opt, s, lo, hi, hi_open ? ")" : "]");
     return v;
+}
+
+CLI_FN unsigned long long cli_parse_size(const char *usage, const char *opt, const char *s)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    const char *units = "kMGT";
+    double mult = 1;
+    const char *u = *end ? strchr(units, *end == 'K' ? 'k' : *end == 'm' ? 'M' : *end == 'g' ? 'G' : *end == 't' ? 'T' : *end) : NULL;
+    if (u) {
+        mult = ldexp(1.0, 10 * (int)(u - units + 1));
+        end++;
+    }
+    v = round(v * mult);
+    if (errno || end == s || *end || !(s[0] >= '0' && s[0] <= '9') || !(v >= 1) || v > 1.8e19)
+        cli_usage_error(usage, "%s: want a positive size like 64M or 22.4G: '%s'", opt, s);
+    return (unsigned long long)v;
 }
 
 CLI_FN int cli_refuse_tty(const char *hint)

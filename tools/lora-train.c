@@ -20,6 +20,7 @@ static const char usage[] =
     "                  [--weight-decay X] [--max-grad-norm X] [--adam-beta1 X] [--adam-beta2 X]\n"
     "                  [--adam-eps X] [--eval SHARDS] [--eval-every N] [--save-every N]\n"
     "                  [--resume[=DIR]] [--metrics FILE] [--device NAME] [--recompute MODE]\n"
+    "                  [--memory-limit SIZE]\n"
     "Train a LoRA adapter of the model on packed shards (pack(1)); write a PEFT adapter\n"
     "directory (adapter_model.safetensors, adapter_config.json) to OUT_DIR.\n"
     "  -m, --model DIR         Hugging Face model directory\n"
@@ -52,14 +53,16 @@ static const char usage[] =
     "      --device NAME       cpu, cuda or auto: the GPU when there is one, else the CPU (auto)\n"
     "      --recompute MODE    none, mlp, layer or auto: recompute activations in the backward to\n"
     "                          save GPU memory: each layer's MLP half, or whole layers; auto: the\n"
-    "                          least that fits (auto)\n"
+    "                          fastest plan that fits, mixing them layer by layer (auto)\n"
+    "      --memory-limit SIZE GPU memory the run's buffers may take, like 22G or 22.4G (GiB):\n"
+    "                          auto plans within it; a mode that needs more is an error\n"
     "  -q, --quiet             no progress and no summary, only errors\n"
     "  -h, --help              print this help and exit\n";
 
 enum {
     OPT_ALPHA = 256, OPT_DROPOUT, OPT_TARGETS, OPT_RSLORA, OPT_WARMUP_STEPS, OPT_WARMUP_RATIO, OPT_LR,
     OPT_SCHEDULER, OPT_WEIGHT_DECAY, OPT_MAX_GRAD_NORM, OPT_BETA1, OPT_BETA2, OPT_EPS, OPT_EVAL,
-    OPT_EVAL_EVERY, OPT_SAVE_EVERY, OPT_RESUME, OPT_METRICS, OPT_DEVICE, OPT_RECOMPUTE,
+    OPT_EVAL_EVERY, OPT_SAVE_EVERY, OPT_RESUME, OPT_METRICS, OPT_DEVICE, OPT_RECOMPUTE, OPT_MEMORY_LIMIT,
 };
 
 static const struct option long_options[] = {
@@ -92,6 +95,7 @@ static const struct option long_options[] = {
     {"metrics", required_argument, NULL, OPT_METRICS},
     {"device", required_argument, NULL, OPT_DEVICE},
     {"recompute", required_argument, NULL, OPT_RECOMPUTE},
+    {"memory-limit", required_argument, NULL, OPT_MEMORY_LIMIT},
     {"quiet", no_argument, NULL, 'q'},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
@@ -238,6 +242,7 @@ int main(int argc, char **argv)
             if (train_recompute_parse(optarg, &o.recompute, &err) < 0)
                 cli_usage_error(usage, "--recompute: %s", err.msg);
             break;
+        case OPT_MEMORY_LIMIT: o.memory_limit = (size_t)cli_parse_size(usage, "--memory-limit", optarg); break;
         case 'q': quiet = 1; break;
         case 'h': cli_help(usage);
         default: cli_usage_error(usage, "unknown option");

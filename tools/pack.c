@@ -60,25 +60,6 @@ static uint64_t parse_u64(const char *s, const char *what, uint64_t max)
     return v;
 }
 
-static uint64_t parse_size(const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    uint64_t mult = 1;
-    if (*end == 'k' || *end == 'K')
-        mult = 1ull << 10;
-    else if (*end == 'm' || *end == 'M')
-        mult = 1ull << 20;
-    else if (*end == 'g' || *end == 'G')
-        mult = 1ull << 30;
-    if (mult > 1)
-        end++;
-    if (errno || end == s || *end || s[0] == '-' || v == 0 || v > UINT64_MAX / mult)
-        cli_usage_error(usage, "--shard-size: want a positive size like 64M: '%s'", s);
-    return v * mult;
-}
-
 // vocab size and pad id from a Hugging Face config.json (the model's embedding rows bound
 // the ids; Llama configs often have no pad token, so EOS is the usual stand-in).
 static void read_model_config(Options *o)
@@ -268,7 +249,7 @@ int main(int argc, char **argv)
         }
         case 'C': o.val_count = parse_u64(optarg, "--val-count", UINT64_MAX); have_count = 1; break;
         case 'O': o.val_out = optarg; break;
-        case 'z': o.shard_bytes = parse_size(optarg); break;
+        case 'z': o.shard_bytes = cli_parse_size(usage, "--shard-size", optarg); break;
         case '1': o.single = 1; break;
         case 'q': o.quiet = 1; break;
         case 'h': cli_help(usage);

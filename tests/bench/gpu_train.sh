@@ -7,12 +7,14 @@
 #    all seven projections, SDPA, gradient checkpointing, fused AdamW) on each shape;
 # 3. lora-train --device cuda on the same model and shapes (-a 1, $STEPS steps; the first 2 are
 #    warm-up and not timed), once per recompute mode: --recompute layer and mlp (memory at or
-#    below the peer's) and --recompute none (faster, more memory), three rows a shape;
+#    below the peer's), peer (--recompute auto --memory-limit the peer's peak bytes on that
+#    shape: the fastest plan within the peer's memory) and --recompute none (faster, more
+#    memory), a row each;
 # 4. one table: tokens/s, ratio to the peer, peak GPU memory, achieved TFLOP/s of the FLOP model
 #    against the measured matmul rate.
 # Every stage runs under a time limit; a stage that fails or runs out of time is a row of the
 # table ("out of memory", "time limit"), and the others still run. Skips (exit 0) without a GPU.
-# Environment: GPU_TRAIN_SHAPES (2x2048,8x512,1x8192), GPU_TRAIN_RECOMPUTE (layer,mlp,none),
+# Environment: GPU_TRAIN_SHAPES (2x2048,8x512,1x8192), GPU_TRAIN_RECOMPUTE (layer,mlp,peer,none),
 # GPU_TRAIN_STEPS (6), GPU_TRAIN_DIR
 # (/tmp/gpu_train), PEER_LIMIT (300 s), OURS_LIMIT (150 s a shape), PYTHON (python3), TOOL_LIBS
 # (folders of shared libraries put on LD_LIBRARY_PATH for our tools only, not for Python: the
@@ -33,7 +35,7 @@ PY=${PYTHON:-python3}
 TOOL_LD_PATH=${TOOL_LIBS:+$TOOL_LIBS:}${LD_LIBRARY_PATH:-}
 HELPER=$ROOT/tests/bench/gpu_train_peer.py
 SHAPES=${GPU_TRAIN_SHAPES:-2x2048,8x512,1x8192}
-MODES=$(echo "${GPU_TRAIN_RECOMPUTE:-layer,mlp,none}" | tr ',' ' ')
+MODES=$(echo "${GPU_TRAIN_RECOMPUTE:-layer,mlp,peer,none}" | tr ',' ' ')
 STEPS=${GPU_TRAIN_STEPS:-6}
 PEER_LIMIT=${PEER_LIMIT:-300}
 OURS_LIMIT=${OURS_LIMIT:-150}
@@ -78,7 +80,13 @@ for s in $shapes; do
             echo "{\"stage\": \"ours\", \"shape\": \"$s\", \"recompute\": \"$mode\", \"rc\": 1, \"metrics\": \"\", \"err\": \"$W/nomodel\"}" >>"$RES"
             continue
         fi
-        say "lora-train --device $DEVICE --recompute $mode $s, $STEPS steps (limit ${OURS_LIMIT}s)"
+        args="--recompute $mode"
+        if [ "$mode" = peer ]; then   # within the peer's peak memory on this shape
+            limit=$(grep "\"peer\", \"shape\": \"$s\"" "$RES" | sed -n 's/.*"peak_bytes": \([0-9]*\).*/\1/p')
+            [ -n "$limit" ] || { say "no peer memory for $s: $mode skipped"; continue; }
+            args="--recompute auto --memory-limit $limit"
+        fi
+        say "lora-train --device $DEVICE $args $s, $STEPS steps (limit ${OURS_LIMIT}s)"
         smi_pid=
         if [ "$DEVICE" = cuda ]; then
             nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$W/smi-$tag" 2>/dev/null &
@@ -86,7 +94,7 @@ for s in $shapes; do
         fi
         timeout "$OURS_LIMIT" env "LD_LIBRARY_PATH=$TOOL_LD_PATH" "$BIN/lora-train" -m "$W/model" -i "$W/shards-$seq" \
             -o "$W/adapter-$tag" -r 16 --alpha 16 -b "$b" -a 1 -n "$STEPS" --warmup-steps 1 --device "$DEVICE" \
-            --recompute "$mode" --metrics "$W/metrics-$tag.jsonl" 2>"$W/ours-$tag.err"
+            $args --metrics "$W/metrics-$tag.jsonl" 2>"$W/ours-$tag.err"
         rc=$?
         [ -n "$smi_pid" ] && kill "$smi_pid" 2>/dev/null && wait "$smi_pid" 2>/dev/null
         smi=$(sort -n "$W/smi-$tag" 2>/dev/null | tail -n 1 | tr -dc 0-9)

@@ -166,6 +166,9 @@ def ours_result(rec):
     m = re.search(r"weights ([0-9.]+) GiB loaded in ([0-9.]+) s", err)
     if m:
         out["load"] = "weights %s GiB loaded in %s s" % (m.group(1), m.group(2))
+    m = re.search(r"; recompute ([a-z]+(?: \([a-z]+ in [0-9]+ of [0-9]+ layers\))?)", err)
+    if m and rec.get("recompute") == "peer":
+        out["load"] = "plan: %s; %s" % (m.group(1), out.get("load", ""))
     b, s = (int(x) for x in rec["shape"].split("x"))
     if rec.get("rc") == 0 and len(steps) > WARMUP:
         dt = steps[-1]["elapsed_s"] - steps[WARMUP - 1]["elapsed_s"]
@@ -215,7 +218,9 @@ def table(results, model_dir):
         s = int(shape.split("x")[1])
         fpt, _ = flop_per_token(cfg, s)
         runs = [("HF+PEFT", peers.get(shape))]
-        runs += [("lora-train --recompute %s" % r["recompute"] if "recompute" in r else "lora-train", r)
+        label = lambda r: ("lora-train --memory-limit (peer's)" if r["recompute"] == "peer" else
+                           "lora-train --recompute %s" % r["recompute"])
+        runs += [(label(r) if "recompute" in r else "lora-train", r)
                  for r in ours.get(shape, [])] or [("lora-train", None)]
         for name, r in runs:
             if r is None:

@@ -63,7 +63,7 @@ for s in "$@"; do
         nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
             --format=csv -lms 250 >"$OUT/profile-engine-smi.csv" 2>&1 &
         smi=$!
-        step 200 "$s" env LD_LIBRARY_PATH="$LIBS" ENGINE_TEST_PROFILE=${ENGINE_TEST_PROFILE:-2} "$GPU_TESTS/engine_test" --bench
+        step 420 "$s" env LD_LIBRARY_PATH="$LIBS" ENGINE_TEST_PROFILE=${ENGINE_TEST_PROFILE:-2} "$GPU_TESTS/engine_test" --bench
         kill $smi ;;
     ncu-gen)   # every kernel's duration in 3 plain decode steps (cuBLAS, then GEMV products), as CSV
         step 300 ncu-gen env LD_LIBRARY_PATH="$LIBS" GEN_TEST_PROFILE=1 ncu --clock-control none --cache-control none \

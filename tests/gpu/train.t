@@ -3,7 +3,8 @@
 # pipelines/demo.mk, 50 steps with the same seed and dropout 0 on each device; every step's loss
 # (--metrics) and the evaluation losses agree within bf16 tolerance (relative 2e-2), the CUDA
 # adapter loads back (lora-gen -a), a CPU checkpoint resumes on the GPU with the CPU's curve, and
-# --recompute mlp and layer give step 1's loss bit for bit and the curve within tolerance, in less memory.
+# --recompute mlp and layer give step 1's loss bit for bit and the curve within tolerance, in less memory,
+# and --memory-limit makes auto mix them layer by layer within the limit.
 # Skips on a machine without an NVIDIA GPU or without $TESTDATA. Prints the loss agreement and
 # the step times of both devices as TAP diagnostics.
 cd "$(dirname "$0")/../.." || exit 1
@@ -95,6 +96,24 @@ diag "peak device memory: recompute none $(peak "$T/none.err") GiB, mlp $(peak "
 ok "recompute layer needs less device memory than mlp, mlp less than none" \
     awk -v a="$(peak "$T/layer.err")" -v m="$(peak "$T/mlp.err")" -v b="$(peak "$T/none.err")" \
     'BEGIN { exit !(a > 0 && a < m && m < b) }'
+
+# --memory-limit halfway between mlp's and none's bytes: auto mixes the modes layer by layer
+# (stories260K's 5 layers: the top 2 keep everything), within the limit, with none's step 1
+mlp_bytes=$(metric "$T/mlp.jsonl" peak_device_bytes | head -n 1)
+none_bytes=$(metric "$T/none.jsonl" peak_device_bytes | head -n 1)
+limit=$(( (mlp_bytes + none_bytes) / 2 ))
+train cuda mixed -n 5 --memory-limit "$limit" --metrics "$T/mixed.jsonl"
+is "$?" 0 "--memory-limit $limit trains (mlp $mlp_bytes, none $none_bytes bytes)"
+ok "--memory-limit: auto mixes the modes, and says so" \
+    grep -q "; recompute mlp (none in 2 of 5 layers) (auto), " "$T/mixed.err"
+is "$(metric "$T/mixed.jsonl" peak_device_bytes | sort -u | awk -v l="$limit" '{ print ($1 <= l && $1 > 0) }')" 1 \
+    "--memory-limit: peak device bytes $(metric "$T/mixed.jsonl" peak_device_bytes | head -n 1) within the limit"
+grep '"loss"' "$T/mixed.jsonl" | metric /dev/stdin loss >"$T/a"
+is "$(head -n 1 "$T/a")" "$(head -n 1 "$T/b")" "step 1's loss is the same with the mixed plan and none"
+train cuda small -n 1 --recompute none --memory-limit "$mlp_bytes"
+is "$?" 1 "--recompute none over --memory-limit: exit 1"
+ok "--recompute none over --memory-limit: the error says so" \
+    grep -q "^lora-train: .*recompute none needs [0-9.]* GiB ([0-9]* bytes), more than the memory limit" "$T/small.err"
 
 train auto auto -n 2
 is "$?" 0 "--device auto trains"
