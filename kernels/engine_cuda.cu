@@ -96,8 +96,7 @@ struct CudaEngine {
     LoraConfig lc;
     float scale;                     // LoRA scale
     int max_B, max_T;
-    CudaRecompute recompute;         // layer 0's mode: NONE, MLP or LAYER (the plan: layer_mode)
-    CudaRecompute *layer_mode;       // (n_layers): LAYER below MLP below NONE (plan_layers)
+    CudaRecompute *layer_mode;       // (n_layers) NONE, MLP or LAYER, from the bottom up (plan_layers)
     int last_shared;                 // the highest layer that uses the shared set; -1: none does
     bool dry_run;                    // planning: dev_alloc only counts bytes
     int last_N;                      // positions of the last micro-batch
@@ -313,7 +312,7 @@ void cuda_engine_free(CudaEngine *e)
 
 size_t cuda_engine_device_bytes(const CudaEngine *e) { return e->device_bytes; }
 
-CudaRecompute cuda_engine_recompute(const CudaEngine *e) { return e->recompute; }
+CudaRecompute cuda_engine_recompute(const CudaEngine *e) { return e->layer_mode[0]; }
 
 int cuda_engine_layers_in(const CudaEngine *e, CudaRecompute r)
 {
@@ -632,7 +631,6 @@ static void plan_layers(CudaEngine *e, int n_none, int n_mlp)
         if (e->layer_mode[l] != CUDA_RECOMPUTE_NONE)
             e->last_shared = l;
     }
-    e->recompute = e->layer_mode[0];
 }
 
 // Bytes that alloc_buffers would take with that plan, plus the base weights'.
@@ -834,7 +832,8 @@ int cuda_engine_download_grads(CudaEngine *e, float *grads, size_t n_params, Err
 
 // ---- products -------------------------------------------------------------------------------
 
-// Row-major C (M, N) = alpha op(A) op(B) + beta C with bf16 A, B and fp32 accumulation; C is
+// Row-major C (M, N) = alpha op(A) op(B) + beta C with bf16 A, B and fp32 accumulation (on h's
+// stream; NULL: the main one's handle); C is
 // bf16 (c_type CUDA_R_16BF) or fp32 (CUDA_R_32F). A is (M, K), or stored (K, M) when ta; B is
 // (K, N), or stored (N, K) when tb; lda, ldb, ldc: the row strides of A, B, C as stored. cuBLAS is
 // column-major, so it computes C^T = op(B)^T op(A)^T.
@@ -842,9 +841,9 @@ static int gemm(CudaEngine *e, bool ta, bool tb, int M, int N, int K, float alph
                 const bf16_t *B, int ldb, float beta, void *C, int ldc, cudaDataType c_type, Err *err,
                 cublasHandle_t h = NULL)
 {
-    CUBLAS_CHECK(cublasGemmEx(h ? h : e->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
-                              B, CUDA_R_16BF, ldb, A, CUDA_R_16BF, lda, &beta, C, c_type, ldc, CUBLAS_COMPUTE_32F,
-                              CUBLAS_GEMM_DEFAULT),
+    CUBLAS_CHECK(cublasGemmEx(h ? h : e->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K,
+                              &alpha, B, CUDA_R_16BF, ldb, A, CUDA_R_16BF, lda, &beta, C, c_type, ldc,
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                  err);
     return 0;
 }
@@ -906,8 +905,9 @@ static int join_side(CudaEngine *e, unsigned mask, Err *err)
 
 // Backward of projection p from d_y (N, out; rows ld_dy apart, spare columns after out when
 // folded): du = s d_y B (into d_y's spare columns when folded, else d_u), dB += s d_y^T u,
-// dA += du^T x (dA, dB accumulate in fp32; on the side stream, see side_stream); then, when d_x is not NULL, d_x (N, in) (+)=
-// [d_y | du] W' (one product), or d_y W with du A left to group_dx (q, k, v).
+// dA += du^T x (dA, dB accumulate in fp32; on the side stream, see side_stream); then, when d_x
+// is not NULL, d_x (N, in) (+)= [d_y | du] W' (one product), or d_y W with du A left to
+// group_dx (q, k, v).
 static int proj_backward(CudaEngine *e, int l, int p, bf16_t *d_x, bf16_t *d_y, int ld_dy, const bf16_t *x, int N,
                          int accumulate, Err *err)
 {

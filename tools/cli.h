@@ -120,14 +120,16 @@ CLI_FN unsigned long long cli_parse_size(const char *usage, const char *opt, con
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    const char *units = "kMGT";
-    double mult = 1;
-    const char *u = *end ? strchr(units, *end == 'K' ? 'k' : *end == 'm' ? 'M' : *end == 'g' ? 'G' : *end == 't' ? 'T' : *end) : NULL;
-    if (u) {
-        mult = ldexp(1.0, 10 * (int)(u - units + 1));
-        end++;
+    int shift = 0;
+    switch (*end) {
+    case 'k': case 'K': shift = 10; break;
+    case 'm': case 'M': shift = 20; break;
+    case 'g': case 'G': shift = 30; break;
+    case 't': case 'T': shift = 40; break;
     }
-    v = round(v * mult);
+    if (shift)
+        end++;
+    v = round(ldexp(v, shift));
     if (errno || end == s || *end || !(s[0] >= '0' && s[0] <= '9') || !(v >= 1) || v > 1.8e19)
         cli_usage_error(usage, "%s: want a positive size like 64M or 22.4G: '%s'", opt, s);
     return (unsigned long long)v;
