@@ -16,7 +16,7 @@ struct TrainEngine {
 #ifdef HAVE_CUDA
     CudaTrainer *cuda;
 #endif
-    char description[320];
+    char description[400];
 };
 
 int train_recompute_parse(const char *name, TrainRecompute *r, Err *err)
@@ -83,7 +83,7 @@ TrainEngine *train_engine_create(Device d, const Model *m, const LoraConfig *lc,
     double load_s;
     cuda_engine_load_stats(engine, &weight_bytes, &load_s);
     // the plan: "mlp", or "mlp (none in 2 of 32 layers)" when it mixes modes
-    char plan[96];
+    char plan[48];
     CudaRecompute first = cuda_engine_recompute(engine);
     int n_layers = m->config.n_layers, same = cuda_engine_layers_in(engine, first);
     int n_mixed = n_layers - same;
