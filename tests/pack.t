@@ -32,6 +32,10 @@ awk 'BEGIN { srand(3); for (d = 1; d <= 300; d++) { n = 1 + int(rand() * 90); p 
     print "]}]}" } }' | recs load >"$T/gen.rec"
 run_case "pack to a directory of several shards" 0 "rows of 64" -- pack -s 64 -V 1000 -z 20k -o "$T/dir" "$T/gen.rec"
 ok "several shards and an index" test -f "$T/dir/shard-00001.bin" -a -f "$T/dir/index.json"
+pack -q -s 64 -V 1000 -z 12.5k -o "$T/frac" "$T/gen.rec"
+ok "a fractional --shard-size (12.5k): several shards, none over 12800 bytes, some over 12k" sh -c \
+    'test -f "$1/shard-00001.bin" && ! find "$1" -name "shard-*.bin" -size +12800c | grep -q . &&
+     find "$1" -name "shard-*.bin" -size +12288c | grep -q .' sh "$T/frac"
 shard -d "$T/dir" >"$T/dir.jsonl"
 for form in set.tar set.tgz set.zip; do
     run_case "pack to $form" 0 "" -- pack -q -s 64 -V 1000 -z 20k -o "$T/$form" "$T/gen.rec"

@@ -36,7 +36,7 @@ static const char usage[] =
     "  -F, --val-fraction F    put this fraction of the rows (0 < F < 1) into a validation set\n"
     "  -C, --val-count N       put N rows into a validation set\n"
     "  -O, --val-output OUT    where the validation set goes (same forms as -o)\n"
-    "  -z, --shard-size BYTES  bytes per shard file, suffix k, M or G (default 256M)\n"
+    "  -z, --shard-size BYTES  bytes per shard file, suffix k, M, G or T, as 1.5G (default 256M)\n"
     "  -1, --single            write one shard file named OUT, no index\n"
     "  -q, --quiet             no statistics or progress on stderr\n"
     "  -h, --help              show this help\n";
