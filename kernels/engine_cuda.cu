@@ -72,8 +72,8 @@ typedef struct {
 } LayerDev;
 
 // Per layer activations kept for the backward pass (bf16 unless said). A layer that recomputes
-// (its mode CUDA_RECOMPUTE_LAYER) owns only x_in; every other pointer is into one shared set
-// (CudaEngine.shared). With CUDA_RECOMPUTE_MLP it also owns q, k, v, attn, lse, x_mid and o's
+// (its mode CUDA_RECOMPUTE_LAYER) owns only x_in; every other pointer is into one set that the
+// recomputing layers share (alloc_buffers). With CUDA_RECOMPUTE_MLP it also owns q, k, v, attn, lse, x_mid and o's
 // lora_u; with CUDA_RECOMPUTE_NONE everything.
 typedef struct {
     bf16_t *x_in;                    // (N, D)  residual stream entering the layer
@@ -116,7 +116,6 @@ struct CudaEngine {
     bf16_t *embed, *lm_head, *final_norm;   // (V, D), (V, D) (= embed when tied), (D)
     LayerDev *layers;                // (n_layers) host array of device pointers
     LayerActs *acts;                 // (n_layers)
-    LayerActs shared;                // what recomputing layers share (alloc_buffers)
     bf16_t *x_final, *xnf;           // (N, D)
     float *rstdf;                    // (N)
     float *inv_freq;                 // (hd/2)
@@ -545,16 +544,15 @@ static int alloc_buffers(CudaEngine *e, Err *err)
             any_layer = any_layer || e->layer_mode[l] == CUDA_RECOMPUTE_LAYER;
             any_shared = any_shared || e->layer_mode[l] != CUDA_RECOMPUTE_NONE;
         }
-        LayerActs *sh = &e->shared;
-        memset(sh, 0, sizeof *sh);
-        if (any_shared && alloc_acts(e, sh, any_layer, true, err) < 0)
+        LayerActs shared = {};
+        if (any_shared && alloc_acts(e, &shared, any_layer, true, err) < 0)
             goto fail;
         for (int l = 0; l < L; l++) {
             // Each layer owns x_in; with MLP also what its attention half made; with NONE all. The
             // rest is the shared set's, which the backward makes again before the layer's turn.
             LayerActs *a = &e->acts[l];
             CudaRecompute mode = e->layer_mode[l];
-            *a = mode == CUDA_RECOMPUTE_NONE ? LayerActs{} : *sh;
+            *a = mode == CUDA_RECOMPUTE_NONE ? LayerActs{} : shared;
             ALLOC(a->x_in, N * D);
             if (alloc_acts(e, a, mode != CUDA_RECOMPUTE_LAYER, mode == CUDA_RECOMPUTE_NONE, err) < 0)
                 goto fail;
@@ -633,7 +631,8 @@ static void plan_layers(CudaEngine *e, int n_none, int n_mlp)
     }
 }
 
-// Bytes that alloc_buffers would take with that plan, plus the base weights'.
+// Plans (plan_layers) and counts the bytes alloc_buffers would take with that plan, plus the base
+// weights'. The plan stays.
 static int planned_bytes(CudaEngine *e, const Model *m, int n_none, int n_mlp, size_t *bytes, Err *err)
 {
     plan_layers(e, n_none, n_mlp);
@@ -665,7 +664,6 @@ static int choose_recompute(CudaEngine *e, const Model *m, CudaRecompute asked, 
             return err_set(err, "cuda engine: recompute %s needs %.2f GiB (%zu bytes), more than the memory limit of "
                            "%.2f GiB (%zu bytes)", cuda_recompute_name(asked), (bytes + optimizer) / 1073741824.0,
                            bytes + optimizer, limit / 1073741824.0, limit);
-        plan_layers(e, n_none, n_mlp);
         return 0;
     }
     size_t free_bytes = 0, total_bytes = 0;
@@ -677,16 +675,13 @@ static int choose_recompute(CudaEngine *e, const Model *m, CudaRecompute asked, 
         int n_none = std::max(0, k - L), n_mlp = std::min(k, L) - n_none;
         if (planned_bytes(e, m, n_none, n_mlp, &bytes, err) < 0)
             return -1;
-        if (bytes <= budget) {
-            plan_layers(e, n_none, n_mlp);
+        if (bytes <= budget)
             return 0;
-        }
     }
-    if (limit)
+    if (limit)   // the loop's last plan, all LAYER, stays otherwise
         return err_set(err, "cuda engine: no plan fits the memory limit of %.2f GiB (%zu bytes): the smallest "
                        "(recompute layer) needs %.2f GiB (%zu bytes)", limit / 1073741824.0, limit,
                        (bytes + optimizer) / 1073741824.0, bytes + optimizer);
-    plan_layers(e, 0, 0);
     return 0;
 }
 
