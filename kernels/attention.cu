@@ -740,7 +740,7 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
     const __grid_constant__ CUtensorMap map_dq, __nv_bfloat16 *dk_out, __nv_bfloat16 *dv_out, float *dkv_acc,
     const float *lse_t, const float *delta_t, const int32_t *starts, const int32_t *cu, int n_seqs, int T, int Tpad,
-    int Hq, int Hkv, int hpb, int walk, float scale_log2, float scale)
+    int Hq, int Hkv, int hpb, float scale_log2, float scale)
 {
 #ifdef ATTENTION_SM90_BUILT
     extern __shared__ __align__(16) unsigned char smem[];
@@ -751,23 +751,16 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     auto generic = [&](uint32_t a) { return smem + pad + (a - base); };
 
     int h0 = blockIdx.x * hpb, kvh = h0 / (Hq / Hkv), k0 = blockIdx.y * 128;
-    // the queries that see a key of the tile: [k0, the end of its last key's sequence), n_q
-    // tiles of each head; step j's head and query tile by the walk (BACKWARD_WALK_*)
+    // the queries that see a key of the tile: [k0, the end of its last key's sequence); step j
+    // is query tile j % n_q of head h0 + j / n_q
     int q_end = cu[sequence_of(cu, n_seqs, min(k0 + 127, T - 1)) + 1];
     int n_q = (q_end - k0 + B_BQ - 1) / B_BQ, n_steps = n_q * hpb;
-    auto step_at = [&](int j, int &h, int &qs) {
-        bool mixed = walk & BACKWARD_WALK_HEADS_MIXED;
-        int qi = mixed ? j / hpb : j % n_q;
-        h = h0 + (mixed ? j % hpb : j / n_q);
-        qs = k0 + (walk & BACKWARD_WALK_FROM_END ? n_q - 1 - qi : qi) * B_BQ;
-    };
     if (threadIdx.x == 0)
         init_barriers(bar_kv, bar_full, bar_empty, B_STAGES);
     __syncthreads();
     auto issue = [&](int j) {  // step j's query tile into stage j % B_STAGES (thread 0 only)
         uint32_t s = stages + (j % B_STAGES) * B_STAGE, full = bar_full + 8 * (j % B_STAGES);
-        int h, qs;
-        step_at(j, h, qs);
+        int h = h0 + j / n_q, qs = k0 + j % n_q * B_BQ;
         mbar_expect(full, 2 * B_QTILE + 3 * 256);
         tma_load(s, &map_q, 0, h, qs, full);
         tma_load(s + B_QHALF, &map_q, 64, h, qs, full);
@@ -805,8 +798,7 @@ __global__ void __launch_bounds__(H_THREADS, 1) attention_backward_tma_kernel(
     mbar_wait(bar_kv, 0);
 
     for (int j = 0; j < n_steps; j++) {
-        int st = j % B_STAGES, h, qs;
-        step_at(j, h, qs);
+        int st = j % B_STAGES, h = h0 + j / n_q, qs = k0 + j % n_q * B_BQ;
         uint32_t s = stages + st * B_STAGE, sdS = sdS0 + (j & 1) * B_DS;
         const float *s_lse = reinterpret_cast<const float *>(generic(s + 2 * B_QTILE)), *s_delta = s_lse + 64;
         const int32_t *s_start = reinterpret_cast<const int32_t *>(s_lse + 128);
@@ -1263,7 +1255,6 @@ int backward_convert(bf16_t *dq, bf16_t *dk, bf16_t *dv, const float *dq_acc, co
 }
 
 int heads_per_block = 0;  // cuda_attention_set_heads_per_block: 0 chooses
-int backward_walk = 0;     // cuda_attention_set_backward_walk
 
 // Version 5's backward (head_dim 128 on an sm_90 device)
 int backward_sm90_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout, const bf16_t *q, const bf16_t *k,
@@ -1291,7 +1282,7 @@ int backward_sm90_launch(bf16_t *dq, bf16_t *dk, bf16_t *dv, const bf16_t *dout,
         err);
     attention_backward_tma_kernel<<<dim3(Hq / hpb, ceil_div(T, 128)), H_THREADS, smem, stream>>>(
         map_q, map_do, map_k, map_v, map_dq, dk, dv, dkv_acc, lse_t, delta_t, starts_pad, cu, n_seqs, T, Tpad, Hq,
-        Hkv, hpb, backward_walk, LOG2E / sqrtf((float)H_D), 1.0f / sqrtf((float)H_D));
+        Hkv, hpb, LOG2E / sqrtf((float)H_D), 1.0f / sqrtf((float)H_D));
     LAUNCH_CHECK(err);
     return backward_convert(dq, dk, dv, dq_acc, dkv_acc, T, Hq, Hkv, H_D, stream, err);
 }
@@ -1414,13 +1405,6 @@ extern "C" int cuda_attention_set_heads_per_block(int n)
 {
     int previous = heads_per_block;
     heads_per_block = n > 0 ? n : 0;
-    return previous;
-}
-
-extern "C" int cuda_attention_set_backward_walk(int walk)
-{
-    int previous = backward_walk;
-    backward_walk = walk & (BACKWARD_WALK_FROM_END | BACKWARD_WALK_HEADS_MIXED);
     return previous;
 }
 

@@ -52,13 +52,6 @@ int cuda_attention_set_version(int version);
 // default: all of them when the documents average at most 4096 positions, else 1 (NOTES, issue 6
 // part 7: the longer walk thrashes L2 at 1 x 8192). For benchmarks; returns the previous value.
 int cuda_attention_set_heads_per_block(int n);
-// Version 5's backward: the order in which a block walks its heads' query tiles. 0: each head's
-// tiles from the key tile to the end of its document, head after head; BACKWARD_WALK_FROM_END:
-// from the end back to the key tile; BACKWARD_WALK_HEADS_MIXED: every head of the block at one
-// query tile before the next tile. For benchmarks; returns the previous value.
-#define BACKWARD_WALK_FROM_END 1
-#define BACKWARD_WALK_HEADS_MIXED 2
-int cuda_attention_set_backward_walk(int walk);
 
 // Plain kernels for any head_dim up to ATTENTION_PLAIN_MAX_HEAD_DIM (kernels/attention_plain.cu;
 // one thread per (query, head), fp32: for the tiny test models, not for speed). Same layouts and

@@ -28,9 +28,8 @@ static void test_attention(std::vector<int> doc_lengths, int Hq, int Hkv, int hd
 {
     int version = cuda_attention_set_version(ATTENTION_FIRST_VERSION);  // read the current ones back
     cuda_attention_set_version(version);
-    int hpb = cuda_attention_set_heads_per_block(0), walk = cuda_attention_set_backward_walk(0);
+    int hpb = cuda_attention_set_heads_per_block(0);
     cuda_attention_set_heads_per_block(hpb);
-    cuda_attention_set_backward_walk(walk);
     std::vector<int32_t> cu(1, 0);
     for (int len : doc_lengths)
         cu.push_back(cu.back() + len);
@@ -47,9 +46,9 @@ static void test_attention(std::vector<int> doc_lengths, int Hq, int Hkv, int hd
     size_t ws_bytes = cuda_attention_backward_workspace_bytes(T, Hq, Hkv, hd);
     void *d_ws = dev_alloc<char>(ws_bytes);
 
-    char what[160], blocks[64] = "";
-    if (hpb || walk)
-        snprintf(blocks, sizeof blocks, " (backward: %d query heads a block, walk %d)", hpb, walk);
+    char what[128], blocks[48] = "";
+    if (hpb)
+        snprintf(blocks, sizeof blocks, " (backward: %d query heads a block)", hpb);
     snprintf(what, sizeof what, "attention v%d%s T=%d docs=%d heads %d/%d hd=%d", version, blocks, T, n_seqs, Hq, Hkv,
              hd);
     LAUNCHED(cuda_attention_forward(d_out, d_lse, q.dev, k.dev, v.dev, d_cu, n_seqs, T, Hq, Hkv, hd, NULL, E));
@@ -168,26 +167,19 @@ static int bench(void)
             printf("%-10s v%d %12.1f %9.0f %12.1f %9.0f%s%s\n", s.name, version, fwd, flops / fwd / 1e6, bwd,
                    2.5 * flops / bwd / 1e6, bad ? "  NaN in out or dq" : "", same);
         }
-        // version 5's backward with each number of query heads a block and each walk
-        // (cuda_attention_set_heads_per_block, cuda_attention_set_backward_walk)
-        for (int walk = 0; walk < 4; walk++)
-            for (int hpb : {1, 2, 4}) {
-                if (hpb == 1 && walk & BACKWARD_WALK_HEADS_MIXED)
-                    continue;  // one head: the same walk as without
-                int was = cuda_attention_set_heads_per_block(hpb), was_walk = cuda_attention_set_backward_walk(walk);
-                double bwd = median_us(
-                    [&] {
-                        LAUNCHED(cuda_attention_backward(dq, dk, dv, dout.dev, q.dev, k.dev, v.dev, out, lse, d_cu,
-                                                         s.n_docs, T, Hq, Hkv, hd, ws, ws_bytes, NULL, E));
-                    },
-                    reps);
-                cuda_attention_set_heads_per_block(was);
-                cuda_attention_set_backward_walk(was_walk);
-                printf("%-10s v%d %12s %9s %12.1f %9.0f  %d query heads a backward block, walk %s%s\n", s.name,
-                       ATTENTION_VERSIONS, "", "", bwd, 2.5 * flops / bwd / 1e6, hpb,
-                       walk & BACKWARD_WALK_FROM_END ? "from the end" : "from the key tile",
-                       walk & BACKWARD_WALK_HEADS_MIXED ? ", heads mixed" : "");
-            }
+        // version 5's backward with each number of query heads a block (cuda_attention_set_heads_per_block)
+        for (int hpb : {1, 2, 4}) {
+            int was = cuda_attention_set_heads_per_block(hpb);
+            double bwd = median_us(
+                [&] {
+                    LAUNCHED(cuda_attention_backward(dq, dk, dv, dout.dev, q.dev, k.dev, v.dev, out, lse, d_cu, s.n_docs, T,
+                                                     Hq, Hkv, hd, ws, ws_bytes, NULL, E));
+                },
+                reps);
+            cuda_attention_set_heads_per_block(was);
+            printf("%-10s v%d %12s %9s %12.1f %9.0f  %d query heads a backward block\n", s.name, ATTENTION_VERSIONS, "",
+                   "", bwd, 2.5 * flops / bwd / 1e6, hpb);
+        }
         cudaFree(d_cu), cudaFree(out), cudaFree(dq), cudaFree(dk), cudaFree(dv), cudaFree(lse), cudaFree(ws);
     }
     return 0;
@@ -215,16 +207,6 @@ int main(int argc, char **argv)
         test_attention({1100}, 4, 1, 128);
         test_attention({130, 257, 640}, 8, 2, 128);
     }
-    // every walk of version 5's backward, with 1, 2 and all query heads a block
-    for (int walk = 1; walk < 4; walk++) {
-        cuda_attention_set_backward_walk(walk);
-        for (int hpb : {1, 2, 4}) {
-            cuda_attention_set_heads_per_block(hpb);
-            test_attention({1100}, 4, 1, 128);
-            test_attention({63, 64, 65, 1, 1, 300}, 8, 2, 128);
-        }
-    }
-    cuda_attention_set_backward_walk(0);
     cuda_attention_set_heads_per_block(0);
     test_attention({4200}, 4, 2, 128);  // one document of over 4096 positions: one query head a block
     ok(cuda_attention_set_version(ATTENTION_VERSIONS + 1) == -1 &&
