@@ -156,16 +156,20 @@ void sampler_filter(Sampler *s, float *logits, const uint32_t *history, size_t n
 
     if (p->top_p < 1.0f) {
         // HF: ascending cumulative softmax; drop while cum <= 1 - top_p; the top token stays.
+        // The masses are summed unnormalised in double, where sums of float masses of nearby
+        // sizes are exact: a cut that falls exactly on the boundary (k equal masses making
+        // exactly 1 - top_p of the row) drops them, as the GPU's integer masses do; normalised
+        // sums drift past it (all-equal logits, vocab 128256, top-p 0.5 kept 64129, not 64128).
         sort_desc(s, logits);
         float max = logits[s->order[0]];
         double total = 0.0;
         for (uint32_t i = 0; i < n; i++)
             total += expf(logits[i] - max);
-        double cum = 0.0;
+        double cum = 0.0, limit = (1.0 - p->top_p) * total;
         for (uint32_t r = n; r-- > 1;) {   // from the smallest up; rank 0 always kept
             uint32_t id = s->order[r];
-            cum += expf(logits[id] - max) / total;
-            if (cum <= 1.0 - p->top_p)
+            cum += expf(logits[id] - max);
+            if (cum <= limit)
                 logits[id] = -INFINITY;
             else
                 break;

@@ -181,6 +181,31 @@ static void test_filters(void)
     histogram(&p, logits, V, 500, counts);
     is_int(counts[3], 500, "a tiny top-p still keeps the most likely token");
 
+    // A cut exactly on the boundary: 128256 equal logits, top-p 0.5. The lower 64128 make exactly
+    // half the mass (<= 1 - p): dropped, as the GPU's integer masses drop them. (Summing
+    // normalised probabilities in double drifted past 0.5 and kept 64129.)
+    {
+        uint32_t n = 128256;
+        p = sample_defaults();
+        p.top_p = 0.5f;
+        Err err;
+        Sampler *s = sampler_new(n, &p, &err);
+        float *row = calloc(n, sizeof *row);
+        uint32_t kept = 0, first_dropped = n;
+        if (s && row) {
+            sampler_filter(s, row, NULL, 0);
+            for (uint32_t i = 0; i < n; i++) {
+                kept += isfinite(row[i]);
+                if (!isfinite(row[i]) && first_dropped == n)
+                    first_dropped = i;
+            }
+        }
+        is_int(kept, 64128, "top-p 0.5 over 128256 equal logits keeps exactly half");
+        is_int(first_dropped, 64128, "the kept half is the lower ids (ties in id order)");
+        free(row);
+        sampler_free(s);
+    }
+
     // min-p 0.3: threshold 0.3 * 0.40 = 0.12 drops ids 0 (0.05) and 2 (0.10), keeps 4 (0.15).
     p = sample_defaults();
     p.min_p = 0.3f;
