@@ -2,15 +2,4 @@
 # The CUDA training step (kernels/engine_cuda.cu) against the CPU reference engine
 # (lib/engine_cpu.c): tests/gpu/engine_test.cu, built by make into $GPU_TESTS. Skips on a machine
 # without an NVIDIA GPU. stories260K is compared when $TESTDATA holds it.
-cd "$(dirname "$0")/../.." || exit 1
-GPU_TESTS=${GPU_TESTS:-$(pwd)/build/obj/test-gpu}
-if ! nvidia-smi -L >/dev/null 2>&1; then
-    echo "1..0 # SKIP no NVIDIA GPU (nvidia-smi -L failed)"
-    exit 0
-fi
-if [ ! -x "$GPU_TESTS/engine_test" ]; then
-    echo "1..1"
-    echo "not ok 1 - $GPU_TESTS/engine_test not built (run make test-gpu)"
-    exit 1
-fi
-exec "$GPU_TESTS/engine_test"
+exec sh "$(dirname "$0")/run_test.sh" engine_test

@@ -11,11 +11,7 @@
 # agreed is printed either way.
 # Skips on a machine without an NVIDIA GPU or without $TESTDATA.
 cd "$(dirname "$0")/../.." || exit 1
-ROOT=$(pwd)
-BIN=${BIN:-$ROOT/bin}
-TESTDATA=${TESTDATA:-$ROOT/../shared/data}
-. "$ROOT/tests/tap.sh"   # sets TOP, BIN and TESTDATA for tests/*.t: keep ours
-nvidia-smi -L >/dev/null 2>&1 || skip_all "no NVIDIA GPU (nvidia-smi -L failed)"
+. tests/gpu/tap_gpu.sh   # ROOT, BIN, TESTDATA, the TAP helpers; skips without a GPU
 M=$TESTDATA/stories260K/hf
 [ -f "$M/config.json" ] || skip_all "TESTDATA does not hold stories260K/hf"
 [ -x "$BIN/lora-gen" ] || skip_all "$BIN/lora-gen not built"

@@ -8,11 +8,7 @@
 # tolerance (2e-2); lora-gen on the CPU then generates with it what PEFT does, token for token.
 # Skips without an NVIDIA GPU or without python3's torch, transformers, peft and safetensors.
 cd "$(dirname "$0")/../.." || exit 1
-ROOT=$(pwd)
-BIN=${BIN:-$ROOT/bin}
-TESTDATA=${TESTDATA:-$ROOT/../shared/data}
-. "$ROOT/tests/tap.sh"   # sets TOP, BIN and TESTDATA for tests/*.t: keep ours
-nvidia-smi -L >/dev/null 2>&1 || skip_all "no NVIDIA GPU (nvidia-smi -L failed)"
+. tests/gpu/tap_gpu.sh   # ROOT, BIN, TESTDATA, the TAP helpers; skips without a GPU
 python3 -c 'import importlib.util as u, sys
 sys.exit(not all(u.find_spec(m) for m in ("torch", "peft", "transformers", "safetensors")))' 2>/dev/null ||
     skip_all "python3 with torch, transformers, peft and safetensors not found"

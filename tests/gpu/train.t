@@ -8,11 +8,7 @@
 # Skips on a machine without an NVIDIA GPU or without $TESTDATA. Prints the loss agreement and
 # the step times of both devices as TAP diagnostics.
 cd "$(dirname "$0")/../.." || exit 1
-ROOT=$(pwd)
-BIN=${BIN:-$ROOT/bin}
-TESTDATA=${TESTDATA:-$ROOT/../shared/data}
-. "$ROOT/tests/tap.sh"   # sets TOP, BIN and TESTDATA for tests/*.t: keep ours
-nvidia-smi -L >/dev/null 2>&1 || skip_all "no NVIDIA GPU (nvidia-smi -L failed)"
+. tests/gpu/tap_gpu.sh   # ROOT, BIN, TESTDATA, the TAP helpers; skips without a GPU
 M=$TESTDATA/stories260K/hf
 DATA=$TESTDATA/alpaca/alpaca_tiny.json
 [ -f "$M/config.json" ] && [ -f "$DATA" ] ||
