@@ -321,6 +321,20 @@ int cuda_engine_layers_in(const CudaEngine *e, CudaRecompute r)
     return n;
 }
 
+void cuda_engine_describe_plan(const CudaEngine *e, char *buf, size_t size)
+{
+    CudaRecompute first = e->layer_mode[0];
+    int at = snprintf(buf, size, "%s", cuda_recompute_name(first)), others = 0;
+    for (CudaRecompute r : {CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_MLP, CUDA_RECOMPUTE_LAYER}) {
+        int n = cuda_engine_layers_in(e, r);
+        if (r == first || !n || at < 0 || (size_t)at >= size)
+            continue;
+        at += snprintf(buf + at, size - at, "%s%s in %d", others++ ? ", " : " (", cuda_recompute_name(r), n);
+    }
+    if (others && at >= 0 && (size_t)at < size)
+        snprintf(buf + at, size - at, " of %d layers)", e->c.n_layers);
+}
+
 const char *cuda_recompute_name(CudaRecompute r)
 {
     switch (r) {

@@ -1,7 +1,7 @@
 // defines: CudaEngine, cuda_engine_create, cuda_engine_free, cuda_engine_upload_lora,
 //          cuda_engine_train_micro_batch, cuda_engine_zero_grad, cuda_engine_download_grads,
 //          cuda_engine_device_bytes, cuda_engine_lora_buffers, CudaRecompute, CudaEngineOptions,
-//          cuda_engine_recompute, cuda_engine_layers_in, cuda_recompute_name, cuda_engine_load_stats,
+//          cuda_engine_recompute, cuda_engine_layers_in, cuda_engine_describe_plan, cuda_recompute_name, cuda_engine_load_stats,
 //          cuda_engine_activation_digest, cuda_engine_profile, cuda_engine_profile_report
 //          (kernels/engine_cuda.cu; CPU twin lib/engine_cpu.c)
 // The CUDA training step: forward and backward of a Llama model with LoRA on one GPU, with the
@@ -71,6 +71,9 @@ CudaEngine *cuda_engine_create(const Model *m, const LoraConfig *lc, int max_bat
 // them; how many layers use mode r.
 CudaRecompute cuda_engine_recompute(const CudaEngine *e);
 int cuda_engine_layers_in(const CudaEngine *e, CudaRecompute r);
+// The plan in words, into buf (truncated to size): layer 0's mode, then the layers of any other,
+// e.g. "mlp" or "mlp (none in 2 of 32 layers)".
+void cuda_engine_describe_plan(const CudaEngine *e, char *buf, size_t size);
 // Base weights uploaded at create: bytes on the device (bf16) and wall seconds it took.
 void cuda_engine_load_stats(const CudaEngine *e, size_t *weight_bytes, double *seconds);
 // For tests: a 64-bit FNV-1a digest of layer l's kept activations (all but x_in) over the last

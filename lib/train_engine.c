@@ -82,17 +82,8 @@ TrainEngine *train_engine_create(Device d, const Model *m, const LoraConfig *lc,
     size_t weight_bytes;
     double load_s;
     cuda_engine_load_stats(engine, &weight_bytes, &load_s);
-    // the plan: "mlp", or "mlp (none in 2 of 32 layers)" when it mixes modes
-    char plan[48];
-    CudaRecompute first = cuda_engine_recompute(engine);
-    int n_layers = m->config.n_layers, same = cuda_engine_layers_in(engine, first);
-    int n_mixed = n_layers - same;
-    CudaRecompute other = cuda_engine_layers_in(engine, CUDA_RECOMPUTE_NONE) ? CUDA_RECOMPUTE_NONE : CUDA_RECOMPUTE_MLP;
-    if (n_mixed)
-        snprintf(plan, sizeof plan, "%s (%s in %d of %d layers)", cuda_recompute_name(first),
-                 cuda_recompute_name(other), cuda_engine_layers_in(engine, other), n_layers);
-    else
-        snprintf(plan, sizeof plan, "%s", cuda_recompute_name(first));
+    char plan[96];
+    cuda_engine_describe_plan(engine, plan, sizeof plan);
     snprintf(e->description, sizeof e->description,
              "cuda: %s (%.0f GiB); recompute %s%s, %.3f GiB of buffers; weights %.2f GiB loaded in %.2f s (%.1f GB/s)",
              name, total / 1073741824.0, plan,

@@ -175,10 +175,18 @@ static void compare_recompute(const char *name, CudaRecompute mode, const Model 
         ok(n_none > 0 && n_none < L && n_none + n_mlp == L && total <= limit,
            "%s: memory limit %zu bytes: the plan mixes none (%d layers) and mlp (%d), %zu bytes with the optimizer's",
            name, limit, n_none, n_mlp, total);
-    } else
+        char plan[96], want[96];
+        cuda_engine_describe_plan(rec, plan, sizeof plan);
+        snprintf(want, sizeof want, "mlp (none in %d of %d layers)", n_none, L);
+        ok(!strcmp(plan, want), "%s: the plan described as \"%s\" (want \"%s\")", name, plan, want);
+    } else {
+        char plan[96];
+        cuda_engine_describe_plan(rec, plan, sizeof plan);
         ok(cuda_engine_recompute(rec) == mode && cuda_engine_recompute(again) == CUDA_RECOMPUTE_NONE &&
-               cuda_engine_layers_in(rec, mode) == L,
-           "%s: engines report the recompute mode asked for (%s, none) in all %d layers", name, mn, L);
+               cuda_engine_layers_in(rec, mode) == L && !strcmp(plan, mn),
+           "%s: engines report the recompute mode asked for (%s, none) in all %d layers (described \"%s\")", name, mn,
+           L, plan);
+    }
     std::vector<float> rec_grads, again_grads;
     uint64_t rec_digest = 0, again_digest = 0;
     double rec_loss = run_once(rec, lora, batch, &rec_grads, &rec_digest);
