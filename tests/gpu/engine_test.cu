@@ -26,6 +26,9 @@
 //                          device bytes with recompute none, mlp and layer: the random model at
 //                          1 x 256, a dim-1024 4-layer model at 1 x 2048, 2 x 2048, 8 x 512, and a
 //                          Llama-3-8B-shaped model cut to 2 layers at 2 x 2048 and 1 x 8192
+//   ENGINE_TEST_PROFILE=L engine_test --bench   where the step goes (profile_case, below)
+//   ENGINE_TEST_WHOLE_ROWS=1   the benchmarks' batches hold one document a row, as
+//                          tests/bench/gpu_train.sh's do (default: several of random lengths)
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
@@ -53,7 +56,8 @@ static inline float fast_unit(void)
 struct Batch {
     std::vector<int32_t> tokens, targets, positions, cu;
     EngineBatch b;
-    Batch(int B, int T, int V)
+    // whole_rows: one document a row; else documents of random lengths up to T / 2
+    Batch(int B, int T, int V, bool whole_rows = false)
     {
         int N = B * T;
         tokens.resize(N), targets.resize(N), positions.resize(N);
@@ -61,7 +65,7 @@ struct Batch {
         for (int row = 0; row < B; row++) {
             int t = 0;
             while (t < T) {
-                int len = 1 + (int)(uniform() * (T / 2));
+                int len = whole_rows ? T : 1 + (int)(uniform() * (T / 2));
                 if (len > T - t)
                     len = T - t;
                 for (int i = 0; i < len; i++)
@@ -617,12 +621,19 @@ static void bench_upload(void)
     }
 }
 
+// ENGINE_TEST_WHOLE_ROWS set (not "0"): the benchmark batches hold one document a row
+static bool whole_rows(void)
+{
+    const char *v = getenv("ENGINE_TEST_WHOLE_ROWS");
+    return v && *v && strcmp(v, "0") != 0;
+}
+
 // Step time of the CUDA engine alone (the CPU reference is too slow at these sizes).
 static void bench_case(const char *name, const Model *m, int B, int T, int rank, CudaRecompute mode,
                        int one_stream = 0)
 {
     const ModelConfig *c = &m->config;
-    Batch batch(B, T, c->vocab_size);
+    Batch batch(B, T, c->vocab_size, whole_rows());
     Lora *lora = random_lora(c, rank, rank, 0.05f);
     CudaEngine *gpu = engine_or_die(m, &lora->config, B, T, mode, one_stream);
     LAUNCHED(cuda_engine_upload_lora(gpu, lora, E));
@@ -659,12 +670,13 @@ static void bench_case(const char *name, const Model *m, int B, int T, int rank,
 }
 
 // ENGINE_TEST_PROFILE=L engine_test --bench: where a step's time goes (cuda_engine_profile) in a
-// Llama-3-8B-shaped model of L layers (default 2), at 2 x 2048 and 1 x 8192 without recomputation
-// and 2 x 2048 with; for L <= 2 also the step's products alone at N = 4096 positions (random data)
-// through cublasGemmEx and cuBLASLt's best candidate, and the shapes of other layouts.
+// Llama-3-8B-shaped model of L layers (default 2), at 2 x 2048, 1 x 8192 and 8 x 512 without
+// recomputation and with the MLP half's, and 2 x 2048 recomputing whole layers; for L <= 2 also
+// the step's products alone at N = 4096 positions (random data) through cublasGemmEx and
+// cuBLASLt's best candidate, and the shapes of other layouts.
 static void profile_case(const char *name, const Model *m, int B, int T, int rank, CudaRecompute mode)
 {
-    Batch batch(B, T, m->config.vocab_size);
+    Batch batch(B, T, m->config.vocab_size, whole_rows());
     Lora *lora = random_lora(&m->config, rank, rank, 0.05f);
     CudaEngine *gpu = engine_or_die(m, &lora->config, B, T, mode);
     LAUNCHED(cuda_engine_upload_lora(gpu, lora, E));
@@ -676,7 +688,8 @@ static void profile_case(const char *name, const Model *m, int B, int T, int ran
     LAUNCHED(cuda_engine_profile(gpu, 1, E));
     for (int i = 0; i < 3; i++)
         LAUNCHED(cuda_engine_train_micro_batch(gpu, &batch.b, &loss, &n, E));
-    printf("# %s %d x %d recompute %s\n", name, B, T, cuda_recompute_name(cuda_engine_recompute(gpu)));
+    printf("# %s %d x %d recompute %s%s\n", name, B, T, cuda_recompute_name(cuda_engine_recompute(gpu)),
+           whole_rows() ? ", one document a row" : "");
     cuda_engine_profile_report(gpu, stdout);
     cuda_engine_free(gpu);
     lora_free(lora);
@@ -884,12 +897,12 @@ static int bench(void)
         RandomModel l3(4096, 14336, layers, 32, 8, 0, 128256, 8192, fast_unit);
         char name[64];
         snprintf(name, sizeof name, "llama3-8b dims L%d", layers);
-        profile_case(name, &l3.m, 2, 2048, 16, CUDA_RECOMPUTE_NONE);
-        profile_case(name, &l3.m, 1, 8192, 16, CUDA_RECOMPUTE_NONE);
-        profile_case(name, &l3.m, 2, 2048, 16, CUDA_RECOMPUTE_MLP);
+        const int shapes[3][2] = {{2, 2048}, {1, 8192}, {8, 512}};
+        for (auto &sh : shapes)
+            for (CudaRecompute mode : {CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_MLP})
+                profile_case(name, &l3.m, sh[0], sh[1], 16, mode);
         profile_case(name, &l3.m, 2, 2048, 16, CUDA_RECOMPUTE_LAYER);
         // The step without the profile's events, the LoRA weight gradients on one stream and on two
-        const int shapes[3][2] = {{2, 2048}, {1, 8192}, {8, 512}};
         for (auto &sh : shapes)
             for (CudaRecompute mode : {CUDA_RECOMPUTE_NONE, CUDA_RECOMPUTE_MLP})
                 for (int one : {1, 0})
