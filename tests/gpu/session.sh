@@ -7,8 +7,9 @@
 # them), bench-NAME (NAME_test --bench: gen, sample, decode, engine, ...), gen (tests/bench/gpu_gen.sh), train
 # (tests/bench/gpu_train.sh), tok (tests/bench/tok.sh with the prebuilt driver), memcheck-NAME
 # (NAME_test under compute-sanitizer: gen, sample, decode, kernels, engine), profile-engine (a training
-# step's time by operation, and its products alone: ENGINE_TEST_PROFILE = the layers, default 2; GPU
-# clocks and power beside it), ncu-gen (kernel durations of
+# step's time by operation, and its products alone: ENGINE_TEST_PROFILE = the layers, default 2;
+# ENGINE_TEST_WHOLE_ROWS=1, one document a row as in the benchmark; GPU clocks and power beside it;
+# tests/bench/profile_ceiling.py reads its output), ncu-gen (kernel durations of
 # a few decode steps, Nsight Compute), ncu-attention (one decode-attention launch in full).
 # Environment: TOOL_LIBS (folders of shared libraries the tools need and the machine lacks, put on
 # LD_LIBRARY_PATH for our binaries), TESTDATA, GPU_RUN_BUDGET_S (default 580), OUT.
