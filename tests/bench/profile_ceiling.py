@@ -10,6 +10,9 @@ cost. With --peer SHAPE=TOKENS_PER_S (tests/bench/gpu_train.sh's HF + PEFT figur
 run or machine kind), also the ratio to the peer each would give.
 
     python3 tests/bench/profile_ceiling.py profile-engine.txt --peer 2x2048=6267 --peer 1x8192=5763
+
+--smi profile-engine-smi.csv (the nvidia-smi samples session.sh takes meanwhile) adds the clock
+and power under load (samples drawing over 300 W) and how many of them the power cap throttled.
 """
 import argparse
 import re
@@ -41,10 +44,32 @@ def cases(lines):
                 in_ops = False
 
 
+def smi_summary(path):
+    """Mean SM clock and power over the samples under load, and the share throttled by the power cap."""
+    clocks, watts, capped = [], [], 0
+    with open(path) as f:
+        for line in f:
+            cols = [c.strip() for c in line.split(",")]
+            if len(cols) < 5 or not cols[1].endswith("MHz") or not cols[2].endswith("W"):
+                continue   # the header, or a line nvidia-smi cut short
+            w = float(cols[2].split()[0])
+            if w <= 300:
+                continue
+            clocks.append(float(cols[1].split()[0]))
+            watts.append(w)
+            capped += int(cols[4], 16) & 0x4 != 0   # SW power cap
+    if not clocks:
+        return f"{path}: no samples above 300 W"
+    return (f"under load ({len(clocks)} samples over 300 W): SM clock {sum(clocks) / len(clocks):.0f} MHz on average, "
+            f"power {sum(watts) / len(watts):.0f} W on average ({max(watts):.0f} max), "
+            f"the power cap throttling in {100 * capped / len(clocks):.0f}% of them")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("profile")
     ap.add_argument("--peer", action="append", default=[], help="SHAPE=TOKENS_PER_S")
+    ap.add_argument("--smi", help="profile-engine-smi.csv")
     a = ap.parse_args()
     peer = dict((k, float(v)) for k, v in (p.split("=", 1) for p in a.peer))
     with open(a.profile) as f:
@@ -62,6 +87,8 @@ def main():
             p = peer[c["shape"]]
             row += f"  {c['tokens'] / c['step'] * 1e3 / p:5.2f}x {c['tokens'] / core * 1e3 / p:5.2f}x"
         print(row)
+    if a.smi:
+        print(smi_summary(a.smi))
 
 
 if __name__ == "__main__":
